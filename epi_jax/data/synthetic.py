@@ -1,0 +1,145 @@
+"""The embedded default task suite: five seeded, procedurally generated chat tasks.
+
+Each stands in for one of the paper's datasets (Section 3.1) and is scored by exact match of
+the final assistant turn. Nothing is downloaded; the same seed gives the same examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from epi_jax.data.turns import Turn
+
+_NAMES = ("Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kai", "Liv", "Max")
+_ITEMS = ("pens", "eggs", "cards", "shells", "coins", "books", "plums", "rocks")
+_WORDS = ("red", "fig", "sun", "map", "owl", "jam", "kite", "pear", "moon", "lamp", "rain",
+          "cat", "box", "tree", "wolf", "gold", "salt", "ink", "bell", "dust")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _user_assistant(prompt: str, answer: str) -> list[Turn]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def arithmetic(rng: np.random.Generator) -> list[Turn]:
+    """Two-step word problem with its worked answer (stands in for GSM8K)."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = (int(x) for x in rng.integers(2, 50, size=2))
+    c = int(rng.integers(1, a + b))
+    prompt = f"{name} has {a} {item}, gets {b} more, gives away {c}. How many now?"
+    return _user_assistant(prompt, f"{a}+{b}={a + b}, {a + b}-{c}={a + b - c}")
+
+
+_STRING_OPS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("s[::-1]", lambda s: s[::-1]),
+    ("s.upper()", str.upper),
+    ("s[2:]+s[:2]", lambda s: s[2:] + s[:2]),
+    ("''.join(sorted(s))", lambda s: "".join(sorted(s))),
+    ("s[::2]", lambda s: s[::2]),
+    ("s[-1]+s[1:-1]+s[0]", lambda s: s[-1] + s[1:-1] + s[0]),
+)
+
+
+def string_code(rng: np.random.Generator) -> list[Turn]:
+    """Output of a Python string expression on a random word (stands in for CodeAlpaca)."""
+    word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(4, 9))))
+    code, fn = _STRING_OPS[int(rng.integers(len(_STRING_OPS)))]
+    return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
+
+
+_RELATIONS = (("older", "oldest", "youngest"), ("taller", "tallest", "shortest"),
+              ("faster", "fastest", "slowest"))
+
+
+def logic_choice(rng: np.random.Generator) -> list[Turn]:
+    """Who is first or last in a shuffled chain of comparisons, as A-D (stands in for LogiQA)."""
+    people = [str(p) for p in rng.choice(_NAMES, size=4, replace=False)]  # people[0] is first
+    comparative, most, least = _RELATIONS[int(rng.integers(len(_RELATIONS)))]
+    facts = [f"{people[i]} is {comparative} than {people[i + 1]}." for i in rng.permutation(3)]
+    ask_most = bool(rng.random() < 0.5)
+    options = [people[i] for i in rng.permutation(4)]
+    choices = " ".join(f"{letter}){person}" for letter, person in zip("ABCD", options))
+    prompt = f"{' '.join(facts)} {(most if ask_most else least).capitalize()}? {choices}"
+    return _user_assistant(prompt, "ABCD"[options.index(people[0] if ask_most else people[3])])
+
+
+_REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
+    ("Sort these words", lambda w: " ".join(sorted(w))),
+    ("Reverse the word order", lambda w: " ".join(w[::-1])),
+    ("Capitalize each word", lambda w: " ".join(x.capitalize() for x in w)),
+    ("Join with dashes", "-".join),
+    ("Give the longest word", lambda w: max(w, key=len)),
+    ("Count the words", lambda w: str(len(w))),
+)
+
+
+def rewrite(rng: np.random.Generator) -> list[Turn]:
+    """A natural-language instruction applied to a list of words (stands in for Alpaca)."""
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(3, 6)), replace=False)]
+    instruction, fn = _REWRITES[int(rng.integers(len(_REWRITES)))]
+    return _user_assistant(f"{instruction}: {' '.join(words)}", fn(words))
+
+
+_FACTS = (("city", ("Oslo", "Lima", "Rome", "Kyiv", "Pune", "Bern", "Doha", "Riga")),
+          ("pet", ("dog", "cat", "fox", "owl", "eel", "yak", "emu", "hen")),
+          ("color", ("red", "blue", "teal", "pink", "gray", "gold", "lime", "plum")))
+
+
+def dialogue(rng: np.random.Generator) -> list[Turn]:
+    """Three-turn exchange; the last answer recalls a fact from the first (stands in for UltraChat)."""
+    name = str(rng.choice(_NAMES))
+    values = {key: str(rng.choice(options)) for key, options in _FACTS}
+    facts = ", ".join(f"{key}: {value}" for key, value in values.items())
+    key = _FACTS[int(rng.integers(len(_FACTS)))][0]
+    return [
+        {"role": "user", "content": f"I am {name}. {facts}."},
+        {"role": "assistant", "content": f"Hi {name}."},
+        {"role": "user", "content": f"What is my {key}?"},
+        {"role": "assistant", "content": f"Your {key} is {values[key]}."},
+    ]
+
+
+TASKS: dict[str, Callable[[np.random.Generator], list[Turn]]] = {
+    "arithmetic": arithmetic,
+    "string_code": string_code,
+    "logic_choice": logic_choice,
+    "rewrite": rewrite,
+    "dialogue": dialogue,
+}
+TASK_NAMES = tuple(TASKS)
+
+
+def task_splits(task: str, *, seed: int, n_train: int, n_eval: int
+                ) -> tuple[list[list[Turn]], list[list[Turn]]]:
+    """Train and eval chats of `task` whose prompts (all turns but the last) are disjoint.
+
+    The eval set depends only on (task, seed, n_eval), not on `n_train`.
+
+    >>> train, evaluation = task_splits("arithmetic", seed=0, n_train=8, n_eval=4)
+    >>> len(train), len(evaluation), evaluation[0][-1]["role"]
+    (8, 4, 'assistant')
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
+    if n_train < 0 or n_eval < 0:
+        raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
+    rng = np.random.default_rng([seed, TASK_NAMES.index(task)])
+    chats, seen = [], set()
+    for _ in range(20 * (n_train + n_eval) + 100):
+        if len(chats) == n_train + n_eval:
+            break
+        chat = TASKS[task](rng)
+        prompt = tuple(turn["content"] for turn in chat[:-1])
+        if prompt not in seen:
+            seen.add(prompt)
+            chats.append(chat)
+    else:
+        raise ValueError(f"task {task!r} has too few distinct prompts for {n_train + n_eval} examples")
+    return chats[n_eval:], chats[:n_eval]
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """True if the generated response equals the target, ignoring surrounding whitespace."""
+    return prediction.strip() == target.strip()
