@@ -1,0 +1,148 @@
+"""Adapters from the paper's five Hugging Face datasets to chat turns.
+
+`load_chats(name, source)` loads through `datasets.load_dataset`, from the hub or from a local
+.jsonl/.json/.parquet file in the hub schema. Local JSON files are checked record by record
+before loading, so a bad record is reported as `file:line: problem`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import datasets
+
+from epi_jax.data.records import DataError, json_records
+from epi_jax.data.turns import ROLES, Turn
+
+
+def _text(record: Mapping, key: str) -> str:
+    if key not in record or record[key] is None:
+        raise ValueError(f"missing field {key!r}")
+    if not isinstance(record[key], str):
+        raise ValueError(f"field {key!r} must be a string, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def _user_assistant(user: str, assistant: str) -> list[Turn]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def _gsm8k(record: Mapping) -> list[Turn]:
+    return _user_assistant(_text(record, "question"), _text(record, "answer"))
+
+
+def _instruction(record: Mapping) -> list[Turn]:
+    context = _text(record, "input")
+    prompt = _text(record, "instruction") + (f"\n\n{context}" if context else "")
+    return _user_assistant(prompt, _text(record, "output"))
+
+
+def _logiqa(record: Mapping) -> list[Turn]:
+    options = record.get("options")
+    if not isinstance(options, list) or not 2 <= len(options) <= 26 or not all(
+            isinstance(option, str) for option in options):
+        raise ValueError(f"field 'options' must be a list of 2-26 strings, got {options!r:.80}")
+    answer = record.get("correct_option")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+        raise ValueError(f"field 'correct_option' must be an int in [0, {len(options)}), got {answer!r}")
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    choices = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+    prompt = f"{_text(record, 'context')}\n{_text(record, 'query')}\n{choices}"
+    return _user_assistant(prompt, letters[answer])
+
+
+def _ultrachat(record: Mapping) -> list[Turn]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"field 'messages' must be a non-empty list, got {messages!r:.80}")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}] must have a role in {ROLES}, got {message!r:.80}")
+        try:
+            turns.append({"role": message["role"], "content": _text(message, "content")})
+        except ValueError as error:
+            raise ValueError(f"messages[{i}]: {error}") from None
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise ValueError("field 'messages' has no assistant turn to train on")
+    return turns
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """Where a dataset lives on the hub and how one of its records becomes chat turns."""
+
+    hub_name: str
+    hub_config: str | None
+    default_split: str
+    to_turns: Callable[[Mapping], list[Turn]]
+    """Maps a record to turns; raises ValueError naming the offending field."""
+
+
+ADAPTERS = {
+    "gsm8k": Adapter("openai/gsm8k", "main", "train", _gsm8k),
+    "code_alpaca": Adapter("sahil2801/CodeAlpaca-20k", None, "train", _instruction),
+    "logiqa": Adapter("lucasmccabe/logiqa", None, "train", _logiqa),
+    "alpaca": Adapter("tatsu-lab/alpaca", None, "train", _instruction),
+    "ultrachat": Adapter("HuggingFaceH4/ultrachat_200k", None, "train_sft", _ultrachat),
+}
+DATASET_NAMES = tuple(ADAPTERS)
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _convert(adapter: Adapter, record: object, where: str) -> list[Turn]:
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    try:
+        turns = adapter.to_turns(record)
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
+    return turns
+
+
+def load_chats(name: str, source: str | Path | None = None, *, split: str | None = None,
+               system: str | None = None, cache_dir: str | None = None) -> list[list[Turn]]:
+    """Chats of dataset `name` (one of DATASET_NAMES) from the hub or a local file.
+
+    Args:
+      name: which adapter maps the records: gsm8k, code_alpaca, logiqa, alpaca or ultrachat.
+      source: a local .jsonl, .json (array) or .parquet file in the hub schema, a hub dataset
+        name in that schema, or None for the adapter's default hub dataset.
+      split: hub split (default: the adapter's); ignored for local files.
+      system: if given, a system turn with this text starts every chat.
+      cache_dir: `datasets` cache folder (default: the `datasets` default).
+
+    Returns:
+      One list of {"role", "content"} turns per record, in file order.
+
+    Raises:
+      DataError: unknown name, missing file, or a record that does not fit the schema; the
+        message names the file and line (row for parquet and hub data).
+    """
+    if name not in ADAPTERS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    adapter = ADAPTERS[name]
+    path = Path(source) if source is not None else None
+    if path is not None and (path.suffix in _BUILDERS or path.exists()):
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix not in _BUILDERS:
+            raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+        if _BUILDERS[path.suffix] == "json":
+            for line, record in json_records(path):
+                _convert(adapter, record, f"{path}:{line}")
+        rows = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train",
+                                     cache_dir=cache_dir)
+        where = f"{path} row"
+    else:
+        hub_name = adapter.hub_name if source is None else str(source)
+        split = split or adapter.default_split
+        config = adapter.hub_config if source is None else None
+        rows = datasets.load_dataset(hub_name, config, split=split, cache_dir=cache_dir)
+        where = f"{hub_name}[{split}] row"
+    chats = [_convert(adapter, row, f"{where} {i}") for i, row in enumerate(rows)]
+    if system is not None:
+        chats = [[{"role": "system", "content": system}, *chat] for chat in chats]
+    return chats
