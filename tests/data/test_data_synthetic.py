@@ -78,3 +78,16 @@ def test_exact_match():
     assert synthetic.exact_match(" 12+3=15 \n", "12+3=15")
     assert not synthetic.exact_match("12+3=16", "12+3=15")
     assert not synthetic.exact_match("", "A")
+
+
+def test_logic_answer_is_the_end_of_the_chain():
+    for chat in synthetic.task_splits("logic_choice", seed=1, n_train=0, n_eval=20)[1]:
+        question, letter = (turn["content"] for turn in chat)
+        facts, rest = question.rsplit(".", 1)
+        pairs = [fact.split(" is ") for fact in facts.split(". ")]
+        greater = {p[0] for p in pairs}
+        lesser = {p[1].split(" than ")[1] for p in pairs}
+        asked, options = rest.strip().split("? ")
+        wanted = (greater - lesser) if asked in ("Oldest", "Tallest", "Fastest") else (lesser - greater)
+        chosen = dict(option.split(")") for option in options.split())[letter]
+        assert {chosen} == wanted
