@@ -61,7 +61,7 @@ class ModelConfig:
     """Extra norms after attention and after the MLP (Gemma-2)."""
     scale_embeddings: bool = False
     """Multiply embeddings by sqrt(hidden_size) (Gemma)."""
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     """Attention scale is query_pre_attn_scalar**-0.5; None means head_dim."""
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
@@ -146,7 +146,7 @@ class ModelConfig:
         return cls(
             family="gemma2", **_gemma2_switches(42), vocab_size=256_000, hidden_size=3584,
             intermediate_size=14_336, num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256,
-            query_pre_attn_scalar=256.0, sliding_window=4096, tie_word_embeddings=True,
+            query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
             bos_token_id=2, eos_token_id=1, pad_token_id=0)
 
     @classmethod
@@ -161,7 +161,7 @@ class ModelConfig:
         elif family == "qwen2":
             fields.update(attention_bias=True)
         elif family == "gemma2":
-            fields.update(_gemma2_switches(2), sliding_window=8, query_pre_attn_scalar=16.0,
+            fields.update(_gemma2_switches(2), sliding_window=8, query_pre_attn_scalar=16,
                           tie_word_embeddings=True)
         return cls(**(fields | overrides))
 
@@ -214,7 +214,7 @@ class ModelConfig:
             fields.update(
                 _gemma2_switches(layers),
                 sliding_window=window,
-                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
                 attn_logit_softcap=hf.get("attn_logit_softcapping"),
                 final_logit_softcap=hf.get("final_logit_softcapping"))
             if hf.get("layer_types"):
