@@ -74,6 +74,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a [batch, ...] input: batch over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(RULES["batch"], *(None,) * (ndim - 1)))
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, logical_spec(names, shape, mesh))
