@@ -2,7 +2,8 @@
 
 Loading builds the abstract model with `nnx.eval_shape`, checks every tensor name and shape
 against it from the safetensors headers alone, then reads the tensors one at a time and puts
-each directly on its target sharding: the whole model never sits on one host.
+each directly on its target sharding: the whole model never sits on one host. numpy handles
+bfloat16 tensors through ml_dtypes, which jax registers on import.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from epi_jax.models.config import ModelConfig
-from epi_jax.models.hf_names import IGNORED, NameMap, from_hf_layout, hf_shape, to_hf_layout
+from epi_jax.models.hf_names import (
+    IGNORED,
+    Layout,
+    NameMap,
+    from_hf_layout,
+    hf_shape,
+    to_hf_layout,
+)
 from epi_jax.models.sharding import variable_sharding
 from epi_jax.models.transformer import Decoder
 
-# numpy reads and writes bfloat16 through ml_dtypes, which jax registers on import.
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -83,10 +90,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     targets = {_path_str(p): (p, v) for p, v in nnx.to_flat_state(state)}
     names = NameMap(config.family)
 
-    plan: dict[str, tuple[str, str, object]] = {}  # our path -> (file, HF name, layout)
+    plan: dict[str, list[tuple[str, str, Layout]]] = {}  # file -> [(our path, HF name, layout)]
     seen: set[str] = set()
     unexpected, mismatched = [], []
     for file in _shard_files(path):
+        plan[file] = []
         with safe_open(file, framework="np") as f:
             for hf_name in f.keys():
                 hit = names.to_ours(hf_name)
@@ -99,7 +107,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                 want = hf_shape(layout, targets[ours][1].shape)
                 got = tuple(f.get_slice(hf_name).get_shape())
                 if got == want:
-                    plan[ours] = (file, hf_name, layout)
+                    plan[file].append((ours, hf_name, layout))
                 else:
                     mismatched.append(f"{hf_name}: shape {got}, expected {want}")
     missing = [names.to_hf(p)[0] for p in targets if p not in seen]
@@ -107,12 +115,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
         raise CheckpointMismatchError(path, missing, unexpected, mismatched)
 
     loaded = []
-    for ours, (file, hf_name, layout) in sorted(plan.items(), key=lambda kv: kv[1][0]):
-        p, variable = targets[ours]
+    for file, tensors in plan.items():
         with safe_open(file, framework="np") as f:
-            x = from_hf_layout(f.get_tensor(hf_name), layout, variable.shape).astype(dtype)
-        sharding = variable_sharding(variable, mesh) if mesh is not None else None
-        loaded.append((p, variable.replace(jax.device_put(x, sharding))))
+            for ours, hf_name, layout in tensors:
+                p, variable = targets[ours]
+                x = from_hf_layout(f.get_tensor(hf_name), layout, variable.shape).astype(dtype)
+                sharding = variable_sharding(variable, mesh) if mesh is not None else None
+                loaded.append((p, variable.replace(jax.device_put(x, sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
 
 
