@@ -61,11 +61,10 @@ def _unpack(packed: jax.Array, shape) -> jax.Array:
   return jnp.unpackbits(packed, axis=-1, count=count).astype(bool).reshape(shape)
 
 
-def _jaccard(a, b, groups: selection.Groups) -> jax.Array:
-  """|a & b| / |a | b| over the eligible leaves (1 when both are empty)."""
-  inter = selection.group_sums([x & y for x, y in zip(a, b)], groups).astype(jnp.float32)
-  union = selection.group_sums([x | y for x, y in zip(a, b)], groups).astype(jnp.float32)
-  inter, union = jnp.sum(inter), jnp.sum(union)
+def _jaccard(inter: jax.Array, union: jax.Array) -> jax.Array:
+  """|a & b| / |a | b| from per-group counts (1 when both sets are empty)."""
+  inter = jnp.sum(inter.astype(jnp.float32))
+  union = jnp.sum(union.astype(jnp.float32))
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 1.0)
 
 
@@ -202,23 +201,30 @@ def epi(
     groups = selector.groups
     new, threshold = selector(scores)
     new = selection.fill_ineligible(new, old)
-    protected = selection.group_sums(new, groups)
-    has_first = stats.has_first | (jnp.sum(protected) > 0)
-    take = has_first & ~stats.has_first
-    first = [jnp.where(take, _pack(n), f) for n, f in zip(new, first)]
-    first_full = [_unpack(f, n.shape) for f, n in zip(first, new)]
+    # One pass counts every statistic: bit 0 = new mask, 1 = previous, 2 = first.
+    codes = [None if ids is None else
+             n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * _unpack(f, n.shape)
+             for n, o, f, ids in zip(new, old, first, groups.leaf_ids)]
+    c = selection.group_code_counts(codes, groups, 8)
+    bit = lambda b: (np.arange(8) >> b) & 1
+    count_if = lambda sel: jnp.sum(c * sel, axis=1)
+    protected = count_if(bit(0))
+    # The first non-empty mask is this one (overlap 1) unless an earlier one exists.
+    take = ~stats.has_first & (jnp.sum(protected) > 0)
     stats = MaskStats(
         refreshes=stats.refreshes + 1,
         last_refresh=count,
         threshold=threshold,
         group_size=stats.group_size,
         protected=protected,
-        locked=selection.group_sums([n & ~o for n, o in zip(new, old)], groups),
-        freed=selection.group_sums([~n & o for n, o in zip(new, old)], groups),
-        overlap_first=_jaccard(new, first_full, groups),
-        overlap_prev=_jaccard(new, old, groups),
-        has_first=has_first,
+        locked=count_if(bit(0) * (1 - bit(1))),
+        freed=count_if(bit(1) * (1 - bit(0))),
+        overlap_first=jnp.where(stats.has_first, _jaccard(count_if(bit(0) & bit(2)),
+                                                          count_if(bit(0) | bit(2))), 1.0),
+        overlap_prev=_jaccard(count_if(bit(0) & bit(1)), count_if(bit(0) | bit(1))),
+        has_first=stats.has_first | take,
     )
+    first = [jnp.where(take, _pack(n), f) for n, f in zip(new, first)]
     return new, first, stats
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -174,14 +174,21 @@ def group_minmax(leaves: Sequence[jax.Array], groups: Groups):
   return lo, hi
 
 
-def group_sums(leaves: Sequence[jax.Array], groups: Groups) -> jax.Array:
-  """Per-group count of True entries of boolean leaves, int32 of shape (G,)."""
-  total = jnp.zeros((len(groups.names),), jnp.int32)
-  for leaf, ids in zip(leaves, groups.leaf_ids):
-    if ids is not None:
-      count = _reduce(leaf, ids, lambda x, **kw: jnp.sum(x, dtype=jnp.int32, **kw))
-      total = total.at[np.asarray(ids)].add(count)
-  return total
+def group_code_counts(codes: Sequence[jax.Array | None], groups: Groups,
+                      num_codes: int) -> jax.Array:
+  """Per-group histogram of small integer codes, int32 of shape (G, num_codes).
+
+  One scatter pass per leaf counts any number of boolean combinations at once (e.g.
+  code = new + 2 * old for locked/freed counts); ``None`` leaves are skipped.
+  """
+  total = jnp.zeros((len(groups.names) * num_codes,), jnp.int32)
+  for code, ids in zip(codes, groups.leaf_ids):
+    if ids is None:
+      continue
+    slot = code.astype(jnp.int32) + _expand(
+        jnp.arange(len(groups.names), dtype=jnp.int32) * num_codes, ids, code.ndim)
+    total = total.at[slot.reshape(-1)].add(1)
+  return total.reshape(len(groups.names), num_codes)
 
 
 def normalized_scores(leaves, groups: Groups, normalize: str) -> list[jax.Array | None]:
@@ -239,23 +246,31 @@ class Selector:
     sel_ids = [None if ids is None else (self.sel_of_group[ids] if isinstance(ids, int)
                                           else tuple(self.sel_of_group[i] for i in ids))
                for ids in self.groups.leaf_ids]
+    # Counts cannot overflow int32 below 2**31 entries; above, add per leaf, saturating at k.
+    saturate = self.groups.num_eligible > _INT32_MAX
     prefix = jnp.zeros((num,), jnp.uint32)   # threshold bits found so far
     above = jnp.zeros((num,), jnp.uint32)    # entries above the current bucket (< k)
     done = 1                                 # bits fixed so far, sign bit included
     for width in widths:
       shift = 32 - done - width
       bins = 1 << width
-      hist = jnp.zeros((num * bins,), jnp.uint32)
+      outside = num * bins                   # slot of entries outside the current bucket
+      hist = jnp.zeros((outside + 1,), jnp.uint32 if saturate else jnp.int32)
       for key, ids in zip(keys, sel_ids):
         if key is None:
           continue
         ndim = key.ndim
-        digit = ((key >> shift) & (bins - 1)).astype(jnp.int32)
-        slot = digit + _expand(jnp.arange(num, dtype=jnp.int32) * bins, ids, ndim)
-        in_bucket = (key >> (shift + width)) == (_expand(prefix, ids, ndim) >> (shift + width))
-        leaf_hist = jnp.zeros((num * bins,), jnp.int32).at[slot.reshape(-1)].add(
-            in_bucket.reshape(-1).astype(jnp.int32))
-        hist = jnp.minimum(hist + leaf_hist.astype(jnp.uint32), np.repeat(k, bins))
+        slot = ((key >> shift) & (bins - 1)).astype(jnp.int32) + _expand(
+            jnp.arange(num, dtype=jnp.int32) * bins, ids, ndim)
+        if done > 1:
+          in_bucket = (key >> (shift + width)) == (_expand(prefix, ids, ndim) >> (shift + width))
+          slot = jnp.where(in_bucket, slot, outside)
+        if saturate:
+          leaf_hist = jnp.zeros((outside + 1,), jnp.int32).at[slot.reshape(-1)].add(1)
+          hist = jnp.minimum(hist + leaf_hist.astype(jnp.uint32), np.append(np.repeat(k, bins), 0))
+        else:
+          hist = hist.at[slot.reshape(-1)].add(1)
+      hist = jnp.minimum(hist[:outside].astype(jnp.uint32), np.repeat(k, bins))
       hist = hist.reshape(num, bins)
       # Entries at or above each digit, saturated at k: a suffix sum that cannot overflow.
       at_or_above = jax.lax.associative_scan(

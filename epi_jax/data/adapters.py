@@ -127,7 +127,7 @@ def load_chats(name: str, source: str | Path | None = None, *, split: str | None
     path = Path(source) if source is not None else None
     if path is not None and (path.suffix in _BUILDERS or path.exists()):
         if not path.is_file():
-            raise DataError(f"{path}: no such file")
+            raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
         if path.suffix not in _BUILDERS:
             raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
         if _BUILDERS[path.suffix] == "json":

@@ -27,6 +27,8 @@ class ChatEncoder(Protocol):
 
     def encode_prompt(self, turns: Sequence[Turn]) -> np.ndarray: ...
 
+    def decode(self, ids: Sequence[int]) -> str: ...
+
 
 def encode_chats(chats: Sequence[Sequence[Turn]], encoder: ChatEncoder) -> list[Encoded]:
     """Tokenize every chat with `encoder`."""

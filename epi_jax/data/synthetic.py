@@ -26,7 +26,7 @@ def _user_assistant(prompt: str, answer: str) -> list[Turn]:
 def arithmetic(rng: np.random.Generator) -> list[Turn]:
     """Two-step word problem with its worked answer (stands in for GSM8K)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = (int(x) for x in rng.integers(2, 50, size=2))
+    a, b = (int(x) for x in rng.integers(1, 10, size=2))
     c = int(rng.integers(1, a + b))
     prompt = f"{name} has {a} {item}, gets {b} more, gives away {c}. How many now?"
     return _user_assistant(prompt, f"{a}+{b}={a + b}, {a + b}-{c}={a + b - c}")
@@ -35,16 +35,14 @@ def arithmetic(rng: np.random.Generator) -> list[Turn]:
 _STRING_OPS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("s[::-1]", lambda s: s[::-1]),
     ("s.upper()", str.upper),
-    ("s[2:]+s[:2]", lambda s: s[2:] + s[:2]),
-    ("''.join(sorted(s))", lambda s: "".join(sorted(s))),
-    ("s[::2]", lambda s: s[::2]),
-    ("s[-1]+s[1:-1]+s[0]", lambda s: s[-1] + s[1:-1] + s[0]),
+    ("s[1:]+s[0]", lambda s: s[1:] + s[0]),
+    ("s*2", lambda s: s * 2),
 )
 
 
 def string_code(rng: np.random.Generator) -> list[Turn]:
     """Output of a Python string expression on a random word (stands in for CodeAlpaca)."""
-    word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(4, 9))))
+    word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
     code, fn = _STRING_OPS[int(rng.integers(len(_STRING_OPS)))]
     return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
 
@@ -54,30 +52,29 @@ _RELATIONS = (("older", "oldest", "youngest"), ("taller", "tallest", "shortest")
 
 
 def logic_choice(rng: np.random.Generator) -> list[Turn]:
-    """Who is first or last in a shuffled chain of comparisons, as A-D (stands in for LogiQA)."""
-    people = [str(p) for p in rng.choice(_NAMES, size=4, replace=False)]  # people[0] is first
+    """Who is first or last in a shuffled chain of comparisons, as A-C (stands in for LogiQA)."""
+    people = [str(p) for p in rng.choice(_NAMES, size=3, replace=False)]  # people[0] is first
     comparative, most, least = _RELATIONS[int(rng.integers(len(_RELATIONS)))]
-    facts = [f"{people[i]} is {comparative} than {people[i + 1]}." for i in rng.permutation(3)]
+    facts = [f"{people[i]} is {comparative} than {people[i + 1]}." for i in rng.permutation(2)]
     ask_most = bool(rng.random() < 0.5)
-    options = [people[i] for i in rng.permutation(4)]
-    choices = " ".join(f"{letter}){person}" for letter, person in zip("ABCD", options))
+    options = [people[i] for i in rng.permutation(3)]
+    choices = " ".join(f"{letter}){person}" for letter, person in zip("ABC", options))
     prompt = f"{' '.join(facts)} {(most if ask_most else least).capitalize()}? {choices}"
-    return _user_assistant(prompt, "ABCD"[options.index(people[0] if ask_most else people[3])])
+    return _user_assistant(prompt, "ABC"[options.index(people[0] if ask_most else people[-1])])
 
 
 _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
-    ("Sort these words", lambda w: " ".join(sorted(w))),
     ("Reverse the word order", lambda w: " ".join(w[::-1])),
     ("Capitalize each word", lambda w: " ".join(x.capitalize() for x in w)),
     ("Join with dashes", "-".join),
-    ("Give the longest word", lambda w: max(w, key=len)),
+    ("Give the last word", lambda w: w[-1]),
     ("Count the words", lambda w: str(len(w))),
 )
 
 
 def rewrite(rng: np.random.Generator) -> list[Turn]:
     """A natural-language instruction applied to a list of words (stands in for Alpaca)."""
-    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(3, 6)), replace=False)]
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 5)), replace=False)]
     instruction, fn = _REWRITES[int(rng.integers(len(_REWRITES)))]
     return _user_assistant(f"{instruction}: {' '.join(words)}", fn(words))
 

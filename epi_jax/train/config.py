@@ -1,0 +1,187 @@
+"""The trainer's configuration: nested frozen dataclasses, one per YAML section.
+
+Each field carries its documentation as the string literal under it and, where it has one,
+its valid range as field metadata (``ge``, ``gt``, ``le``, ``lt``); ``Literal`` types list the
+valid choices. ``epi_jax.train.loading`` reads YAML into these classes and checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+def bounded(default, **bounds):
+  """A dataclass field with a default and range bounds (ge, gt, le, lt) checked on load."""
+  return dataclasses.field(default=default, metadata=bounds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  preset: Literal["tiny", "llama3_8b", "llama3_1_8b", "mistral_7b", "qwen2_7b", "gemma2_9b"] = "tiny"
+  """A classmethod of epi_jax.models.ModelConfig: the paper's backbones or the CPU model."""
+  family: Literal["llama", "mistral", "qwen2", "gemma2"] = "llama"
+  """Family of the tiny preset (the large presets fix their own)."""
+  hidden_size: int = bounded(64, ge=8)
+  """Tiny preset only: model width."""
+  intermediate_size: int = bounded(128, ge=8)
+  """Tiny preset only: MLP width."""
+  num_layers: int = bounded(2, ge=1)
+  """Tiny preset only: number of transformer blocks."""
+  num_heads: int = bounded(4, ge=1)
+  """Tiny preset only: attention heads (head_dim = hidden_size / num_heads)."""
+  checkpoint: str = ""
+  """Hugging Face folder (config.json + safetensors + tokenizer) to start from; empty: random init."""
+  dtype: Literal["float32", "bfloat16"] = "float32"
+  """Dtype of the parameters (and so of the gradients and Adam moments)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  source: Literal["synthetic", "hf"] = "synthetic"
+  """synthetic: the embedded tasks (byte tokenizer); hf: the paper's datasets via load_chats."""
+  tasks: list[str] = dataclasses.field(default_factory=lambda: [
+      "arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"])
+  """Task names in the paper's order (synthetic: TASK_NAMES; hf: DATASET_NAMES)."""
+  files: dict[str, str] = dataclasses.field(default_factory=dict)
+  """hf only: task -> local .jsonl/.json/.parquet file in the hub schema (missing: the hub)."""
+  n_train: int = bounded(2000, ge=1)
+  """Training examples per task (hf: the first n_train rows)."""
+  n_eval: int = bounded(64, ge=1)
+  """Held-out evaluation examples per task (hf: the n_eval rows after the training ones)."""
+  seq_len: int = bounded(128, ge=8)
+  """Tokens per training row; longer examples are cut."""
+  seed: int = bounded(0, ge=0)
+  """Seed of the synthetic tasks, the data order and the random grouping."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSection:
+  type: Literal["full", "multistage", "static", "epi"] = "epi"
+  """full: one uniform mixture of all tasks; multistage, static, epi: stages in sequence."""
+  grouping: Literal["given", "random", "heuristic"] = "given"
+  """How tasks form stages (not used by full): stages as listed, random, or by skill."""
+  stages: list[list[str]] = dataclasses.field(default_factory=list)
+  """grouping=given: task names per stage; empty: one stage per task in data.tasks order."""
+  num_stages: int = bounded(3, ge=1)
+  """grouping=random: how many stages the shuffled tasks are dealt into."""
+  p: float = bounded(0.01, ge=0.0, lt=1.0)
+  """static, epi: protected fraction of all parameters."""
+  beta: float = bounded(0.99, ge=0.0, lt=1.0)
+  """epi: EMA factor of the sensitivity (Eq. 5)."""
+  interval: int = bounded(500, ge=1)
+  """epi: refresh the mask every `interval` optimizer steps (H)."""
+  normalize: Literal["layer_minmax", "none"] = "layer_minmax"
+  """static, epi: per-group min-max normalization of the scores (Eq. 7-8) or raw scores."""
+  budget: Literal["global", "per_layer"] = "global"
+  """static, epi: one global top-p or top-p inside each group."""
+  layer_of: Literal["block", "leaf"] = "block"
+  """static, epi: normalization groups: transformer blocks or single parameters."""
+  sensitivity: Literal["grad_sq", "adam_nu"] = "grad_sq"
+  """epi: EMA of g^2, or the inner Adam second moment (no extra memory)."""
+  sensitivity_dtype: Literal["float32", "bfloat16"] = "float32"
+  """epi with grad_sq: dtype of the sensitivity."""
+  probe_steps: int = bounded(0, ge=0)
+  """static: optimizer steps of each per-task probe run; 0: one epoch of the task."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+  lr: float = bounded(1e-5, gt=0.0)
+  """Peak learning rate of AdamW."""
+  warmup_ratio: float = bounded(0.03, ge=0.0, lt=1.0)
+  """Fraction of all steps (all stages) spent in linear warm-up before the cosine decay."""
+  end_lr_ratio: float = bounded(0.0, ge=0.0, le=1.0)
+  """Final learning rate as a fraction of the peak."""
+  weight_decay: float = bounded(0.0, ge=0.0)
+  """Decoupled weight decay of AdamW."""
+  b1: float = bounded(0.9, ge=0.0, lt=1.0)
+  """Adam first-moment decay."""
+  b2: float = bounded(0.999, ge=0.0, lt=1.0)
+  """Adam second-moment decay."""
+  eps: float = bounded(1e-8, gt=0.0)
+  """Adam epsilon."""
+  clip_norm: float = bounded(1.0, ge=0.0)
+  """Clip gradients to this global norm before AdamW; 0: no clipping."""
+  batch_size: int = bounded(64, ge=1)
+  """Examples per optimizer step."""
+  micro_batch_size: int = bounded(0, ge=0)
+  """Examples per forward/backward pass; gradients of batch_size/micro_batch_size passes are
+  accumulated (a scan); 0: batch_size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+  epochs: float = bounded(3.0, gt=0.0)
+  """Passes over each stage's examples (the full method: over all examples)."""
+  steps_per_stage: int = bounded(0, ge=0)
+  """If > 0, optimizer steps per stage instead of `epochs`."""
+  seed: int = bounded(0, ge=0)
+  """Seed of the model initialization."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+  every: int = bounded(500, ge=0)
+  """Save every `every` optimizer steps (0: only at stage ends); stage ends always save."""
+  keep: int = bounded(3, ge=1)
+  """How many of the latest checkpoints to keep."""
+  mask_history: Literal["stats", "full"] = "stats"
+  """stats: statistics of every refresh; full: also the bit-packed mask of every refresh."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  data: int = bounded(1, ge=1)
+  """Data-parallel axis: replicas of the parameters."""
+  fsdp: int = bounded(1, ge=1)
+  """Fully sharded data-parallel axis: the batch and the parameters' model width are split."""
+  tensor: int = bounded(1, ge=1)
+  """Tensor-parallel axis: heads, MLP width and vocabulary are split."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+  max_new_tokens: int = bounded(32, ge=1)
+  """Greedy generation length for exact-match evaluation."""
+  batch_size: int = bounded(64, ge=1)
+  """Prompts per generation call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+  every: int = bounded(10, ge=1)
+  """Write loss, learning rate and throughput to metrics.jsonl every `every` steps."""
+  tensorboard: bool = True
+  """Also write TensorBoard event files (tensorboardX) to the run directory."""
+  progress: bool = True
+  """Show a progress bar (tqdm) with loss, tokens/s and the protected fraction."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  run_dir: str = "runs/default"
+  """Directory of checkpoints, metrics, event files, config.yaml and summary.json."""
+  model: ModelSection = dataclasses.field(default_factory=ModelSection)
+  """The decoder."""
+  data: DataSection = dataclasses.field(default_factory=DataSection)
+  """The tasks."""
+  method: MethodSection = dataclasses.field(default_factory=MethodSection)
+  """Training method and its isolation options."""
+  optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+  """AdamW and its cosine schedule over all stages."""
+  train: TrainSection = dataclasses.field(default_factory=TrainSection)
+  """Training length and initialization."""
+  checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+  """Orbax checkpoints."""
+  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+  """Device mesh (data, fsdp, tensor)."""
+  eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+  """Exact-match evaluation of every task after each stage."""
+  log: LogSection = dataclasses.field(default_factory=LogSection)
+  """Metrics and progress output."""
+
+
+# Keys whose change does not alter the trained parameters: a resume may change them.
+RESUME_FREE = ("run_dir", "checkpoint.every", "checkpoint.keep", "log.every", "log.tensorboard",
+               "log.progress")
