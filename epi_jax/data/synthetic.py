@@ -47,20 +47,24 @@ def string_code(rng: np.random.Generator) -> list[Turn]:
     return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
 
 
-_RELATIONS = (("older", "oldest", "youngest"), ("taller", "tallest", "shortest"),
-              ("faster", "fastest", "slowest"))
+_MOODS = ("sad", "hot", "late", "ill", "busy", "calm", "shy", "tired")
+# (fact, question) -> answer for the conditional "If P, Q.": P stated, Q asked, and so on.
+_INFERENCES = ((("P", "Q"), "A"),    # modus ponens: yes
+               (("~Q", "P"), "B"),   # modus tollens: no
+               (("Q", "P"), "C"),    # affirming the consequent: unknown
+               (("~P", "Q"), "C"))   # denying the antecedent: unknown
 
 
 def logic_choice(rng: np.random.Generator) -> list[Turn]:
-    """Who is first or last in a shuffled chain of comparisons, as A-C (stands in for LogiQA)."""
-    people = [str(p) for p in rng.choice(_NAMES, size=3, replace=False)]  # people[0] is first
-    comparative, most, least = _RELATIONS[int(rng.integers(len(_RELATIONS)))]
-    facts = [f"{people[i]} is {comparative} than {people[i + 1]}." for i in rng.permutation(2)]
-    ask_most = bool(rng.random() < 0.5)
-    options = [people[i] for i in rng.permutation(3)]
-    choices = " ".join(f"{letter}){person}" for letter, person in zip("ABC", options))
-    prompt = f"{' '.join(facts)} {(most if ask_most else least).capitalize()}? {choices}"
-    return _user_assistant(prompt, "ABC"[options.index(people[0] if ask_most else people[-1])])
+    """Is a claim entailed by a conditional and a fact: yes, no or unknown (stands in for LogiQA)."""
+    (x, y), (p, q) = rng.choice(_NAMES, size=2, replace=False), rng.choice(_MOODS, size=2)
+    atoms = {"P": (x, p), "Q": (y, q)}
+    # Yes, no and unknown equally often: the two unknown forms share one third.
+    (fact, asked), answer = _INFERENCES[[0, 1, 2 + int(rng.integers(2))][int(rng.integers(3))]]
+    person, mood = atoms[fact[-1]]
+    stated = f"{person} is {'not ' if fact.startswith('~') else ''}{mood}."
+    claim = "Is {} {}?".format(*atoms[asked])
+    return _user_assistant(f"If {x} is {p}, {y} is {q}. {stated} {claim} A)yes B)no C)unknown", answer)
 
 
 _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (

@@ -101,6 +101,8 @@ def test_bad_names_and_paths(tmp_path):
         load_chats("mmlu", tmp_path / "x.jsonl")
     with pytest.raises(DataError, match="x.jsonl: no such file"):
         load_chats("gsm8k", tmp_path / "x.jsonl")
+    with pytest.raises(DataError, match="not a file"):
+        load_chats("gsm8k", tmp_path)
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_chats("gsm8k", tmp_path / "x.csv")

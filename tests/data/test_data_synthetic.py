@@ -80,14 +80,21 @@ def test_exact_match():
     assert not synthetic.exact_match("", "A")
 
 
-def test_logic_answer_is_the_end_of_the_chain():
-    for chat in synthetic.task_splits("logic_choice", seed=1, n_train=0, n_eval=20)[1]:
+def test_logic_answers_follow_the_inference_rules():
+    answers = []
+    for chat in synthetic.task_splits("logic_choice", seed=1, n_train=0, n_eval=60)[1]:
         question, letter = (turn["content"] for turn in chat)
-        facts, rest = question.rsplit(".", 1)
-        pairs = [fact.split(" is ") for fact in facts.split(". ")]
-        greater = {p[0] for p in pairs}
-        lesser = {p[1].split(" than ")[1] for p in pairs}
-        asked, options = rest.strip().split("? ")
-        wanted = (greater - lesser) if asked in ("Oldest", "Tallest", "Fastest") else (lesser - greater)
-        chosen = dict(option.split(")") for option in options.split())[letter]
-        assert {chosen} == wanted
+        conditional, fact, asked = question.split(" A)")[0].split(". ")
+        antecedent, consequent = conditional.removeprefix("If ").split(", ")
+        negated = " not " in fact
+        fact = fact.replace(" not ", " ").rstrip(".")
+        name, mood = asked.removeprefix("Is ").rstrip("?").split()
+        claim = f"{name} is {mood}"
+        if fact == antecedent and not negated and claim == consequent:
+            assert letter == "A"
+        elif fact == consequent and negated and claim == antecedent:
+            assert letter == "B"
+        else:
+            assert letter == "C" and {fact, claim} == {antecedent, consequent}
+        answers.append(letter)
+    assert set(answers) == {"A", "B", "C"}
