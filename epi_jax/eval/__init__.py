@@ -1,0 +1,1 @@
+"""Evaluation: exact-match accuracy of generations, the accuracy matrix and forgetting ratios."""

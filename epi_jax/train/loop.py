@@ -1,0 +1,182 @@
+"""The training run: stages in sequence, evaluation after each, checkpoints, resume, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+import epi_jax
+from epi_jax.data import IteratorState
+from epi_jax.eval.exact_match import evaluate
+from epi_jax.eval.forgetting import forgetting_ratios, format_table
+from epi_jax.train.checkpointing import RunCheckpoints, params_sha256
+from epi_jax.train.config import Config
+from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
+from epi_jax.train.metrics import MetricsWriter
+from epi_jax.train.model import build_model
+from epi_jax.train.optimizer import learning_rate, make_optimizer
+from epi_jax.train.probe import static_mask
+from epi_jax.train.sharding import build_mesh, like_params, put_batch
+from epi_jax.train.step import make_train_step
+from epi_jax.train.tasks import load_tasks, plan_stages, stage_iterators, steps_per_stage
+
+
+def _packed_masks(opt_state) -> dict:
+  """The current protection mask, np.packbits along each parameter's last axis, by path."""
+  mask = epi_jax.protection_mask(opt_state)
+  return {jax.tree_util.keystr(path): np.packbits(np.atleast_1d(np.asarray(leaf)), axis=-1)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+def _check_resume(ckpt: RunCheckpoints, config: Config, resume: bool, run_dir: str) -> int:
+  """The step to resume from (0: fresh start); refuses a resume under a different config."""
+  latest = ckpt.latest_step()
+  if not resume:
+    if latest is not None:
+      raise ConfigError(f"{run_dir} already holds checkpoints (latest step {latest}); "
+                        "pass --resume to continue it or choose another --run-dir")
+    return 0
+  if latest is None:
+    raise ConfigError(f"--resume: no complete checkpoint in {run_dir}/checkpoints")
+  conflicts = resume_conflicts(ckpt.meta(latest)["config"], config)
+  if conflicts:
+    raise ConfigError(f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
+                      "keys that change training:\n  " + "\n  ".join(conflicts))
+  return latest
+
+
+def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
+  """Runs (or resumes) the training described by `config`; returns the summary it writes."""
+  run_dir = run_dir or config.run_dir
+  os.makedirs(run_dir, exist_ok=True)
+  session_start = time.perf_counter()
+  ckpt = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+  start_step = _check_resume(ckpt, config, resume, run_dir)
+  with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+    yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
+
+  task_data = load_tasks(config)
+  stages = plan_stages(config)
+  lengths = steps_per_stage(config, stages, task_data)
+  bounds = np.cumsum([0] + lengths).tolist()  # stage k runs steps bounds[k]+1 .. bounds[k+1]
+  total = bounds[-1]
+  mesh = build_mesh(config.mesh)
+  num_micro = config.optim.batch_size // (config.optim.micro_batch_size or config.optim.batch_size)
+  method = config.method.type
+
+  model = build_model(config.model, seed=config.train.seed, mesh=mesh)
+  mask = None
+  if method == "static":
+    mask = (static_mask(config, model, task_data, mesh=mesh, num_micro=num_micro)
+            if not start_step else jax.tree.map(lambda x: jnp.zeros(x.shape, bool),
+                                                nnx.state(model, nnx.Param)))
+  optimizer = nnx.Optimizer(model, make_optimizer(config, total, mask), wrt=nnx.Param)
+  opt_state = nnx.state(optimizer)
+  nnx.update(optimizer, jax.device_put(opt_state, like_params(opt_state, model, mesh)))
+  graphdef, state = nnx.split((model, optimizer))
+  group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
+  del model, optimizer, opt_state, mask
+
+  meta = {"step": 0, "data": None, "matrix": [], "mask_history": [], "wall_time": 0.0,
+          "seed": {"data": config.data.seed, "init": config.train.seed}}
+  masks: dict | None = {} if config.checkpoint.mask_history == "full" else None
+  if start_step:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta, restored = ckpt.restore(start_step, abstract, with_masks=masks is not None)
+    masks = restored if masks is not None else None
+  step = meta["step"]
+
+  schedule = learning_rate(config, total)
+  step_fn = make_train_step(graphdef, num_micro)
+  iterators = stage_iterators(config, stages, task_data)
+  writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
+  progress = tqdm(total=total, initial=step, disable=not config.log.progress, desc=method,
+                  dynamic_ncols=True)
+  protected = 0.0
+  tokens, tick = 0.0, time.perf_counter()
+
+  earlier_wall = meta["wall_time"]  # wall time of the sessions before this one
+
+  def save(stage: int, it) -> None:
+    meta.update(step=step, data={"stage": stage, **dataclasses.asdict(it.state)},
+                config=to_dict(config),
+                wall_time=earlier_wall + time.perf_counter() - session_start)
+    ckpt.save(step, state, meta, masks)
+
+  for k, stage in enumerate(stages):
+    if step >= bounds[k + 1]:
+      continue
+    it = iterators[k]
+    if step > bounds[k]:
+      saved = meta["data"]
+      it.restore(IteratorState(epoch=saved["epoch"], index=saved["index"]))
+    while step < bounds[k + 1]:
+      batch = next(it)
+      state, out = step_fn(state, put_batch(batch, mesh))
+      step += 1
+      tokens += float(batch["attention_mask"].sum())
+      if method == "epi" and step % config.method.interval == 0:
+        opt_state = nnx.merge(graphdef, state)[1].opt_state
+        stats = {key: np.asarray(v) for key, v in epi_jax.mask_stats(opt_state).items()}
+        if int(stats["last_refresh"]) == step:
+          protected = float(stats["protected_fraction"])
+          meta["mask_history"].append(writer.write("mask", step, stats))
+          if masks is not None:
+            masks[f"refresh_{step}"] = _packed_masks(opt_state)
+      if step % config.log.every == 0 or step == bounds[k + 1]:
+        now = time.perf_counter()
+        loss = float(out["loss"])
+        writer.write("train", step, {"loss": loss, "lr": float(schedule(step - 1)),
+                                     "tokens_per_s": tokens / (now - tick), "stage": k,
+                                     "protected_fraction": protected})
+        progress.set_postfix(stage=k, loss=f"{loss:.3f}", tok_s=f"{tokens / (now - tick):.0f}",
+                             protected=f"{protected:.4f}")
+        tokens, tick = 0.0, now
+      progress.update(1)
+      if config.checkpoint.every and step % config.checkpoint.every == 0 and step < bounds[k + 1]:
+        save(k, it)
+    model, _ = nnx.merge(graphdef, state)
+    row = evaluate(model, task_data.encoder, task_data.evaluation,
+                   max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    writer.write("eval", step, {"stage": k} | row)
+    meta["matrix"].append(row)
+    save(k, it)
+    tick = time.perf_counter()
+  progress.close()
+
+  model, optimizer = nnx.merge(graphdef, state)
+  ratios = forgetting_ratios(meta["matrix"], stages)
+  summary = {
+      "method": method,
+      "stages": stages,
+      "steps": total,
+      "accuracy_matrix": [{"after_stage": k, "trained": stages[k], "accuracy": row}
+                          for k, row in enumerate(meta["matrix"])],
+      "final_accuracy": meta["matrix"][-1],
+      "forgetting_ratio": ratios,
+      "mask_history": meta["mask_history"],
+      "wall_time_s": earlier_wall + time.perf_counter() - session_start,
+      "params_sha256": params_sha256(nnx.state(model, nnx.Param)),
+  }
+  if method in ("static", "epi"):
+    mask = epi_jax.protection_mask(optimizer.opt_state)
+    summary["protected_fraction"] = float(
+        sum(np.asarray(m).sum() for m in jax.tree.leaves(mask))
+        / sum(np.size(m) for m in jax.tree.leaves(mask)))
+  with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  writer.close()
+  ckpt.close()
+  print(format_table(meta["matrix"], stages, ratios))
+  print(f"wall time {summary['wall_time_s']:.1f}s, params_sha256 {summary['params_sha256']}")
+  return summary

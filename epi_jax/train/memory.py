@@ -1,0 +1,106 @@
+"""The dry run's memory plan: per-device bytes of every training buffer on the configured mesh,
+computed from abstract shapes only (``nnx.eval_shape`` / ``jax.eval_shape``, no allocation)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+import epi_jax
+from epi_jax.models.sharding import MESH_AXES, logical_spec
+from epi_jax.train.config import Config
+from epi_jax.train.model import abstract_model, model_config
+from epi_jax.train.optimizer import inner_optimizer
+
+GIB = 2.0 ** 30
+SENSITIVITY_OPTIONS = (("grad_sq", "float32"), ("grad_sq", "bfloat16"), ("adam_nu", "float32"))
+
+
+def _bytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
+  """(parameter count, fraction of all parameter entries one device holds)."""
+  total = held = 0
+  for v in jax.tree.leaves(params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+    spec = logical_spec(names, v.shape, mesh)
+    split = math.prod(mesh.shape[a] for part in spec if part
+                      for a in ((part,) if isinstance(part, str) else part))
+    total += math.prod(v.shape)
+    held += math.prod(v.shape) / split
+  return total, held / total
+
+
+def activation_bytes(config: Config) -> float:
+  """Estimate of the activations one device keeps for the backward pass of a micro-batch.
+
+  Per block s*b*h*(10 + 24/t + 5*a*s/(h*t)) 16-bit values (Korthikanti et al. 2022, no
+  recomputation), scaled to the parameter dtype, plus the float32 logits and their gradient.
+  """
+  c, o, mesh = model_config(config.model), config.optim, config.mesh
+  rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
+  s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
+  scale = jnp.dtype(config.model.dtype).itemsize / 2
+  per_block = s * rows * h * (10 + 24 / t + 5 * a * s / (h * t)) * 2 * scale
+  logits = 2 * rows * s * c.vocab_size / t * 4
+  return c.num_layers * per_block + logits
+
+
+def memory_plan(config: Config) -> dict:
+  """Parameter count and per-device GiB of params, grads, Adam moments, EPI state, activations."""
+  mesh = AbstractMesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), MESH_AXES)
+  params_state = nnx.state(abstract_model(config.model), nnx.Param)
+  count, fraction = _device_fraction(params_state, mesh)
+  params = nnx.to_pure_dict(params_state)
+  inner = inner_optimizer(config, total_steps=1000)
+  per_device = lambda tree: _bytes(tree) * fraction / GIB
+  plan = {
+      "parameters": count,
+      "devices": config.mesh.data * config.mesh.fsdp * config.mesh.tensor,
+      "mesh": {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+      "params_gib": per_device(params),
+      "grads_gib": per_device(params),
+      "adam_moments_gib": per_device(  # mu and nu; the scalar counters are negligible
+          [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params)) if leaf.ndim]),
+      "activations_gib": activation_bytes(config) / GIB,
+      "epi": {},
+  }
+  for sensitivity, dtype in SENSITIVITY_OPTIONS:
+    tx = epi_jax.epi(inner, p=0.01, sensitivity=sensitivity, sensitivity_dtype=jnp.dtype(dtype))
+    state = jax.eval_shape(tx.init, params)
+    plan["epi"][f"{sensitivity}_{dtype}" if sensitivity == "grad_sq" else sensitivity] = {
+        "sensitivity_gib": per_device(state.sensitivity),
+        "mask_gib": per_device(state.mask) + per_device(state.first_mask),
+    }
+  base = plan["params_gib"] + plan["grads_gib"] + plan["adam_moments_gib"] + plan["activations_gib"]
+  for option in plan["epi"].values():
+    option["total_gib"] = base + option["sensitivity_gib"] + option["mask_gib"]
+  plan["total_without_epi_gib"] = base
+  return plan
+
+
+def format_plan(plan: dict, config: Config) -> str:
+  """A readable table of `memory_plan`'s result."""
+  m = plan["mesh"]
+  lines = [f"model {config.model.preset} ({config.model.dtype}): {plan['parameters']:,} parameters "
+           f"({plan['parameters'] / 1e9:.2f}B)",
+           f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
+           f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
+           f"{config.data.seq_len} tokens",
+           "per-device memory (GiB):",
+           f"  params            {plan['params_gib']:9.2f}",
+           f"  grads             {plan['grads_gib']:9.2f}",
+           f"  Adam mu + nu      {plan['adam_moments_gib']:9.2f}",
+           f"  activations (est) {plan['activations_gib']:9.2f}",
+           f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
+           "  EPI sensitivity option   sensitivity   mask   total"]
+  for name, option in plan["epi"].items():
+    lines.append(f"  {name:24s} {option['sensitivity_gib']:11.2f} {option['mask_gib']:6.2f} "
+                 f"{option['total_gib']:7.2f}")
+  return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The jitted training step: response-token cross-entropy, gradient accumulation by a scan over
+micro-batches, one optimizer update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask")
+
+
+def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy over response tokens and their count; logits[:, t] predict
+  input_ids[:, t + 1], weighted by loss_mask[:, t + 1]."""
+  logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return jnp.sum(ce * weight), jnp.sum(weight)
+
+
+def make_train_step(graphdef: nnx.GraphDef, num_micro: int) -> Callable:
+  """`step(state, batch) -> (state, {"loss", "tokens"})` on the split (model, optimizer) state.
+
+  The batch [B, T] is dealt into `num_micro` micro-batches (row j goes to micro-batch
+  j % num_micro, so each stays spread over the batch shards); their summed gradients are divided
+  by the batch's response-token count, so the update equals that of one pass over the batch.
+  The state is donated.
+  """
+
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def summed(params, micro):
+      return response_loss(nnx.merge(model_def, params, rest), micro)
+
+    grad_fn = jax.value_and_grad(summed, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, total, count = carry
+      (loss_sum, n), g = grad_fn(params, micro)
+      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+      return (grads, total + loss_sum, count + n), None
+
+    micro = {k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1)
+             for k in BATCH_KEYS}
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, total, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {"loss": total / count, "tokens": count}
+
+  return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,78 @@
+"""The task stream of a run: tokenized examples, held-out chats, stages and their lengths."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import epi_jax.data as data
+from epi_jax.models import load_tokenizer
+from epi_jax.train.config import Config
+
+# Heuristic grouping (Section 3.2): tasks grouped by the skill they exercise.
+SKILLS = {
+    "reasoning": ("arithmetic", "logic_choice", "gsm8k", "logiqa"),
+    "code": ("string_code", "code_alpaca"),
+    "open_ended": ("rewrite", "dialogue", "alpaca", "ultrachat"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  """Everything the loop needs from the data layer."""
+
+  encoder: data.ChatEncoder
+  train: dict[str, list[data.Encoded]]      # task -> tokenized training examples
+  evaluation: dict[str, list[list[data.Turn]]]  # task -> held-out chats (last turn = target)
+
+
+def load_tasks(config: Config) -> TaskData:
+  """Tokenized training examples and evaluation chats of every task in `config.data.tasks`."""
+  d = config.data
+  if d.source == "synthetic":
+    encoder = data.ByteTokenizer()
+    splits = {t: data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+              for t in d.tasks}
+  else:
+    tokenizer = load_tokenizer(config.model.checkpoint) if config.model.checkpoint else None
+    if tokenizer is None:
+      raise ValueError("data.source=hf needs model.checkpoint with tokenizer files")
+    encoder = data.ChatTemplateEncoder(tokenizer)
+    splits = {}
+    for t in d.tasks:
+      chats = data.load_chats(t, d.files.get(t))
+      splits[t] = (chats[:d.n_train], chats[d.n_train:d.n_train + d.n_eval])
+  return TaskData(encoder=encoder,
+                  train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
+                  evaluation={t: ev for t, (_, ev) in splits.items()})
+
+
+def plan_stages(config: Config) -> list[list[str]]:
+  """The tasks of each training stage, in order (one stage of all tasks for `full`)."""
+  m, tasks = config.method, list(config.data.tasks)
+  if m.type == "full":
+    return [tasks]
+  if m.grouping == "random":
+    return data.random_grouping(tasks, m.num_stages, seed=config.data.seed)
+  if m.grouping == "heuristic":
+    groups = [[t for t in tasks if t in members] for members in SKILLS.values()]
+    other = [[t] for t in tasks if not any(t in members for members in SKILLS.values())]
+    return [g for g in groups if g] + other
+  return [list(s) for s in m.stages] or [[t] for t in tasks]
+
+
+def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData) -> list[int]:
+  """Optimizer steps of each stage: `train.steps_per_stage`, else `train.epochs` passes."""
+  if config.train.steps_per_stage:
+    return [config.train.steps_per_stage] * len(stages)
+  sizes = [sum(len(task_data.train[t]) for t in stage) for stage in stages]
+  return [max(1, math.ceil(config.train.epochs * n / config.optim.batch_size)) for n in sizes]
+
+
+def stage_iterators(config: Config, stages: list[list[str]], task_data: TaskData
+                    ) -> list[data.BatchIterator]:
+  """One resumable batch iterator per stage."""
+  d = config.data
+  return data.stage_iterators(
+      task_data.train, stages, batch_size=config.optim.batch_size, seq_len=d.seq_len,
+      pad_id=task_data.encoder.pad_id, seed=d.seed)
