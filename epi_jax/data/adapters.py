@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
 
 from epi_jax.data.records import DataError, json_records
 from epi_jax.data.turns import ROLES, Turn
@@ -96,10 +98,9 @@ def _convert(adapter: Adapter, record: object, where: str) -> list[Turn]:
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     try:
-        turns = adapter.to_turns(record)
+        return adapter.to_turns(record)
     except ValueError as error:
         raise DataError(f"{where}: {error}") from None
-    return turns
 
 
 def load_chats(name: str, source: str | Path | None = None, *, split: str | None = None,
@@ -133,8 +134,11 @@ def load_chats(name: str, source: str | Path | None = None, *, split: str | None
         if _BUILDERS[path.suffix] == "json":
             for line, record in json_records(path):
                 _convert(adapter, record, f"{path}:{line}")
-        rows = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train",
-                                     cache_dir=cache_dir)
+        try:
+            rows = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path),
+                                         split="train", cache_dir=cache_dir)
+        except (pa.ArrowException, DatasetGenerationError) as error:
+            raise DataError(f"{path}: cannot load: {error}") from None
         where = f"{path} row"
     else:
         hub_name = adapter.hub_name if source is None else str(source)

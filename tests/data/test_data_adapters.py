@@ -103,6 +103,9 @@ def test_bad_names_and_paths(tmp_path):
         load_chats("gsm8k", tmp_path / "x.jsonl")
     with pytest.raises(DataError, match="not a file"):
         load_chats("gsm8k", tmp_path)
+    (tmp_path / "x.parquet").write_text("not parquet\n")
+    with pytest.raises(DataError, match="x.parquet: cannot load: .*magic bytes"):
+        load_chats("gsm8k", tmp_path / "x.parquet", cache_dir=str(tmp_path / "cache"))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_chats("gsm8k", tmp_path / "x.csv")
