@@ -54,6 +54,18 @@ def _check_resume(ckpt: RunCheckpoints, config: Config, resume: bool, run_dir: s
   return latest
 
 
+def init_state(model: nnx.Module, tx, mesh):
+  """(graphdef, state) of (model, nnx.Optimizer(model, tx)), the optimizer state placed on
+  `mesh` like the parameters it mirrors."""
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  opt_state = nnx.state(optimizer)
+  # One fresh buffer per leaf: EPI's init shares one array between `mask` and `first_mask`,
+  # and the step cannot donate a buffer twice.
+  placed = jax.device_put(opt_state, like_params(opt_state, model, mesh))
+  nnx.update(optimizer, jax.tree.map(jnp.copy, placed))
+  return nnx.split((model, optimizer))
+
+
 def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
   """Runs (or resumes) the training described by `config`; returns the summary it writes."""
   run_dir = run_dir or config.run_dir
@@ -79,12 +91,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     mask = (static_mask(config, model, task_data, mesh=mesh, num_micro=num_micro)
             if not start_step else jax.tree.map(lambda x: jnp.zeros(x.shape, bool),
                                                 nnx.state(model, nnx.Param)))
-  optimizer = nnx.Optimizer(model, make_optimizer(config, total, mask), wrt=nnx.Param)
-  opt_state = nnx.state(optimizer)
-  nnx.update(optimizer, jax.device_put(opt_state, like_params(opt_state, model, mesh)))
-  graphdef, state = nnx.split((model, optimizer))
+  graphdef, state = init_state(model, make_optimizer(config, total, mask), mesh)
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
-  del model, optimizer, opt_state, mask
+  del model, mask
 
   meta = {"step": 0, "data": None, "matrix": [], "mask_history": [], "wall_time": 0.0,
           "seed": {"data": config.data.seed, "init": config.train.seed}}

@@ -40,14 +40,14 @@ def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
 def activation_bytes(config: Config) -> float:
   """Estimate of the activations one device keeps for the backward pass of a micro-batch.
 
-  Per block s*b*h*(10 + 24/t + 5*a*s/(h*t)) 16-bit values (Korthikanti et al. 2022, no
+  Per block s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in 16-bit (Korthikanti et al. 2022, no
   recomputation), scaled to the parameter dtype, plus the float32 logits and their gradient.
   """
   c, o, mesh = model_config(config.model), config.optim, config.mesh
   rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
   s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
   scale = jnp.dtype(config.model.dtype).itemsize / 2
-  per_block = s * rows * h * (10 + 24 / t + 5 * a * s / (h * t)) * 2 * scale
+  per_block = s * rows * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
   logits = 2 * rows * s * c.vocab_size / t * 4
   return c.num_layers * per_block + logits
 

@@ -1,0 +1,50 @@
+"""--dry-run of every shipped config, the paper's 7-9B ones included, from shapes alone."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from epi_jax.train.loading import load_config
+from epi_jax.train.memory import memory_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+BILLIONS = {"llama3_8b": 8.03, "mistral_7b": 7.24, "qwen2_7b": 7.62, "gemma2_9b": 9.24}
+
+
+def test_every_paper_backbone_has_a_config():
+  names = {os.path.basename(p)[:-5] for p in CONFIGS}
+  assert {"demo", "demo_sequential"} | set(BILLIONS) <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_memory_plan(path):
+  config = load_config(path)
+  plan = memory_plan(config)
+  if config.model.preset in BILLIONS:
+    assert plan["parameters"] / 1e9 == pytest.approx(BILLIONS[config.model.preset], abs=0.01)
+    # bf16 params over fsdp=8: 2 bytes per parameter split 8 ways (replicated norms aside).
+    assert plan["params_gib"] == pytest.approx(plan["parameters"] * 2 / 8 / 2**30, rel=0.01)
+  epi = plan["epi"]
+  assert epi["adam_nu"]["sensitivity_gib"] == 0
+  assert epi["grad_sq_float32"]["sensitivity_gib"] == pytest.approx(
+      2 * epi["grad_sq_bfloat16"]["sensitivity_gib"])
+  assert plan["activations_gib"] > 0
+
+
+def test_cli_dry_run_prints_the_plan():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                        os.path.join(ROOT, "configs", "paper", "gemma2_9b.yaml"), "--dry-run"],
+                       capture_output=True, text=True, check=True, timeout=300)
+  assert "9.24B" in out.stdout and "adam_nu" in out.stdout and "per-device" in out.stdout
+
+
+def test_cli_config_error_names_file_and_key(tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                        os.path.join(ROOT, "configs", "demo.yaml"), "--set", "method.pp=1",
+                        "--dry-run"], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert "configs/demo.yaml" in out.stderr and "method.pp" in out.stderr

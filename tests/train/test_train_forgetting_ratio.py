@@ -1,0 +1,39 @@
+"""Forgetting ratios and stage planning."""
+
+import pytest
+
+from epi_jax.eval.forgetting import forgetting_ratios, format_table
+from epi_jax.train.loading import load_config
+from epi_jax.train.tasks import plan_stages
+
+
+def test_forgetting_ratio_uses_accuracy_after_the_training_stage():
+  matrix = [{"a": 0.5, "b": 0.0, "c": 0.0}, {"a": 0.25, "b": 0.8, "c": 0.1},
+            {"a": 0.2, "b": 0.4, "c": 0.9}]
+  ratios = forgetting_ratios(matrix, [["a"], ["b"], ["c"]])
+  assert ratios["a"] == pytest.approx((0.5 - 0.2) / 0.5 * 100)
+  assert ratios["b"] == pytest.approx((0.8 - 0.4) / 0.8 * 100)
+  assert forgetting_ratios([{"a": 0.0}], [["a"]]) == {"a": None}
+  assert ratios["c"] == 0.0
+  assert "FR" in format_table(matrix, [["a"], ["b"], ["c"]], ratios)
+
+
+@pytest.mark.parametrize("overrides, stages", [
+    (["method.type=full"], [["arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"]]),
+    (["method.type=multistage"], [["arithmetic"], ["string_code"], ["logic_choice"],
+                                  ["rewrite"], ["dialogue"]]),
+    (["method.type=multistage", "method.grouping=heuristic"],
+     [["arithmetic", "logic_choice"], ["string_code"], ["rewrite", "dialogue"]]),
+])
+def test_plan_stages(tmp_path, overrides, stages):
+  path = tmp_path / "c.yaml"
+  path.write_text("")
+  assert plan_stages(load_config(str(path), overrides)) == stages
+
+
+def test_random_grouping_uses_every_task_once(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("")
+  stages = plan_stages(load_config(str(path), ["method.grouping=random", "method.num_stages=2"]))
+  assert len(stages) == 2 and sorted(sum(stages, [])) == sorted(
+      ["arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"])
