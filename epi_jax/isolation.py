@@ -39,8 +39,8 @@ class EPIState(NamedTuple):
 
   count: jax.Array          # shape=(), int32: updates done (t of the last update)
   sensitivity: Any          # S_t (Eq. 5) shaped like params; () with "adam_nu"
-  mask: Any                 # m_t, bool, shaped like params (True = protected)
-  first_mask: Any           # first non-empty mask, bits packed along the last axis
+  mask: Any                 # m_t (True = protected), bits packed along the last axis
+  first_mask: Any           # the first non-empty mask, packed likewise
   stats: MaskStats
   inner_state: optax.OptState
 
@@ -48,17 +48,26 @@ class EPIState(NamedTuple):
 class StaticIsolationState(NamedTuple):
   """State of ``static_isolation``."""
 
-  mask: Any                 # the fixed mask, bool, shaped like params
+  mask: Any                 # the fixed mask, bits packed along the last axis
   inner_state: optax.OptState
 
 
 def _pack(mask: jax.Array) -> jax.Array:
-  return jnp.packbits(jnp.atleast_1d(mask), axis=-1)
+  """A bool mask stored in 1 bit per entry: bits packed along the last axis.
+
+  Leaves whose last axis is not a multiple of 8 (rare in LLMs) stay bool, so the
+  packed array alone determines the mask's shape and shards like its parameter.
+  """
+  if mask.ndim and mask.shape[-1] % 8 == 0:
+    return jnp.packbits(mask, axis=-1)
+  return mask
 
 
-def _unpack(packed: jax.Array, shape) -> jax.Array:
-  count = shape[-1] if shape else 1
-  return jnp.unpackbits(packed, axis=-1, count=count).astype(bool).reshape(shape)
+def _unpack(packed: jax.Array) -> jax.Array:
+  """Inverse of ``_pack``."""
+  if packed.dtype == jnp.bool_:
+    return packed
+  return jnp.unpackbits(packed, axis=-1).astype(jnp.bool_)
 
 
 def _jaccard(inter: jax.Array, union: jax.Array) -> jax.Array:
@@ -187,7 +196,7 @@ def epi(
     selector, _ = plan(params, inner_state)
     groups = selector.groups
     zeros = lambda dtype: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params)
-    mask = zeros(jnp.bool_)
+    mask = jax.tree.map(_pack, zeros(jnp.bool_))
     stats = MaskStats(
         refreshes=jnp.zeros((), jnp.int32),
         last_refresh=jnp.zeros((), jnp.int32),
@@ -204,7 +213,7 @@ def epi(
         count=jnp.zeros((), jnp.int32),
         sensitivity=zeros(sdt) if sensitivity == "grad_sq" else (),
         mask=mask,
-        first_mask=jax.tree.map(_pack, mask),
+        first_mask=mask,
         stats=stats,
         inner_state=inner_state,
     )
@@ -217,13 +226,14 @@ def epi(
       return _round_bfloat16_stochastic(new, seed)
     return new.astype(sdt)
 
-  def refresh(selector, scores, old, first, stats, count):
+  def refresh(selector, scores, old_packed, first, stats, count):
     groups = selector.groups
+    old = [_unpack(o) for o in old_packed]
     new, threshold = selector(scores)
     new = selection.fill_ineligible(new, old)
     # One pass counts every statistic: bit 0 = new mask, 1 = previous, 2 = first.
     codes = [None if ids is None else
-             n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * _unpack(f, n.shape)
+             n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * _unpack(f)
              for n, o, f, ids in zip(new, old, first, groups.leaf_ids)]
     c = selection.group_code_counts(codes, groups, 8)
     bit = lambda b: (np.arange(8) >> b) & 1
@@ -244,7 +254,8 @@ def epi(
         overlap_prev=_jaccard(count_if(bit(0) & bit(1)), count_if(bit(0) | bit(1))),
         has_first=stats.has_first | take,
     )
-    first = [jnp.where(take, _pack(n), f) for n, f in zip(new, first)]
+    new = [_pack(n) for n in new]
+    first = [jnp.where(take, n, f) for n, f in zip(new, first)]
     return new, first, stats
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -273,7 +284,7 @@ def epi(
     else:
       mask, stats = old, state.stats
 
-    out = [jnp.where(m, jnp.zeros_like(u), u) if e else u
+    out = [jnp.where(_unpack(m), jnp.zeros_like(u), u) if e else u
            for m, u, e in zip(mask, jax.tree.leaves(inner_updates), eligible)]
     new_state = EPIState(
         count=count,
@@ -314,12 +325,13 @@ def static_isolation(inner: optax.GradientTransformation, mask) -> optax.Gradien
     if bad:
       raise ValueError(f"static_isolation: mask shape differs from the parameter at {bad}.")
     return StaticIsolationState(
-        mask=jax.tree.map(lambda m: jnp.asarray(m, jnp.bool_), mask),
+        mask=jax.tree.map(lambda m: _pack(jnp.asarray(m, jnp.bool_)), mask),
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    out = jax.tree.map(lambda m, u: jnp.where(m, jnp.zeros_like(u), u), state.mask, inner_updates)
+    out = jax.tree.map(lambda m, u: jnp.where(_unpack(m), jnp.zeros_like(u), u),
+                       state.mask, inner_updates)
     return out, StaticIsolationState(state.mask, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -354,7 +366,7 @@ def _find_state(state, classes):
 
 def protection_mask(state):
   """The current mask m_t, bool pytree shaped like params, from any state holding EPI's."""
-  return _find_state(state, (EPIState, StaticIsolationState)).mask
+  return jax.tree.map(_unpack, _find_state(state, (EPIState, StaticIsolationState)).mask)
 
 
 def sensitivity(state):

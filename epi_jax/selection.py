@@ -24,6 +24,8 @@ BUDGET = ("global", "per_layer")
 LAYER_OF = ("block", "leaf")
 
 _INT32_MAX = np.iinfo(np.int32).max
+# Below this many entries, histogram counts are exact in int32; above, they saturate at k.
+_EXACT_COUNT_LIMIT = _INT32_MAX
 _NO_THRESHOLD = np.uint32(0xFFFFFFFF)  # bit pattern above every score: nothing selected
 # A transformer block container: `layers/3`, `h/3`, `blocks/3`, or `layers_3`.
 _CONTAINER = re.compile(r"^(layers|layer|blocks|block|h)$")
@@ -247,7 +249,7 @@ class Selector:
                                           else tuple(self.sel_of_group[i] for i in ids))
                for ids in self.groups.leaf_ids]
     # Counts cannot overflow int32 below 2**31 entries; above, add per leaf, saturating at k.
-    saturate = self.groups.num_eligible > _INT32_MAX
+    saturate = self.groups.num_eligible > _EXACT_COUNT_LIMIT
     prefix = jnp.zeros((num,), jnp.uint32)   # threshold bits found so far
     above = jnp.zeros((num,), jnp.uint32)    # entries above the current bucket (< k)
     done = 1                                 # bits fixed so far, sign bit included
@@ -272,9 +274,12 @@ class Selector:
           hist = hist.at[slot.reshape(-1)].add(1)
       hist = jnp.minimum(hist[:outside].astype(jnp.uint32), np.repeat(k, bins))
       hist = hist.reshape(num, bins)
-      # Entries at or above each digit, saturated at k: a suffix sum that cannot overflow.
-      at_or_above = jax.lax.associative_scan(
-          lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1)
+      # Entries at or above each digit: a suffix sum, saturated at k when it could overflow.
+      if saturate:
+        at_or_above = jax.lax.associative_scan(
+            lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1)
+      else:
+        at_or_above = jax.lax.cumsum(hist, axis=1, reverse=True)
       at_or_above = jnp.minimum(at_or_above + above[:, None], k[:, None])
       digit = (jnp.sum(at_or_above >= k[:, None], axis=1) - 1).astype(jnp.uint32)
       nxt = jnp.minimum(digit + 1, bins - 1)

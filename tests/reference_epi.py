@@ -175,10 +175,10 @@ class ReferenceEPI:
     new = []
     for s, g in zip(unflatten(self.s, self.shapes), grads):
       g = np.asarray(g, np.float64)
-      if np.all(np.isfinite(g)):
-        new.append(self.beta * s + (1 - self.beta) * g * g)
-      else:   # a non-finite gradient never poisons S: the leaf keeps S_{t-1}
-        new.append(s)
+      with np.errstate(invalid="ignore", over="ignore"):
+        ema = self.beta * s + (1 - self.beta) * g * g
+      # A non-finite gradient never poisons S: such an entry keeps S_{t-1}.
+      new.append(np.where(np.isfinite(ema), ema, s))
     self.s = np.concatenate([x.ravel() for x in new])
 
   def refresh(self) -> None:

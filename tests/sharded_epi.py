@@ -45,7 +45,7 @@ def main():
         jax.tree.leaves(epi_jax.protection_mask(sharded_state))))
     close = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in
                 zip(jax.tree.leaves(single_params), jax.tree.leaves(sharded_params)))
-    like = [epi_jax.protection_mask(sharded_state)]
+    like = [sharded_state.mask]            # bits packed along the last axis, same spec
     if sensitivity == "grad_sq":
       like.append(epi_jax.sensitivity(sharded_state))
     shard_like = all(

@@ -206,3 +206,16 @@ def test_invalid_arguments(kwargs, name):
   args = dict(p=0.1) | kwargs
   with pytest.raises(ValueError, match=rf"^{name} must"):
     epi_jax.top_p_mask({"w": jnp.ones(4)}, **args)
+
+
+@pytest.mark.parametrize("name", ["ties", "per_layer_blocks", "stacked", "per_layer_20_groups"])
+def test_saturating_counts_match_full_sort(monkeypatch, name):
+  """Above 2**31 entries counts saturate at k; forced here on small trees."""
+  monkeypatch.setattr(selection, "_EXACT_COUNT_LIMIT", 0)
+  case = CASES[name]
+  mask = epi_jax.top_p_mask(case.tree, case.p, normalize=case.normalize, budget=case.budget,
+                            layer_of=case.layer_of)
+  groups = epi_jax.layer_groups(case.tree, case.layer_of)
+  expected, _ = ref.select_tree(jax.tree.leaves(case.tree), groups.leaf_ids, len(groups.names),
+                                case.p, normalize=case.normalize, budget=case.budget)
+  chex.assert_trees_all_equal(jax.tree.leaves(mask), expected)
