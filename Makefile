@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install $(if $(wildcard /opt/wheels),--find-links /opt/wheels) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
