@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 
 import jax
@@ -37,17 +39,22 @@ def _packed_masks(opt_state) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
 
 
-def _check_resume(ckpt: RunCheckpoints, config: Config, resume: bool, run_dir: str) -> int:
-  """The step to resume from (0: fresh start); refuses a resume under a different config."""
-  latest = ckpt.latest_step()
+def _start_step(run_dir: str, config: Config, resume: bool) -> int:
+  """The step to resume from; 0 for a fresh start, which first removes the outputs of an
+  earlier run in `run_dir`. Refuses a resume under a config that changes training."""
   if not resume:
-    if latest is not None:
-      raise ConfigError(f"{run_dir} already holds checkpoints (latest step {latest}); "
-                        "pass --resume to continue it or choose another --run-dir")
+    for name in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
+      path = os.path.join(run_dir, name)
+      if os.path.exists(path):
+        print(f"fresh start: removing {path} of an earlier run", file=sys.stderr)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     return 0
+  ckpt = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+  latest = ckpt.latest_step()
   if latest is None:
     raise ConfigError(f"--resume: no complete checkpoint in {run_dir}/checkpoints")
   conflicts = resume_conflicts(ckpt.meta(latest)["config"], config)
+  ckpt.close()
   if conflicts:
     raise ConfigError(f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
                       "keys that change training:\n  " + "\n  ".join(conflicts))
@@ -71,8 +78,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   run_dir = run_dir or config.run_dir
   os.makedirs(run_dir, exist_ok=True)
   session_start = time.perf_counter()
+  start_step = _start_step(run_dir, config, resume)
   ckpt = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
-  start_step = _check_resume(ckpt, config, resume, run_dir)
   with open(os.path.join(run_dir, "config.yaml"), "w") as f:
     yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
 
@@ -143,6 +150,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
           if masks is not None:
             masks[f"refresh_{step}"] = _packed_masks(opt_state)
       if step % config.log.every == 0 or step == bounds[k + 1]:
+        jax.block_until_ready(state)  # the whole step, not just its loss, for tokens/s
         now = time.perf_counter()
         loss = float(out["loss"])
         writer.write("train", step, {"loss": loss, "lr": float(schedule(step - 1)),

@@ -88,8 +88,9 @@ def memory_plan(config: Config) -> dict:
 def format_plan(plan: dict, config: Config) -> str:
   """A readable table of `memory_plan`'s result."""
   m = plan["mesh"]
-  lines = [f"model {config.model.preset} ({config.model.dtype}): {plan['parameters']:,} parameters "
-           f"({plan['parameters'] / 1e9:.2f}B)",
+  n = plan["parameters"]
+  size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+  lines = [f"model {config.model.preset} ({config.model.dtype}): {n:,} parameters ({size})",
            f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
            f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
            f"{config.data.seq_len} tokens",

@@ -20,8 +20,6 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")
   (tmp_path / "cut" / "summary.json").unlink()
-  with pytest.raises(ConfigError, match="already holds checkpoints"):
-    train(config, run_dir=str(tmp_path / "cut"))
   changed = load_config(tiny_config_file(tmp_path), ["method.p=0.1", "log.every=5"])
   with pytest.raises(ConfigError) as error:
     train(changed, run_dir=str(tmp_path / "cut"), resume=True)
@@ -34,5 +32,7 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   assert [r["step"] for r in full["mask_history"]] == [2, 4, 6]
   summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
   assert summary["params_sha256"] == full["params_sha256"]
+  with pytest.raises(ConfigError, match="no complete checkpoint"):
+    train(config, run_dir=str(tmp_path / "empty"), resume=True)
   assert len(summary["accuracy_matrix"]) == 2 and set(summary["forgetting_ratio"]) == {
       "logic_choice", "rewrite"}
