@@ -58,7 +58,18 @@ def _start_step(run_dir: str, config: Config, resume: bool) -> int:
   if conflicts:
     raise ConfigError(f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
                       "keys that change training:\n  " + "\n  ".join(conflicts))
+  _drop_records_after(os.path.join(run_dir, "metrics.jsonl"), latest)
   return latest
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Removes the metrics an interrupted session wrote after the checkpoint it resumes from."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(kept)
 
 
 def init_state(model: nnx.Module, tx, mesh):
@@ -71,6 +82,27 @@ def init_state(model: nnx.Module, tx, mesh):
   placed = jax.device_put(opt_state, like_params(opt_state, model, mesh))
   nnx.update(optimizer, jax.tree.map(jnp.copy, placed))
   return nnx.split((model, optimizer))
+
+
+def _summary(method: str, stages, meta: dict, model, optimizer, *, wall_time: float) -> dict:
+  """The content of summary.json."""
+  summary = {
+      "method": method,
+      "stages": stages,
+      "steps": meta["step"],
+      "accuracy_matrix": [{"after_stage": k, "trained": stages[k], "accuracy": row}
+                          for k, row in enumerate(meta["matrix"])],
+      "final_accuracy": meta["matrix"][-1],
+      "forgetting_ratio": forgetting_ratios(meta["matrix"], stages),
+      "mask_history": meta["mask_history"],
+      "wall_time_s": wall_time,
+      "params_sha256": params_sha256(nnx.state(model, nnx.Param)),
+  }
+  if method in ("static", "epi"):
+    mask = jax.tree.leaves(epi_jax.protection_mask(optimizer.opt_state))
+    summary["protected_fraction"] = float(sum(np.asarray(m).sum() for m in mask)
+                                          / sum(np.size(m) for m in mask))
+  return summary
 
 
 def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
@@ -118,7 +150,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
   progress = tqdm(total=total, initial=step, disable=not config.log.progress, desc=method,
                   dynamic_ncols=True)
-  protected = 0.0
+  protected = meta["mask_history"][-1]["protected_fraction"] if meta["mask_history"] else 0.0
   tokens, tick = 0.0, time.perf_counter()
 
   earlier_wall = meta["wall_time"]  # wall time of the sessions before this one
@@ -172,28 +204,12 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   progress.close()
 
   model, optimizer = nnx.merge(graphdef, state)
-  ratios = forgetting_ratios(meta["matrix"], stages)
-  summary = {
-      "method": method,
-      "stages": stages,
-      "steps": total,
-      "accuracy_matrix": [{"after_stage": k, "trained": stages[k], "accuracy": row}
-                          for k, row in enumerate(meta["matrix"])],
-      "final_accuracy": meta["matrix"][-1],
-      "forgetting_ratio": ratios,
-      "mask_history": meta["mask_history"],
-      "wall_time_s": earlier_wall + time.perf_counter() - session_start,
-      "params_sha256": params_sha256(nnx.state(model, nnx.Param)),
-  }
-  if method in ("static", "epi"):
-    mask = epi_jax.protection_mask(optimizer.opt_state)
-    summary["protected_fraction"] = float(
-        sum(np.asarray(m).sum() for m in jax.tree.leaves(mask))
-        / sum(np.size(m) for m in jax.tree.leaves(mask)))
+  summary = _summary(method, stages, meta, model, optimizer,
+                     wall_time=earlier_wall + time.perf_counter() - session_start)
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   writer.close()
   ckpt.close()
-  print(format_table(meta["matrix"], stages, ratios))
+  print(format_table(meta["matrix"], stages, summary["forgetting_ratio"]))
   print(f"wall time {summary['wall_time_s']:.1f}s, params_sha256 {summary['params_sha256']}")
   return summary

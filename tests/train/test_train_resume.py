@@ -10,11 +10,18 @@ from epi_jax.train.loop import train
 from tiny_run import tiny_config_file
 
 
+def train_losses(run_dir):
+  with open(run_dir / "metrics.jsonl") as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "train"]
+
+
 @pytest.mark.slow
 def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   config = load_config(tiny_config_file(tmp_path))
   full = train(config, run_dir=str(tmp_path / "full"))
   assert sorted(int(p.name) for p in (tmp_path / "full" / "checkpoints").iterdir()) == [2, 3, 4, 6]
+  assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+  assert (tmp_path / "full" / "config.yaml").exists()
 
   # Interrupt after step 4 (mid stage 1): keep checkpoints up to 4, drop the rest and the summary.
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
@@ -29,6 +36,7 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   assert resumed["params_sha256"] == full["params_sha256"]
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert resumed["mask_history"] == full["mask_history"]
+  assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
   assert [r["step"] for r in full["mask_history"]] == [2, 4, 6]
   summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
   assert summary["params_sha256"] == full["params_sha256"]

@@ -8,7 +8,7 @@ optim: {lr: 3.0e-3, batch_size: 8, micro_batch_size: 4}
 train: {steps_per_stage: 3}
 checkpoint: {every: 2, keep: 10, mask_history: full}
 eval: {max_new_tokens: 4, batch_size: 4}
-log: {every: 1, progress: false, tensorboard: false}
+log: {every: 1, progress: false, tensorboard: true}
 """
 
 
