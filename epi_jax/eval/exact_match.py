@@ -20,6 +20,16 @@ def _left_pad(prompts: Sequence[np.ndarray], rows: int, length: int, pad_id: int
   return ids, mask
 
 
+def _matches(encoder: data.ChatEncoder, ids: np.ndarray, target: str) -> bool:
+  """Exact match of the decoded ids; an id the tokenizer cannot decode (a model vocabulary
+  larger than the tokenizer's) makes the answer wrong."""
+  try:
+    text = encoder.decode([int(t) for t in ids if t != encoder.pad_id])
+  except ValueError:
+    return False
+  return data.exact_match(text, target)
+
+
 def task_accuracy(model, encoder: data.ChatEncoder, chats: Sequence[Sequence[data.Turn]], *,
                   max_new_tokens: int, batch_size: int, prompt_len: int) -> float:
   """Fraction of `chats` whose final assistant turn equals the greedy continuation of the rest.
@@ -35,8 +45,7 @@ def task_accuracy(model, encoder: data.ChatEncoder, chats: Sequence[Sequence[dat
     out = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens,
                               eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id))
     for row, chat in zip(out, chats[start:start + batch_size]):
-      text = encoder.decode([t for t in row if t != encoder.pad_id])
-      hits += data.exact_match(text, chat[-1]["content"])
+      hits += _matches(encoder, row, chat[-1]["content"])
   return hits / max(len(chats), 1)
 
 

@@ -34,20 +34,22 @@ class RunCheckpoints:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def save(self, step: int, state, meta: dict, masks: dict | None) -> None:
-    """Writes checkpoint `step`; `masks` is None unless the full mask history is kept."""
+    """Writes checkpoint `step`; `masks` (the full mask history) is skipped when empty."""
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-    if masks is not None:
+    if masks:
       items["masks"] = ocp.args.StandardSave(masks)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state, *, with_masks: bool):
-    """(state shaped and sharded like `abstract_state`, meta, masks or None) of `step`."""
+    """(state shaped and sharded like `abstract_state`, meta, masks) of `step`; masks is {}
+    when the checkpoint holds none and None unless `with_masks`."""
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if with_masks:
+    stored = os.path.isdir(os.path.join(str(self.manager.directory), str(step), "masks"))
+    if with_masks and stored:
       items["masks"] = ocp.args.StandardRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return out["state"], out["meta"], out["masks"] if with_masks else None
+    return out["state"], out["meta"], (dict(out["masks"]) if stored else {}) if with_masks else None
 
   def close(self) -> None:
     self.manager.close()

@@ -140,8 +140,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   if start_step:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta, restored = ckpt.restore(start_step, abstract, with_masks=masks is not None)
-    masks = restored if masks is not None else None
+    state, meta, masks = ckpt.restore(start_step, abstract, with_masks=masks is not None)
   step = meta["step"]
 
   schedule = learning_rate(config, total)

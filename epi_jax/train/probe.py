@@ -40,6 +40,7 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
     examples = task_data.train[task]
     steps = probe_steps(config, examples)
     probe = nnx.clone(model)
+    nnx.update(probe, jax.tree.map(jnp.copy, nnx.state(probe)))  # own buffers: the step donates
     optimizer = nnx.Optimizer(probe, inner_optimizer(config, steps), wrt=nnx.Param)
     graphdef, state = nnx.split((probe, optimizer))
     step = make_train_step(graphdef, num_micro)
