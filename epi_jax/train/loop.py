@@ -20,6 +20,7 @@ import epi_jax
 from epi_jax.data import IteratorState
 from epi_jax.eval.exact_match import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
+from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.train.checkpointing import RunCheckpoints, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
@@ -98,6 +99,8 @@ def _summary(method: str, stages, meta: dict, model, optimizer, *, wall_time: fl
       "wall_time_s": wall_time,
       "params_sha256": params_sha256(nnx.state(model, nnx.Param)),
   }
+  if method == "epi":
+    summary["mask_overlap_first"] = overlap_at_progress(meta["mask_history"], meta["step"])
   if method in ("static", "epi"):
     mask = jax.tree.leaves(epi_jax.protection_mask(optimizer.opt_state))
     summary["protected_fraction"] = float(sum(np.asarray(m).sum() for m in mask)

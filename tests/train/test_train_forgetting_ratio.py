@@ -1,8 +1,9 @@
-"""Forgetting ratios and stage planning."""
+"""Forgetting ratios, mask drift and stage planning."""
 
 import pytest
 
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
+from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.train.loading import load_config
 from epi_jax.train.tasks import plan_stages
 
@@ -37,3 +38,8 @@ def test_random_grouping_uses_every_task_once(tmp_path):
   stages = plan_stages(load_config(str(path), ["method.grouping=random", "method.num_stages=2"]))
   assert len(stages) == 2 and sorted(sum(stages, [])) == sorted(
       ["arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"])
+
+
+def test_mask_overlap_at_quarters_of_training():
+  history = [{"step": s, "overlap_first": o} for s, o in [(30, 1.0), (60, 0.8), (90, 0.5)]]
+  assert overlap_at_progress(history, 100) == {"50%": 1.0, "75%": 0.8, "100%": 0.5}
