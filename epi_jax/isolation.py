@@ -196,7 +196,7 @@ def epi(
     selector, _ = plan(params, inner_state)
     groups = selector.groups
     zeros = lambda dtype: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params)
-    mask = jax.tree.map(_pack, zeros(jnp.bool_))
+    packed_zeros = lambda: jax.tree.map(_pack, zeros(jnp.bool_))
     stats = MaskStats(
         refreshes=jnp.zeros((), jnp.int32),
         last_refresh=jnp.zeros((), jnp.int32),
@@ -212,8 +212,8 @@ def epi(
     return EPIState(
         count=jnp.zeros((), jnp.int32),
         sensitivity=zeros(sdt) if sensitivity == "grad_sq" else (),
-        mask=mask,
-        first_mask=mask,
+        mask=packed_zeros(),
+        first_mask=packed_zeros(),   # own buffers: a donated state must not alias
         stats=stats,
         inner_state=inner_state,
     )

@@ -212,3 +212,12 @@ def test_bfloat16_sensitivity_is_unbiased():
     curves[dtype] = np.asarray(epi_jax.sensitivity(state)["w"], np.float64)
   np.testing.assert_allclose(curves[jnp.float32], 1.21 * (1 - 0.99 ** 400), rtol=1e-4)
   np.testing.assert_allclose(curves[jnp.bfloat16].mean(), curves[jnp.float32][0], rtol=5e-3)
+
+
+def test_state_from_eager_init_can_be_donated():
+  params = _params()
+  tx = epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=1)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+  _, state = step(params, state, _grads(params, 0))
+  assert int(epi_jax.mask_stats(state)["refreshes"]) == 1

@@ -78,7 +78,7 @@ def init_state(model: nnx.Module, tx, mesh):
   `mesh` like the parameters it mirrors."""
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   opt_state = nnx.state(optimizer)
-  # One fresh buffer per leaf: EPI's init shares one array between `mask` and `first_mask`,
+  # One fresh buffer per leaf: an optimizer's init may return one array in two state fields,
   # and the step cannot donate a buffer twice.
   placed = jax.device_put(opt_state, like_params(opt_state, model, mesh))
   nnx.update(optimizer, jax.tree.map(jnp.copy, placed))
