@@ -26,9 +26,9 @@ def _user_assistant(prompt: str, answer: str) -> list[Turn]:
 def arithmetic(rng: np.random.Generator) -> list[Turn]:
     """Two-step word problem with its worked answer (stands in for GSM8K)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = (int(x) for x in rng.integers(1, 10, size=2))
+    a, b = (int(x) for x in rng.integers(1, 6, size=2))
     c = int(rng.integers(1, a + b))
-    prompt = f"{name} has {a} {item}, gets {b} more, gives away {c}. How many now?"
+    prompt = f"{name} has {a} {item}, gets {b}, gives {c}. How many?"
     return _user_assistant(prompt, f"{a}+{b}={a + b}, {a + b}-{c}={a + b - c}")
 
 
@@ -42,7 +42,7 @@ _STRING_OPS: tuple[tuple[str, Callable[[str], str]], ...] = (
 
 def string_code(rng: np.random.Generator) -> list[Turn]:
     """Output of a Python string expression on a random word (stands in for CodeAlpaca)."""
-    word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
+    word = "".join(rng.choice(list(_LETTERS[:10]), size=3))
     code, fn = _STRING_OPS[int(rng.integers(len(_STRING_OPS)))]
     return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
 
@@ -68,7 +68,6 @@ def logic_choice(rng: np.random.Generator) -> list[Turn]:
 
 
 _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
-    ("Reverse the word order", lambda w: " ".join(w[::-1])),
     ("Capitalize each word", lambda w: " ".join(x.capitalize() for x in w)),
     ("Join with dashes", "-".join),
     ("Give the last word", lambda w: w[-1]),
@@ -78,14 +77,14 @@ _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
 
 def rewrite(rng: np.random.Generator) -> list[Turn]:
     """A natural-language instruction applied to a list of words (stands in for Alpaca)."""
-    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 5)), replace=False)]
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 4)), replace=False)]
     instruction, fn = _REWRITES[int(rng.integers(len(_REWRITES)))]
     return _user_assistant(f"{instruction}: {' '.join(words)}", fn(words))
 
 
 _FACTS = (("city", ("Oslo", "Lima", "Rome", "Kyiv", "Pune", "Bern", "Doha", "Riga")),
           ("pet", ("dog", "cat", "fox", "owl", "eel", "yak", "emu", "hen")),
-          ("color", ("red", "blue", "teal", "pink", "gray", "gold", "lime", "plum")))
+          ("color", ("navy", "blue", "teal", "pink", "gray", "gold", "lime", "plum")))
 
 
 def dialogue(rng: np.random.Generator) -> list[Turn]:
@@ -95,8 +94,8 @@ def dialogue(rng: np.random.Generator) -> list[Turn]:
     facts = ", ".join(f"{key}: {value}" for key, value in values.items())
     key = _FACTS[int(rng.integers(len(_FACTS)))][0]
     return [
-        {"role": "user", "content": f"I am {name}. {facts}."},
-        {"role": "assistant", "content": f"Hi {name}."},
+        {"role": "user", "content": f"{facts}. I am {name}."},
+        {"role": "assistant", "content": "Hi."},
         {"role": "user", "content": f"What is my {key}?"},
         {"role": "assistant", "content": f"Your {key} is {values[key]}."},
     ]
