@@ -175,9 +175,10 @@ def epi(
   sdt = jnp.dtype(sensitivity_dtype)
 
   def plan(params, inner_state):
-    """Static: the selector, and which leaves may be protected."""
+    """The selector, which leaves may be protected (static), and the inner nu leaves."""
     leaves, treedef = jax.tree.flatten(params)
     eligible = [selection.is_float(x) for x in leaves]
+    nu = None
     if sensitivity == "adam_nu":
       nu = _find_nu(inner_state, len(leaves))
       if nu is None:
@@ -189,11 +190,11 @@ def epi(
               for x, e in zip(leaves, eligible)]
     selector = selection.make_selector(jax.tree.unflatten(treedef, shapes), p,
                                        normalize=normalize, budget=budget, layer_of=layer_of)
-    return selector, eligible
+    return selector, eligible, nu
 
   def init_fn(params):
     inner_state = inner.init(params)
-    selector, _ = plan(params, inner_state)
+    selector, _, _ = plan(params, inner_state)
     groups = selector.groups
     zeros = lambda dtype: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params)
     packed_zeros = lambda: jax.tree.map(_pack, zeros(jnp.bool_))
@@ -262,7 +263,7 @@ def epi(
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     count = optax.safe_increment(state.count)
     grads, treedef = jax.tree.flatten(updates)
-    selector, eligible = plan(updates, inner_state)
+    selector, eligible, nu = plan(updates, inner_state)
 
     if sensitivity == "grad_sq":
       sens = [ema(s, g, count * len(grads) + i) if e else s
@@ -271,7 +272,7 @@ def epi(
       scores = sens
       new_sensitivity = jax.tree.unflatten(treedef, sens)
     else:
-      scores = _find_nu(inner_state, len(grads))
+      scores = nu
       new_sensitivity = ()
 
     old = jax.tree.leaves(state.mask)

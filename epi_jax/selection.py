@@ -343,9 +343,9 @@ def make_selector(tree, p: float, *, normalize: str = "layer_minmax", budget: st
   return Selector(groups, normalize, sel_of_group, k)
 
 
-def fill_ineligible(leaves, like_leaves, fill=False) -> list:
-  """Replaces the ``None`` entries of ``leaves`` by arrays of ``fill`` shaped like ``like``."""
-  return [jnp.full(jnp.shape(like), fill) if leaf is None else leaf
+def fill_ineligible(leaves, like_leaves) -> list:
+  """Replaces the ``None`` entries of ``leaves`` by all-False masks shaped like ``like``."""
+  return [jnp.zeros(jnp.shape(like), jnp.bool_) if leaf is None else leaf
           for leaf, like in zip(leaves, like_leaves)]
 
 

@@ -29,7 +29,7 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
 
   Each task gets its own probe: AdamW with the run's settings and a warm-up + cosine schedule
   over the probe's steps, starting from the initial weights theta_0. The score of a parameter
-  is the sum over tasks of |theta_probe - theta_0|; ``epi_jax.probe_mask`` keeps the top
+  is the sum over tasks of |theta_probe - theta_0|; ``epi_jax.top_p_mask`` keeps the top
   ``method.p`` of it (layer-normalized with ``method.normalize: layer_minmax``). `model` is
   left unchanged.
   """
@@ -52,7 +52,6 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
     probe, _ = nnx.merge(graphdef, state)
     moved = jax.tree.map(lambda acc, a, b: acc + jnp.abs(a.astype(jnp.float32) - b),
                          moved, nnx.state(probe, nnx.Param), theta_0)
-  # probe_mask scores |theta_probe - theta_0|: pass the summed displacement against zeros.
-  zeros = jax.tree.map(jnp.zeros_like, moved)
-  return epi_jax.probe_mask(moved, zeros, m.p, normalize=m.normalize, budget=m.budget,
+  # The summed displacements are the scores: the same selection as probe_mask and EPI.
+  return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget,
                             layer_of=m.layer_of)
