@@ -124,16 +124,18 @@ def layer_groups(tree, layer_of: LayerOf = "block") -> Groups:
       leaf_ids.append(None)
       continue
     size = int(np.prod(leaf.shape, dtype=np.int64))
-    if size > _INT32_MAX:
-      raise ValueError(f"leaf {jax.tree_util.keystr(path)} has {size} entries; "
-                       f"leaves above {_INT32_MAX} entries are not supported.")
     parts = _path_parts(path)
     label = "/".join(parts)
+    block = _block_of(parts, leaf) if layer_of == "block" else None
+    # Histogram bins count one group's entries in int32: a stacked leaf may exceed that
+    # in total as long as each of its slices does not.
+    if (size // leaf.shape[0] if block == "stacked" else size) > _INT32_MAX:
+      raise ValueError(f"leaf {jax.tree_util.keystr(path)} has {size} entries; "
+                       f"leaves above {_INT32_MAX} entries are not supported.")
     if callable(layer_of):
       key = ("key", layer_of(path, leaf))
       leaf_ids.append(gid(key, str(key[1]), size))
       continue
-    block = _block_of(parts, leaf) if layer_of == "block" else None
     if block is None:
       leaf_ids.append(gid(("leaf", label), label, size))
     elif block == "stacked":

@@ -15,6 +15,9 @@ _ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
 }
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+# none: keep every activation; block: keep only each block's input and recompute the rest in
+# the backward pass; dots: also keep the matmul outputs (recompute only the cheap elementwise ops).
+REMAT = ("none", "block", "dots")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -69,9 +72,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    scan_layers: bool = False
+    """Keep the blocks stacked (parameters `layers/...` with a leading layer axis) and run them
+    in one `lax.scan`: compile time no longer grows with depth. Not part of config.json."""
+    remat: str = "none"
+    """Activation rematerialization per block: one of REMAT. Not part of config.json."""
 
     def __post_init__(self):
         problems = []
+        if self.remat not in REMAT:
+            problems.append(f"remat={self.remat!r} is not one of {REMAT}")
         if self.family not in FAMILIES:
             problems.append(f"family={self.family!r} is not one of {FAMILIES}")
         if self.activation not in ("silu", "gelu_tanh"):

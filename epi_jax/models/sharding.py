@@ -22,6 +22,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "layers": None,
 }
 
 

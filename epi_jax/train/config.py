@@ -34,6 +34,11 @@ class ModelSection:
   """Hugging Face folder (config.json + safetensors + tokenizer) to start from; empty: random init."""
   dtype: Literal["float32", "bfloat16"] = "float32"
   """Dtype of the parameters (and so of the gradients and Adam moments)."""
+  scan_layers: bool = False
+  """Stack the blocks and run them in one scan: compile time independent of depth."""
+  remat: Literal["none", "block", "dots"] = "none"
+  """Recompute activations in the backward pass: none; block (keep each block's input only);
+  dots (keep matmul outputs, recompute the elementwise ops)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,9 @@ class DataSection:
   """Held-out evaluation examples per task (hf: the n_eval rows after the training ones)."""
   seq_len: int = bounded(128, ge=8)
   """Tokens per training row; longer examples are cut."""
+  pack: bool = False
+  """Fill each row with as many whole examples as fit (attention and positions stay per
+  example); false: one example per row, padded."""
   seed: int = bounded(0, ge=0)
   """Seed of the synthetic tasks, the data order and the random grouping."""
 

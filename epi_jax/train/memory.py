@@ -40,16 +40,23 @@ def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
 def activation_bytes(config: Config) -> float:
   """Estimate of the activations one device keeps for the backward pass of a micro-batch.
 
-  Per block s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in 16-bit (Korthikanti et al. 2022, no
-  recomputation), scaled to the parameter dtype, plus the float32 logits and their gradient.
+  Per block, in 16-bit (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4 and 5), scaled to
+  the parameter dtype: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation; with
+  ``model.remat: dots`` the attention scores are recomputed (the 5*a*s/(h*t) term goes); with
+  ``block`` each block keeps only its 2*s*b*h-byte input, plus one block's full activations
+  while it is recomputed. Plus the float32 logits and their gradient.
   """
   c, o, mesh = model_config(config.model), config.optim, config.mesh
   rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
   s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
   scale = jnp.dtype(config.model.dtype).itemsize / 2
-  per_block = s * rows * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
+  linear = s * rows * h * (10 + 24 / t) * scale
+  scores = s * rows * h * 5 * a * s / (h * t) * scale
   logits = 2 * rows * s * c.vocab_size / t * 4
-  return c.num_layers * per_block + logits
+  kept = {"none": c.num_layers * (linear + scores),
+          "dots": c.num_layers * linear,
+          "block": c.num_layers * 2 * s * rows * h * scale + linear + scores}[c.remat]
+  return kept + logits
 
 
 def memory_plan(config: Config) -> dict:
@@ -98,7 +105,7 @@ def format_plan(plan: dict, config: Config) -> str:
            f"  params            {plan['params_gib']:9.2f}",
            f"  grads             {plan['grads_gib']:9.2f}",
            f"  Adam mu + nu      {plan['adam_moments_gib']:9.2f}",
-           f"  activations (est) {plan['activations_gib']:9.2f}",
+           f"  activations (est) {plan['activations_gib']:9.2f}   (remat={config.model.remat})",
            f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
            "  EPI sensitivity option   sensitivity   mask   total"]
   for name, option in plan["epi"].items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -10,6 +12,12 @@ from epi_jax.train.config import ModelSection
 
 
 def model_config(section: ModelSection) -> ModelConfig:
+  """The architecture of `section` with its layer scanning and rematerialization switches."""
+  return dataclasses.replace(_architecture(section), scan_layers=section.scan_layers,
+                             remat=section.remat)
+
+
+def _architecture(section: ModelSection) -> ModelConfig:
   """The preset named by `section.preset`; the tiny preset takes the section's shape fields."""
   if section.checkpoint:
     return ModelConfig.from_hf(f"{section.checkpoint}/config.json")

@@ -46,7 +46,7 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
     step = make_train_step(graphdef, num_micro)
     batches = data.BatchIterator(examples, batch_size=config.optim.batch_size,
                                  seq_len=config.data.seq_len, pad_id=task_data.encoder.pad_id,
-                                 seed=config.data.seed + 1000 + k)
+                                 seed=config.data.seed + 1000 + k, pack=config.data.pack)
     for _ in range(steps):
       state, _ = step(state, put_batch(next(batches), mesh))
     probe, _ = nnx.merge(graphdef, state)

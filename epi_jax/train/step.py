@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask")
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy over response tokens and their count; logits[:, t] predict
-  input_ids[:, t + 1], weighted by loss_mask[:, t + 1]."""
-  logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+  input_ids[:, t + 1], weighted by loss_mask[:, t + 1]. Packed rows attend within their
+  segments only (a padded row is one segment)."""
+  logits = model(batch["input_ids"], segment_ids=batch["segment_ids"],
+                 positions=batch["positions"])  # (B, T, V)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
   weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
   return jnp.sum(ce * weight), jnp.sum(weight)

@@ -75,4 +75,4 @@ def stage_iterators(config: Config, stages: list[list[str]], task_data: TaskData
   d = config.data
   return data.stage_iterators(
       task_data.train, stages, batch_size=config.optim.batch_size, seq_len=d.seq_len,
-      pad_id=task_data.encoder.pad_id, seed=d.seed)
+      pad_id=task_data.encoder.pad_id, seed=d.seed, pack=d.pack)
