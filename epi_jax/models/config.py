@@ -160,6 +160,15 @@ class ModelConfig:
             bos_token_id=2, eos_token_id=1, pad_token_id=0)
 
     @classmethod
+    def smollm2_135m(cls) -> ModelConfig:
+        """HuggingFaceTB/SmolLM2-135M(-Instruct): 30 blocks, tied embeddings, 134.5M parameters."""
+        return cls(
+            family="llama", vocab_size=49_152, hidden_size=576, intermediate_size=1536,
+            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+            rope_theta=100_000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+    @classmethod
     def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
         """A 2-layer, 64-wide model of `family` for CPU tests and demos (vocab fits a byte tokenizer)."""
         fields = dict(

@@ -24,6 +24,13 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
+def dense(x: jax.Array, kernel: jax.Array, **kwargs) -> jax.Array:
+    """x [..., D] @ kernel [D, N] as one 2-D matmul over all leading axes (XLA's CPU backend
+    runs [B, T, D] @ [D, N] about 25% slower than the same product on [B * T, D])."""
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel, **kwargs)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * w, or * (1 + w) when `unit_offset` (Gemma); normalized in float32."""
 
@@ -88,7 +95,8 @@ class Attention(nnx.Module):
         self.config = config
 
     def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("btd,dnh->btnh", x, kernel[...])
+        d, n, dh = kernel.shape
+        y = dense(x, kernel[...].reshape(d, n * dh)).reshape(*x.shape[:-1], n, dh)
         return y if bias is None else y + bias[...]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -108,15 +116,19 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
         b, t, _, dh = q.shape
+        # Heads-major layouts: XLA's CPU batched matmuls run about twice as fast on them.
         q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k,
+        q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, Dh)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, Dh)
+        logits = jnp.einsum("bkgth,bksh->bkgts", q, k,
                             preferred_element_type=jnp.float32) * cfg.attn_scale
         if cfg.attn_logit_softcap:
             logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         logits = jnp.where(mask[:, None, None], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, dh)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...]), kv
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * dh)
+        return dense(out, self.o[...].reshape(cfg.num_heads * dh, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -130,9 +142,9 @@ class MLP(nnx.Module):
         self.activation = config.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate[...]
+        gate = dense(x, self.gate[...])
         if self.activation == "gelu_tanh":
             gate = jax.nn.gelu(gate, approximate=True)
         else:
             gate = jax.nn.silu(gate)
-        return (gate * (x @ self.up[...])) @ self.down[...]
+        return dense(gate * dense(x, self.up[...]), self.down[...])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from epi_jax.models.config import ModelConfig
-from epi_jax.models.layers import MLP, Attention, RMSNorm, param
+from epi_jax.models.layers import MLP, Attention, RMSNorm, dense, param
 
 
 class KVCache(NamedTuple):
@@ -213,11 +213,7 @@ class Decoder(nnx.Module):
 
     def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...],
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...],
-                                preferred_element_type=jnp.float32)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = dense(x, head, preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcap
         return logits if not cap else jnp.tanh(logits / cap) * cap

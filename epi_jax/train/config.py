@@ -18,7 +18,8 @@ def bounded(default, **bounds):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-  preset: Literal["tiny", "llama3_8b", "llama3_1_8b", "mistral_7b", "qwen2_7b", "gemma2_9b"] = "tiny"
+  preset: Literal["tiny", "smollm2_135m", "llama3_8b", "llama3_1_8b", "mistral_7b", "qwen2_7b",
+                  "gemma2_9b"] = "tiny"
   """A classmethod of epi_jax.models.ModelConfig: the paper's backbones or the CPU model."""
   family: Literal["llama", "mistral", "qwen2", "gemma2"] = "llama"
   """Family of the tiny preset (the large presets fix their own)."""
