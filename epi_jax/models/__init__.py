@@ -1,17 +1,20 @@
-"""Flax NNX decoders of the llama, mistral, qwen2 and gemma2 families, read from and written to
-Hugging Face checkpoint folders."""
+"""Flax NNX decoders of the llama, mistral, qwen2 and gemma2 families, read from Hugging Face
+checkpoint folders or llama.cpp GGUF files and written to Hugging Face folders."""
 
 from epi_jax.models.checkpoint import (
     CheckpointMismatchError,
+    checkpoint_config,
     from_pretrained,
     load_tokenizer,
     save_pretrained,
 )
 from epi_jax.models.config import FAMILIES, Llama3RopeScaling, ModelConfig
+from epi_jax.models.registry import ALIASES, resolve_checkpoint
 from epi_jax.models.sharding import RULES, make_mesh, shard_model
 from epi_jax.models.transformer import Decoder, KVCache
 
 __all__ = [
+    "ALIASES",
     "FAMILIES",
     "RULES",
     "CheckpointMismatchError",
@@ -19,9 +22,11 @@ __all__ = [
     "KVCache",
     "Llama3RopeScaling",
     "ModelConfig",
+    "checkpoint_config",
     "from_pretrained",
     "load_tokenizer",
     "make_mesh",
+    "resolve_checkpoint",
     "save_pretrained",
     "shard_model",
 ]

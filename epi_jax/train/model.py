@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from epi_jax.models import Decoder, ModelConfig, from_pretrained, shard_model
+from epi_jax.models import Decoder, ModelConfig, checkpoint_config, from_pretrained, shard_model
 from epi_jax.train.config import ModelSection
 
 
@@ -18,9 +18,10 @@ def model_config(section: ModelSection) -> ModelConfig:
 
 
 def _architecture(section: ModelSection) -> ModelConfig:
-  """The preset named by `section.preset`; the tiny preset takes the section's shape fields."""
+  """The checkpoint's config, else the preset named by `section.preset`; the tiny preset takes
+  the section's shape fields."""
   if section.checkpoint:
-    return ModelConfig.from_hf(f"{section.checkpoint}/config.json")
+    return checkpoint_config(section.checkpoint)
   if section.preset != "tiny":
     return getattr(ModelConfig, section.preset)()
   return ModelConfig.tiny(section.family, hidden_size=section.hidden_size,
@@ -34,7 +35,8 @@ def build_model(section: ModelSection, *, seed: int, mesh=None) -> Decoder:
   """The checkpoint's weights, or a random initialization from `seed`, placed on `mesh`."""
   dtype = jnp.dtype(section.dtype)
   if section.checkpoint:
-    model, _ = from_pretrained(section.checkpoint, dtype=dtype, mesh=mesh)
+    model, _ = from_pretrained(section.checkpoint, dtype=dtype, mesh=mesh,
+                               scan_layers=section.scan_layers, remat=section.remat)
     return model
   model = Decoder(model_config(section), dtype=dtype, rngs=nnx.Rngs(seed))
   return model if mesh is None else shard_model(model, mesh)
