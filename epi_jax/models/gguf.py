@@ -27,7 +27,8 @@ import numpy as np
 
 from epi_jax.models.config import ModelConfig
 
-FAMILIES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}  # general.architecture -> family
+# general.architecture -> family (Mistral files use "llama", as llama.cpp converts them).
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
 
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = {
@@ -70,9 +71,10 @@ def gguf_name(name: str, family: str) -> str:
     """The GGUF name of Hugging Face tensor `name` (the inverse of `hf_name`)."""
     module, _, kind = name.rpartition(".")
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module):
-        sub = {v: k for k, v in _BLOCKS[family].items()}[m[2]]
-        return f"blk.{m[1]}.{sub}.{kind}"
-    return f"{ {v: k for k, v in _GLOBAL.items()}[module]}.{kind}"
+        block = {hf: gg for gg, hf in _BLOCKS[family].items()}
+        return f"blk.{m[1]}.{block[m[2]]}.{kind}"
+    top = {hf: gg for gg, hf in _GLOBAL.items()}
+    return f"{top[module]}.{kind}"
 
 
 @functools.cache

@@ -32,7 +32,9 @@ class ModelSection:
   num_heads: int = bounded(4, ge=1)
   """Tiny preset only: attention heads (head_dim = hidden_size / num_heads)."""
   checkpoint: str = ""
-  """Hugging Face folder (config.json + safetensors + tokenizer) to start from; empty: random init."""
+  """Checkpoint to start from: a Hugging Face folder (config.json + safetensors + tokenizer), a
+  llama.cpp .gguf file (tokenizer and chat template included), or the alias
+  smollm2-135m-instruct (installed by `make smollm2`); empty: random init."""
   dtype: Literal["float32", "bfloat16"] = "float32"
   """Dtype of the parameters (and so of the gradients and Adam moments)."""
   scan_layers: bool = False

