@@ -34,12 +34,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     """`path` itself, or the file of the alias it names (an existing path always wins).
 
     Raises:
-      FileNotFoundError: the alias's package or file is not installed; says how to install it.
+      FileNotFoundError: `path` neither exists nor is an alias, or the alias's package or file
+        is not installed (the message says how to install it).
     """
     path = os.fspath(path)
-    alias = ALIASES.get(path)
-    if alias is None or os.path.exists(path):
+    if os.path.exists(path):
         return path
+    alias = ALIASES.get(path)
+    if alias is None:
+        raise FileNotFoundError(f"checkpoint {path!r} is neither a Hugging Face folder, a .gguf "
+                                f"file nor an alias (known aliases: {sorted(ALIASES)})")
     spec = importlib.util.find_spec(alias.package)
     folders = list(spec.submodule_search_locations or ()) if spec is not None else []
     for folder in folders:

@@ -335,6 +335,8 @@ def test_alias_resolves_without_importing_its_package(alias):
     with pytest.raises(FileNotFoundError, match="'absent-gguf'.*not installed.*make absent"):
         from_pretrained("absent-gguf")
     assert "make smollm2" in ALIASES["smollm2-135m-instruct"].install
+    with pytest.raises(FileNotFoundError, match="'no/such.gguf' is neither .* nor an alias"):
+        load_tokenizer("no/such.gguf")
 
 
 def test_trainer_builds_models_from_a_gguf_alias(alias, untied):
