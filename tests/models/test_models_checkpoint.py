@@ -77,3 +77,18 @@ def test_tokenizer_is_loaded_when_present(saved, tmp_path):
     assert loaded.convert_tokens_to_ids(["hello", "world"]) == [3, 4]
     assert (loaded.pad_token_id, loaded.eos_token_id) == (0, 2)
     assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_scanned_load_and_save_round_trip_the_folder(saved, tmp_path):
+    path, config = saved
+    plain, _ = from_pretrained(path)
+    scanned, scanned_config = from_pretrained(path, scan_layers=True)
+    assert scanned_config.scan_layers and nnx.state(scanned, nnx.Param)["layers"]["attn"][
+        "q_bias"].shape[0] == config.num_layers
+    ids = np.arange(3, 27, dtype=np.int32).reshape(2, 12)
+    np.testing.assert_allclose(scanned(ids), plain(ids), atol=1e-5, rtol=1e-5)
+    save_pretrained(scanned, scanned_config, tmp_path)
+    again, tensors = load_file(tmp_path / "model.safetensors"), load_file(path / "model.safetensors")
+    assert again.keys() == tensors.keys()
+    for name in tensors:
+        np.testing.assert_array_equal(again[name], tensors[name], err_msg=name)
