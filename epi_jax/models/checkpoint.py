@@ -128,11 +128,12 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint (folder, .gguf file or alias), read without its tensors."""
     path = resolve_checkpoint(path)
-    if not is_gguf(path):
-        return ModelConfig.from_hf(path)
-    source = GGUFSource(path)
+    return _config(GGUFSource(path)) if is_gguf(path) else ModelConfig.from_hf(path)
+
+
+def _config(source: TensorSource) -> ModelConfig:
     if source.config is None:
-        raise CheckpointMismatchError(path, unsupported=source.unsupported,
+        raise CheckpointMismatchError(source.path, unsupported=source.unsupported,
                                       problems=source.problems)
     return source.config
 
@@ -141,8 +142,8 @@ Slots = dict[tuple, list[tuple[str, int | None]]]
 
 
 def _slots(leaves: dict[tuple, nnx.Variable], config: ModelConfig) -> Slots:
-    """Each parameter's per-block paths ("layers/3/attn/q", as Hugging Face names them) with
-    their index along its stacked layer axis; unstacked parameters have one path and None."""
+    """Each parameter's per-block paths (those of the unscanned model, "layers/3/attn/q") with
+    their index along its stacked layer axis; an unstacked parameter has one path and None."""
     slots: Slots = {}
     for path in leaves:
         parts = [str(p) for p in path]
@@ -203,10 +204,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
         tensors of unsupported types, missing, unexpected and mis-shaped tensors.
     """
     source = open_checkpoint(path)
-    if source.config is None:
-        raise CheckpointMismatchError(source.path, unsupported=source.unsupported,
-                                      problems=source.problems)
-    config = dataclasses.replace(source.config, scan_layers=scan_layers, remat=remat)
+    config = dataclasses.replace(_config(source), scan_layers=scan_layers, remat=remat)
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
