@@ -15,6 +15,7 @@ import datasets
 import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
+from epi_jax.data.examples import EvalExample
 from epi_jax.data.records import DataError, json_records
 from epi_jax.data.turns import ROLES, Turn
 
@@ -41,18 +42,24 @@ def _instruction(record: Mapping) -> list[Turn]:
     return _user_assistant(prompt, _text(record, "output"))
 
 
-def _logiqa(record: Mapping) -> list[Turn]:
+def _logiqa_choices(record: Mapping) -> tuple[tuple[str, ...], int]:
     options = record.get("options")
     if not isinstance(options, list) or not 2 <= len(options) <= 26 or not all(
-            isinstance(option, str) for option in options):
-        raise ValueError(f"field 'options' must be a list of 2-26 strings, got {options!r:.80}")
+            isinstance(option, str) and option for option in options):
+        raise ValueError(f"field 'options' must be a list of 2-26 non-empty strings, got {options!r:.80}")
     answer = record.get("correct_option")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
         raise ValueError(f"field 'correct_option' must be an int in [0, {len(options)}), got {answer!r}")
-    letters = [chr(ord("A") + i) for i in range(len(options))]
-    choices = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
-    prompt = f"{_text(record, 'context')}\n{_text(record, 'query')}\n{choices}"
-    return _user_assistant(prompt, letters[answer])
+    return tuple(options), answer
+
+
+def _logiqa(record: Mapping) -> list[Turn]:
+    """lm-evaluation-harness's logiqa prompt (`utils_logiqa.doc_to_text`); the response is the
+    correct option's text, the continuation its multiple-choice scoring compares."""
+    options, answer = _logiqa_choices(record)
+    prompt = f"Passage: {_text(record, 'context')}\nQuestion: {_text(record, 'query')}\nChoices:\n"
+    prompt += "".join(f"{chr(ord('A') + i)}. {option}\n" for i, option in enumerate(options))
+    return _user_assistant(prompt + "Answer:", options[answer])
 
 
 def _ultrachat(record: Mapping) -> list[Turn]:
@@ -81,31 +88,49 @@ class Adapter:
     default_split: str
     to_turns: Callable[[Mapping], list[Turn]]
     """Maps a record to turns; raises ValueError naming the offending field."""
+    metric: str
+    """How held-out examples are scored: a key of `epi_jax.eval.METRICS`."""
+    choices: Callable[[Mapping], tuple[tuple[str, ...], int]] | None = None
+    """Multiple choice: maps a record to (options, index of the correct one)."""
+
+    def to_example(self, record: Mapping) -> EvalExample:
+        """The record's chat with what its metric needs."""
+        turns = self.to_turns(record)
+        return EvalExample(turns, *self.choices(record)) if self.choices else EvalExample(turns)
 
 
 ADAPTERS = {
-    "gsm8k": Adapter("openai/gsm8k", "main", "train", _gsm8k),
-    "code_alpaca": Adapter("sahil2801/CodeAlpaca-20k", None, "train", _instruction),
-    "logiqa": Adapter("lucasmccabe/logiqa", None, "train", _logiqa),
-    "alpaca": Adapter("tatsu-lab/alpaca", None, "train", _instruction),
-    "ultrachat": Adapter("HuggingFaceH4/ultrachat_200k", None, "train_sft", _ultrachat),
+    "gsm8k": Adapter("openai/gsm8k", "main", "train", _gsm8k, "gsm8k"),
+    "code_alpaca": Adapter("sahil2801/CodeAlpaca-20k", None, "train", _instruction, "codebleu"),
+    "logiqa": Adapter("lucasmccabe/logiqa", None, "train", _logiqa, "multiple_choice",
+                      _logiqa_choices),
+    "alpaca": Adapter("tatsu-lab/alpaca", None, "train", _instruction, "judge"),
+    "ultrachat": Adapter("HuggingFaceH4/ultrachat_200k", None, "train_sft", _ultrachat, "judge"),
 }
 DATASET_NAMES = tuple(ADAPTERS)
+DATASET_METRICS = {name: adapter.metric for name, adapter in ADAPTERS.items()}
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _convert(adapter: Adapter, record: object, where: str) -> list[Turn]:
+def _convert(adapter: Adapter, record: object, where: str) -> EvalExample:
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     try:
-        return adapter.to_turns(record)
+        return adapter.to_example(record)
     except ValueError as error:
         raise DataError(f"{where}: {error}") from None
 
 
 def load_chats(name: str, source: str | Path | None = None, *, split: str | None = None,
                system: str | None = None, cache_dir: str | None = None) -> list[list[Turn]]:
-    """Chats of dataset `name` (one of DATASET_NAMES) from the hub or a local file.
+    """Chats of dataset `name`: the turns of `load_examples` with the same arguments."""
+    return [example.turns for example in load_examples(
+        name, source, split=split, system=system, cache_dir=cache_dir)]
+
+
+def load_examples(name: str, source: str | Path | None = None, *, split: str | None = None,
+                  system: str | None = None, cache_dir: str | None = None) -> list[EvalExample]:
+    """Examples of dataset `name` (one of DATASET_NAMES) from the hub or a local file.
 
     Args:
       name: which adapter maps the records: gsm8k, code_alpaca, logiqa, alpaca or ultrachat.
@@ -116,7 +141,8 @@ def load_chats(name: str, source: str | Path | None = None, *, split: str | None
       cache_dir: `datasets` cache folder (default: the `datasets` default).
 
     Returns:
-      One list of {"role", "content"} turns per record, in file order.
+      One EvalExample per record, in file order: its {"role", "content"} turns and, for a
+      multiple-choice dataset, the options and the index of the correct one.
 
     Raises:
       DataError: unknown name, missing file, or a record that does not fit the schema; the
@@ -146,7 +172,8 @@ def load_chats(name: str, source: str | Path | None = None, *, split: str | None
         config = adapter.hub_config if source is None else None
         rows = datasets.load_dataset(hub_name, config, split=split, cache_dir=cache_dir)
         where = f"{hub_name}[{split}] row"
-    chats = [_convert(adapter, row, f"{where} {i}") for i, row in enumerate(rows)]
+    examples = [_convert(adapter, row, f"{where} {i}") for i, row in enumerate(rows)]
     if system is not None:
-        chats = [[{"role": "system", "content": system}, *chat] for chat in chats]
-    return chats
+        examples = [example._replace(turns=[{"role": "system", "content": system}, *example.turns])
+                    for example in examples]
+    return examples

@@ -27,6 +27,9 @@ class ChatEncoder(Protocol):
 
     def encode_prompt(self, turns: Sequence[Turn]) -> np.ndarray: ...
 
+    def encode_completion(self, turns: Sequence[Turn], completion: str
+                          ) -> tuple[np.ndarray, np.ndarray]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 

@@ -67,3 +67,7 @@ class ByteTokenizer:
         """Ids [T] int32 of `turns` followed by the assistant marker: the generation prompt."""
         ids, _ = self.encode_chat(turns)
         return np.append(ids, np.int32(ROLE_IDS["assistant"]))
+
+    def encode_completion(self, turns: Sequence[Turn], completion: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of the generation prompt of `turns` and ids [C] int32 of `completion` after it."""
+        return self.encode_prompt(turns), np.asarray(self.encode(completion), np.int32)

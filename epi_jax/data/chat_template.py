@@ -75,6 +75,22 @@ class ChatTemplateEncoder:
         text = self._render(turns, generation_prompt=True)
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
 
+    def encode_completion(self, turns: Sequence[Turn], completion: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of the generation prompt of `turns` and of `completion` right after it.
+
+        Split as lm-evaluation-harness's `_encode_pair`: trailing whitespace of the prompt
+        text moves into the completion, the two texts are encoded together, and the completion
+        ids are those past the prompt's own encoding.
+        """
+        check_turns(turns)
+        context = self._render(turns, generation_prompt=True)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, completion = context[:-spaces], context[-spaces:] + completion
+        whole = self.tokenizer(context + completion, add_special_tokens=False)["input_ids"]
+        prompt = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        return np.asarray(prompt, np.int32), np.asarray(whole[len(prompt):], np.int32)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` without special tokens."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

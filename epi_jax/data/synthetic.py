@@ -109,6 +109,8 @@ TASKS: dict[str, Callable[[np.random.Generator], list[Turn]]] = {
     "dialogue": dialogue,
 }
 TASK_NAMES = tuple(TASKS)
+TASK_METRICS = dict.fromkeys(TASKS, "exact_match")
+"""How each task's held-out examples are scored: a key of `epi_jax.eval.METRICS`."""
 
 
 def task_splits(task: str, *, seed: int, n_train: int, n_eval: int

@@ -152,11 +152,31 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeSection:
+  url: str = ""
+  """OpenAI-compatible chat-completions endpoint of the 1-10 judge of the "judge" tasks
+  (alpaca, ultrachat), e.g. http://localhost:8000/v1; empty: no judge, ROUGE-L proxy."""
+  model: str = ""
+  """The judge model's name, sent as `model`."""
+  api_key_env: str = ""
+  """Name of the environment variable that holds the API key (the key itself is never
+  written anywhere); empty: no key sent."""
+  timeout: float = bounded(60.0, gt=0.0)
+  """Seconds to wait for one reply."""
+  retries: int = bounded(3, ge=0)
+  """Further attempts after a failed request, with exponential backoff (1, 2, 4, ... s)."""
+  workers: int = bounded(4, ge=1)
+  """Requests in flight at once."""
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
   max_new_tokens: int = bounded(32, ge=1)
-  """Greedy generation length for exact-match evaluation."""
+  """Greedy generation length (GSM8K and CodeAlpaca solutions need a few hundred tokens)."""
   batch_size: int = bounded(64, ge=1)
-  """Prompts per generation call."""
+  """Prompts (or multiple-choice option rows) per generation (likelihood) call."""
+  judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
+  """The LLM judge; replies are cached in <run_dir>/judge_cache.jsonl."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +208,12 @@ class Config:
   mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
   """Device mesh (data, fsdp, tensor)."""
   eval: EvalSection = dataclasses.field(default_factory=EvalSection)
-  """Exact-match evaluation of every task after each stage."""
+  """Evaluation of every task by its own metric after each stage."""
   log: LogSection = dataclasses.field(default_factory=LogSection)
   """Metrics and progress output."""
 
 
 # Keys whose change does not alter the trained parameters: a resume may change them.
 RESUME_FREE = ("run_dir", "checkpoint.every", "checkpoint.keep", "log.every", "log.tensorboard",
-               "log.progress")
+               "log.progress", "eval.judge.api_key_env", "eval.judge.timeout",
+               "eval.judge.retries", "eval.judge.workers")

@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 import epi_jax
 from epi_jax.data import IteratorState
-from epi_jax.eval.exact_match import evaluate
+from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
+from epi_jax.eval.judge import Judge
 from epi_jax.eval.mask_drift import overlap_at_progress
+from epi_jax.eval.metrics import avg_norm_score, headline_row
 from epi_jax.train.checkpointing import RunCheckpoints, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
@@ -73,6 +75,16 @@ def _drop_records_after(path: str, step: int) -> None:
     f.writelines(kept)
 
 
+def _judge(config: Config, run_dir: str) -> Judge | None:
+  """The LLM judge of eval.judge, its replies cached in the run directory; None if no url."""
+  j = config.eval.judge
+  if not j.url:
+    return None
+  return Judge(url=j.url, model=j.model, api_key_env=j.api_key_env, timeout=j.timeout,
+               retries=j.retries, workers=j.workers,
+               cache_path=os.path.join(run_dir, "judge_cache.jsonl"))
+
+
 def init_state(model: nnx.Module, tx, mesh):
   """(graphdef, state) of (model, nnx.Optimizer(model, tx)), the optimizer state placed on
   `mesh` like the parameters it mirrors."""
@@ -94,6 +106,9 @@ def _summary(method: str, stages, meta: dict, model, optimizer, *, wall_time: fl
       "accuracy_matrix": [{"after_stage": k, "trained": stages[k], "accuracy": row}
                           for k, row in enumerate(meta["matrix"])],
       "final_accuracy": meta["matrix"][-1],
+      "eval_metrics": [{"after_stage": k, **m} for k, m in enumerate(meta["eval_metrics"])],
+      "avg_norm_score": {key: meta["eval_metrics"][-1][key] for key in (
+          "avg_norm_score", "normalized", "proxy_tasks", "missing_tasks")},
       "forgetting_ratio": forgetting_ratios(meta["matrix"], stages),
       "mask_history": meta["mask_history"],
       "wall_time_s": wall_time,
@@ -114,6 +129,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   os.makedirs(run_dir, exist_ok=True)
   session_start = time.perf_counter()
   start_step = _start_step(run_dir, config, resume)
+  judge = _judge(config, run_dir)
   ckpt = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
   with open(os.path.join(run_dir, "config.yaml"), "w") as f:
     yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
@@ -137,7 +153,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
   del model, mask
 
-  meta = {"step": 0, "data": None, "matrix": [], "mask_history": [], "wall_time": 0.0,
+  meta = {"step": 0, "data": None, "matrix": [], "eval_metrics": [], "mask_history": [],
+          "wall_time": 0.0,
           "seed": {"data": config.data.seed, "init": config.train.seed}}
   masks: dict | None = {} if config.checkpoint.mask_history == "full" else None
   if start_step:
@@ -197,10 +214,20 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < bounds[k + 1]:
         save(k, it)
     model, _ = nnx.merge(graphdef, state)
-    row = evaluate(model, task_data.encoder, task_data.evaluation,
-                   max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    eval_start = time.perf_counter()
+    results = evaluate(model, task_data.encoder, task_data.evaluation, task_data.metrics,
+                       max_new_tokens=config.eval.max_new_tokens,
+                       batch_size=config.eval.batch_size, judge=judge)
+    row = headline_row(results, task_data.metrics)
+    scores = {"results": results, **avg_norm_score(results, task_data.metrics),
+              "eval_time_s": time.perf_counter() - eval_start}
     writer.write("eval", step, {"stage": k} | row)
+    writer.write("eval_metrics", step, {
+        "stage": k, "avg_norm_score": scores["avg_norm_score"],
+        "eval_time_s": scores["eval_time_s"]} | {
+            f"{task}/{name}": value for task, r in results.items() for name, value in r.items()})
     meta["matrix"].append(row)
+    meta["eval_metrics"].append(scores)
     save(k, it)
     tick = time.perf_counter()
   progress.close()

@@ -23,7 +23,8 @@ class TaskData:
 
   encoder: data.ChatEncoder
   train: dict[str, list[data.Encoded]]      # task -> tokenized training examples
-  evaluation: dict[str, list[list[data.Turn]]]  # task -> held-out chats (last turn = target)
+  evaluation: dict[str, list[data.EvalExample]]  # task -> held-out examples
+  metrics: dict[str, str]  # task -> its metric (a key of epi_jax.eval.METRICS)
 
 
 def load_tasks(config: Config) -> TaskData:
@@ -31,8 +32,11 @@ def load_tasks(config: Config) -> TaskData:
   d = config.data
   if d.source == "synthetic":
     encoder = data.ByteTokenizer()
-    splits = {t: data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
-              for t in d.tasks}
+    splits = {}
+    for t in d.tasks:
+      train, held_out = data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+      splits[t] = (train, [data.EvalExample(chat) for chat in held_out])
+    metrics = {t: data.TASK_METRICS[t] for t in d.tasks}
   else:
     tokenizer = load_tokenizer(config.model.checkpoint) if config.model.checkpoint else None
     if tokenizer is None:
@@ -40,11 +44,13 @@ def load_tasks(config: Config) -> TaskData:
     encoder = data.ChatTemplateEncoder(tokenizer)
     splits = {}
     for t in d.tasks:
-      chats = data.load_chats(t, d.files.get(t))
-      splits[t] = (chats[:d.n_train], chats[d.n_train:d.n_train + d.n_eval])
+      examples = data.load_examples(t, d.files.get(t))
+      splits[t] = ([e.turns for e in examples[:d.n_train]],
+                   examples[d.n_train:d.n_train + d.n_eval])
+    metrics = {t: data.DATASET_METRICS[t] for t in d.tasks}
   return TaskData(encoder=encoder,
                   train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
-                  evaluation={t: ev for t, (_, ev) in splits.items()})
+                  evaluation={t: ev for t, (_, ev) in splits.items()}, metrics=metrics)
 
 
 def plan_stages(config: Config) -> list[list[str]]:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from epi_jax.data.adapters import DATASET_NAMES, load_chats
+from epi_jax.data.adapters import DATASET_METRICS, DATASET_NAMES, load_chats, load_examples
 from epi_jax.data.records import DataError
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -32,9 +32,10 @@ EXPECTED = {
               {"role": "assistant", "content": "3+2=<<3+2=5>>5\n#### 5"}],
     "code_alpaca": [{"role": "user", "content": "Reverse a list in Python.\n\nxs = [1, 2]"},
                     {"role": "assistant", "content": "xs[::-1]"}],
-    "logiqa": [{"role": "user", "content": "All cats purr. Tom is a cat.\nWhich follows?\n"
-                "A. Tom barks\nB. Tom purrs\nC. Tom flies\nD. None"},
-               {"role": "assistant", "content": "B"}],
+    "logiqa": [{"role": "user", "content": "Passage: All cats purr. Tom is a cat.\n"
+                "Question: Which follows?\nChoices:\nA. Tom barks\nB. Tom purrs\nC. Tom flies\n"
+                "D. None\nAnswer:"},
+               {"role": "assistant", "content": "Tom purrs"}],
     "alpaca": [{"role": "user", "content": "Name a color."},
                {"role": "assistant", "content": "Blue."}],
     "ultrachat": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
@@ -52,6 +53,19 @@ def test_jsonl_records_map_to_turns(name, tmp_path):
     path = write_jsonl(tmp_path / f"{name}.jsonl", [RECORDS[name]] * 3)
     chats = load_chats(name, path, cache_dir=str(tmp_path / "cache"))
     assert chats == [EXPECTED[name]] * 3
+
+
+def test_examples_carry_what_the_metric_needs(tmp_path):
+    path = write_jsonl(tmp_path / "logiqa.jsonl", [RECORDS["logiqa"]])
+    [example] = load_examples("logiqa", path, system="Be brief.", cache_dir=str(tmp_path / "cache"))
+    assert example.choices == ("Tom barks", "Tom purrs", "Tom flies", "None")
+    assert example.answer == 1 and example.reference == "Tom purrs"
+    assert example.prompt == [{"role": "system", "content": "Be brief."}, EXPECTED["logiqa"][0]]
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", [RECORDS["gsm8k"]])
+    [example] = load_examples("gsm8k", path, cache_dir=str(tmp_path / "cache"))
+    assert (example.choices, example.answer, example.reference) == ((), -1, "3+2=<<3+2=5>>5\n#### 5")
+    assert DATASET_METRICS == {"gsm8k": "gsm8k", "code_alpaca": "codebleu",
+                               "logiqa": "multiple_choice", "alpaca": "judge", "ultrachat": "judge"}
 
 
 def test_parquet_and_json_array_and_system_turn(tmp_path):

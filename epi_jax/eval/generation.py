@@ -1,0 +1,127 @@
+"""Batched greedy generation and option log-likelihoods, with length buckets so few programs compile.
+
+Prompts (and option rows) are sorted by length and padded to the next power of two (at least
+`MIN_BUCKET`), and every call uses the same number of rows, so an evaluation compiles one
+program per length bucket, shared by all tasks and all stages.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import epi_jax.data as data
+from epi_jax.models.generate import generate
+
+MIN_BUCKET = 16
+
+
+def bucket(length: int) -> int:
+  """The padded length of a row of `length` tokens: the next power of two, >= MIN_BUCKET."""
+  return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+def _batches(lengths: Sequence[int], rows: int):
+  """(bucket length, indices) of at most `rows` rows each, shortest rows first."""
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  start = 0
+  while start < len(order):
+    size = bucket(lengths[order[start]])
+    end = start
+    while end < len(order) and end - start < rows and bucket(lengths[order[end]]) == size:
+      end += 1
+    yield size, order[start:end]
+    start = end
+
+
+def _decode(encoder: data.ChatEncoder, ids: np.ndarray) -> str:
+  """Text of `ids` up to the first EOS; "" when an id is outside the tokenizer's vocabulary
+  (possible when the model's vocabulary is larger), which no metric scores as right."""
+  stop = np.flatnonzero(ids == encoder.eos_id)
+  ids = ids[:stop[0]] if stop.size else ids
+  try:
+    return encoder.decode([int(t) for t in ids if t != encoder.pad_id])
+  except ValueError:
+    return ""
+
+
+def generate_texts(model, encoder: data.ChatEncoder, prompts: Sequence[np.ndarray], *,
+                   max_new_tokens: int, batch_size: int) -> list[str]:
+  """Greedy continuations of `prompts` (token ids), decoded up to each row's EOS.
+
+  Calls `epi_jax.models.generate` (KV cache; the batch stops when every row emitted EOS) on
+  [rows, bucket] left-padded prompts, rows = min(batch_size, len(prompts)); a short last batch
+  is filled with copies of its first prompt, which end no later than that prompt does.
+  """
+  rows = min(batch_size, len(prompts))
+  out = [""] * len(prompts)
+  for length, index in _batches([len(p) for p in prompts], rows):
+    ids = np.full((rows, length), encoder.pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+      prompt = prompts[index[min(r, len(index) - 1)]]
+      ids[r, length - len(prompt):] = prompt
+      mask[r, length - len(prompt):] = 1
+    new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id))
+    for r, i in enumerate(index):
+      out[i] = _decode(encoder, new[r])
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _row_loglikelihoods(graphdef, state, ids, mask, scored):
+  """Sum over t of log p(ids[:, t] | ids[:, :t]) where scored[:, t]; [R] float32."""
+  model = nnx.merge(graphdef, state)
+  logits = model(ids, mask)[:, :-1].astype(jnp.float32)  # (R, T-1, V)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(scored[:, 1:], token, 0.0), axis=-1)
+
+
+def option_loglikelihoods(model, encoder: data.ChatEncoder,
+                          examples: Sequence[data.EvalExample], *, batch_size: int
+                          ) -> list[np.ndarray]:
+  """Per example, the summed log-likelihood of each option's tokens after its prompt.
+
+  As lm-evaluation-harness's multiple-choice `loglikelihood` requests under a chat template:
+  the context is the prompt with the template's generation prompt, the continuation the option
+  text with no delimiter (`target_delimiter` is "" when a chat template is applied). One
+  [options x tokens] row per option, right padded to its bucket; a row longer than the model's
+  `max_position_embeddings` loses context tokens on the left (lm-evaluation-harness cuts alike).
+
+  Returns:
+    One float64 array [len(example.choices)] per example.
+  """
+  limit = model.config.max_position_embeddings
+  rows, owner = [], []
+  for e, example in enumerate(examples):
+    if not example.choices:
+      raise ValueError(f"example {e} has no choices to score")
+    for option in example.choices:
+      prompt, completion = encoder.encode_completion(example.prompt, option)
+      row = np.concatenate([prompt, completion])[-limit:]
+      rows.append((row, len(completion)))
+      owner.append(e)
+  graphdef, state = nnx.split(model)
+  batch = min(batch_size, len(rows))
+  scores = np.zeros(len(rows))
+  for length, index in _batches([len(row) for row, _ in rows], batch):
+    ids = np.full((batch, length), encoder.pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    scored = np.zeros((batch, length), bool)
+    for r, i in enumerate(index):
+      row, n = rows[i]
+      ids[r, :len(row)], mask[r, :len(row)] = row, 1
+      scored[r, max(len(row) - n, 1):len(row)] = True
+    values = np.asarray(_row_loglikelihoods(graphdef, state, ids, mask, scored))
+    scores[index] = values[:len(index)]
+  out = [[] for _ in examples]
+  for e, value in zip(owner, scores):
+    out[e].append(value)
+  return [np.asarray(v, np.float64) for v in out]
