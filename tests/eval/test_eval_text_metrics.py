@@ -6,6 +6,7 @@ from codebleu import calc_codebleu
 from rouge_score import rouge_scorer
 
 from epi_jax.eval import avg_norm_score, code_scores, headline_row, rouge_l
+from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.rouge import rouge_tokens
 
 PAIRS = [
@@ -88,3 +89,10 @@ def test_avg_norm_score_rule():
   assert out["avg_norm_score"] == pytest.approx((5.56 + 2.83 + 6.08 + 3.0 + 2.5) / 5)
   assert headline_row(results, metrics)["alpaca"] == 0.3
   assert headline_row(results, metrics)["ultrachat"] is None
+
+
+def test_a_missing_headline_leaves_the_forgetting_ratio_undefined():
+  matrix = [{"alpaca": None, "gsm8k": 0.5}, {"alpaca": 6.0, "gsm8k": 0.25}]
+  ratios = forgetting_ratios(matrix, [["alpaca"], ["gsm8k"]])
+  assert ratios == {"alpaca": None, "gsm8k": 0.0}
+  assert "n/a" in format_table(matrix, [["alpaca"], ["gsm8k"]], ratios).splitlines()[1]
