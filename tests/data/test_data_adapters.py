@@ -98,6 +98,15 @@ def test_malformed_record_names_file_and_line(name, bad_line, message, tmp_path)
         load_chats(name, path, cache_dir=str(tmp_path / "cache"))
 
 
+def test_unicode_line_separators_inside_a_record_do_not_split_it(tmp_path):
+    record = {"question": "Balls.\u2028 How many?\u0085", "answer": "#### 3"}
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n" + '{"question": "q"}\n',
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=f"{path}:2: missing field 'answer'"):
+        load_chats("gsm8k", path, cache_dir=str(tmp_path / "cache"))
+
+
 def test_malformed_json_array_and_parquet_rows_are_located(tmp_path):
     array = tmp_path / "gsm8k.json"
     array.write_text('[\n  {"question": "q", "answer": "a"},\n  {"question": "q"}\n]', encoding="utf-8")
