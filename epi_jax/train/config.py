@@ -177,6 +177,12 @@ class EvalSection:
   """Prompts (or multiple-choice option rows) per generation (likelihood) call."""
   judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
   """The LLM judge; replies are cached in <run_dir>/judge_cache.jsonl."""
+  analyses: list[Literal["continual", "gradient_conflict", "flip_rate", "task_overlap",
+                         "perturbation"]] = dataclasses.field(default_factory=lambda: ["continual"])
+  """Analyses to run (docs/evaluation.md, "Analyses"): continual (ACC, BWT, FWT,
+  max-forgetting; one evaluation before training), gradient_conflict (TGC at stage ends),
+  flip_rate (per-group mask flips, epi), task_overlap (Jaccard of per-task top-p masks at
+  stage ends), perturbation (S against measured loss changes at 25/50/100%, epi)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,6 +116,25 @@ def _cross_checks(config: Config) -> list[str]:
                     f"got {m.num_stages}")
   if m.sensitivity == "adam_nu" and m.sensitivity_dtype != "float32":
     problems.append("method.sensitivity_dtype: only applies to sensitivity=grad_sq")
+  return problems + _analyses_problems(config)
+
+
+def _analyses_problems(config: Config) -> list[str]:
+  """Problems of eval.analyses: repeated names, analyses the method or task list cannot serve."""
+  names, problems = config.eval.analyses, []
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    problems.append(f"eval.analyses: lists {', '.join(repeated)} more than once")
+  epi_only = [n for n in ("flip_rate", "perturbation") if n in names]
+  if epi_only and config.method.type != "epi":
+    problems.append(f"eval.analyses: {', '.join(epi_only)} need method.type=epi, "
+                    f"got {config.method.type}")
+  pairwise = [n for n in ("gradient_conflict", "task_overlap") if n in names]
+  if pairwise and len(config.data.tasks) < 2:
+    problems.append(f"eval.analyses: {', '.join(pairwise)} compare tasks in pairs: "
+                    f"data.tasks needs at least 2, got {len(config.data.tasks)}")
+  if "task_overlap" in names and config.method.p == 0:
+    problems.append("eval.analyses: task_overlap selects top-p masks: method.p must be > 0")
   return problems
 
 

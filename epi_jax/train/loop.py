@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import epi_jax
 from epi_jax.data import IteratorState
+from epi_jax.eval.analyses import RunAnalyses
 from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.judge import Judge
@@ -167,6 +168,17 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   step_fn = make_train_step(graphdef, num_micro)
   iterators = stage_iterators(config, stages, task_data)
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
+  analyses = RunAnalyses(config, stages=stages, bounds=bounds, task_data=task_data,
+                         group_names=group_names, mesh=mesh, writer=writer, meta=meta)
+
+  def run_eval(model):
+    return evaluate(model, task_data.encoder, task_data.evaluation, task_data.metrics,
+                    max_new_tokens=config.eval.max_new_tokens,
+                    batch_size=config.eval.batch_size, judge=judge)
+
+  if not step:
+    analyses.before_training(nnx.merge(graphdef, state)[0],
+                             lambda model: headline_row(run_eval(model), task_data.metrics))
   progress = tqdm(total=total, initial=step, disable=not config.log.progress, desc=method,
                   dynamic_ncols=True)
   protected = meta["mask_history"][-1]["protected_fraction"] if meta["mask_history"] else 0.0
@@ -198,6 +210,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
         if int(stats["last_refresh"]) == step:
           protected = float(stats["protected_fraction"])
           meta["mask_history"].append(writer.write("mask", step, stats))
+          analyses.after_refresh(meta["mask_history"])
           if masks is not None:
             masks[f"refresh_{step}"] = _packed_masks(opt_state)
       if step % config.log.every == 0 or step == bounds[k + 1]:
@@ -211,13 +224,12 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
                              protected=f"{protected:.4f}")
         tokens, tick = 0.0, now
       progress.update(1)
+      tick += analyses.after_step(step, graphdef, state)  # analysis time is not training time
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < bounds[k + 1]:
         save(k, it)
     model, _ = nnx.merge(graphdef, state)
     eval_start = time.perf_counter()
-    results = evaluate(model, task_data.encoder, task_data.evaluation, task_data.metrics,
-                       max_new_tokens=config.eval.max_new_tokens,
-                       batch_size=config.eval.batch_size, judge=judge)
+    results = run_eval(model)
     row = headline_row(results, task_data.metrics)
     scores = {"results": results, **avg_norm_score(results, task_data.metrics),
               "eval_time_s": time.perf_counter() - eval_start}
@@ -228,6 +240,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
             f"{task}/{name}": value for task, r in results.items() for name, value in r.items()})
     meta["matrix"].append(row)
     meta["eval_metrics"].append(scores)
+    analyses.after_stage(k, step, model)
     save(k, it)
     tick = time.perf_counter()
   progress.close()
@@ -235,6 +248,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   model, optimizer = nnx.merge(graphdef, state)
   summary = _summary(method, stages, meta, model, optimizer,
                      wall_time=earlier_wall + time.perf_counter() - session_start)
+  summary["analyses"] = analyses.summary(meta)
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   writer.close()

@@ -24,38 +24,52 @@ def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
   return jnp.sum(ce * weight), jnp.sum(weight)
 
 
+def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+  """The batch [B, T] dealt into `num_micro` micro-batches [num_micro, B / num_micro, T]: row j
+  goes to micro-batch j % num_micro, so each stays spread over the batch shards."""
+  return {k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1)
+          for k in BATCH_KEYS}
+
+
+def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int):
+  """(gradients, mean loss, token count) of the response-token loss of `batch` w.r.t. the
+  model's ``nnx.Param``, computed by a scan over `num_micro` micro-batches.
+
+  The micro-batches' summed float32 gradients are divided by the batch's response-token count
+  (at least 1), so they equal those of one pass over the batch; they come back in each
+  parameter's dtype.
+  """
+  model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def summed(params, micro):
+    return response_loss(nnx.merge(model_def, params, rest), micro)
+
+  grad_fn = jax.value_and_grad(summed, has_aux=True)
+
+  def accumulate(carry, micro):
+    grads, total, count = carry
+    (loss_sum, n), g = grad_fn(params, micro)
+    grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+    return (grads, total + loss_sum, count + n), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grads, total, count), _ = jax.lax.scan(
+      accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro))
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+  return grads, total / count, count
+
+
 def make_train_step(graphdef: nnx.GraphDef, num_micro: int) -> Callable:
   """`step(state, batch) -> (state, {"loss", "tokens"})` on the split (model, optimizer) state.
 
-  The batch [B, T] is dealt into `num_micro` micro-batches (row j goes to micro-batch
-  j % num_micro, so each stays spread over the batch shards); their summed gradients are divided
-  by the batch's response-token count, so the update equals that of one pass over the batch.
-  The state is donated.
+  One optimizer update with the gradients of `mean_loss_and_grads`. The state is donated.
   """
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def summed(params, micro):
-      return response_loss(nnx.merge(model_def, params, rest), micro)
-
-    grad_fn = jax.value_and_grad(summed, has_aux=True)
-
-    def accumulate(carry, micro):
-      grads, total, count = carry
-      (loss_sum, n), g = grad_fn(params, micro)
-      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-      return (grads, total + loss_sum, count + n), None
-
-    micro = {k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1)
-             for k in BATCH_KEYS}
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, total, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    grads, loss, count = mean_loss_and_grads(model, batch, num_micro)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": total / count, "tokens": count}
+    return nnx.state((model, optimizer)), {"loss": loss, "tokens": count}
 
   return jax.jit(step, donate_argnums=0)

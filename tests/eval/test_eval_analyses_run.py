@@ -1,0 +1,86 @@
+"""eval.analyses through the trainer: validation, every metric in summary.json and
+metrics.jsonl, and a resumed run that ends with the same analyses."""
+
+import json
+import pathlib
+import shutil
+import sys
+
+import pytest
+
+from epi_jax.eval.analyses import ANALYSES
+from epi_jax.train.config import EvalSection
+from epi_jax.train.loading import ConfigError, load_config
+from epi_jax.train.loop import train
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "train"))
+from tiny_run import tiny_config_file  # noqa: E402
+
+ALL = "eval.analyses=[" + ", ".join(ANALYSES) + "]"
+
+
+def test_the_config_lists_exactly_the_analyses_the_loop_runs():
+  import typing
+  hint = typing.get_type_hints(EvalSection)["analyses"]
+  assert typing.get_args(typing.get_args(hint)[0]) == ANALYSES
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.analyses=[tgc]"], "eval.analyses[0]: must be one of"),
+    (["eval.analyses=[flip_rate, flip_rate]"], "lists flip_rate more than once"),
+    (["method.type=multistage", "eval.analyses=[perturbation, flip_rate]"],
+     "flip_rate, perturbation need method.type=epi"),
+    (["data.tasks=[rewrite]", "eval.analyses=[gradient_conflict]"], "at least 2, got 1"),
+    (["method.p=0.0", "eval.analyses=[task_overlap]"], "method.p must be > 0"),
+])
+def test_bad_analyses_are_refused_by_name(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=r"eval\.analyses") as error:
+    load_config(tiny_config_file(tmp_path), overrides)
+  assert message in str(error.value)
+
+
+def without_times(tree):
+  if isinstance(tree, dict):
+    return {k: without_times(v) for k, v in tree.items() if not k.endswith("time_s")}
+  if isinstance(tree, list):
+    return [without_times(v) for v in tree]
+  return tree
+
+
+@pytest.mark.slow
+def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
+  config = load_config(tiny_config_file(tmp_path), [ALL])
+  full = train(config, run_dir=str(tmp_path / "full"))
+  saved = json.loads((tmp_path / "full" / "summary.json").read_text())
+  analyses = saved["analyses"]
+  assert set(analyses) == set(ANALYSES)
+  continual = analyses["continual"]
+  for key in ("acc", "bwt", "fwt", "max_forgetting", "forgetting_ratio_mean", "per_task"):
+    assert key in continual
+  assert set(continual["before"]) == {"logic_choice", "rewrite"}
+  assert continual["acc"] is not None and continual["fwt"] is not None
+  for name in ("gradient_conflict", "task_overlap"):
+    assert [r["after_stage"] for r in analyses[name]["per_stage"]] == [0, 1]
+    final = analyses[name]["final"]
+    assert set(final["pairs"]) == {"logic_choice/rewrite"} and final["average"] is not None
+  assert 0 <= analyses["task_overlap"]["final"]["average"] <= 1
+  flips = analyses["flip_rate"]
+  assert flips["refreshes"] == 2 and 0 < flips["all"] <= 1
+  assert len(flips["per_group"]) == len(saved["mask_history"][0]["protected"])
+  assert "block/0" in flips["per_group"]
+  points = analyses["perturbation"]
+  assert [points[p]["step"] for p in ("early", "middle", "late")] == [2, 3, 6]
+  assert all(-1 <= points[p]["spearman"] <= 1 and points[p]["n"] > 0 for p in points)
+  assert points["late"]["old_tasks"] == ["logic_choice"]
+
+  with open(tmp_path / "full" / "metrics.jsonl") as f:
+    kinds = {json.loads(line)["kind"] for line in f}
+  assert {"eval_before", "gradient_conflict", "task_overlap", "flip_rate", "perturbation",
+          "continual"} <= kinds
+
+  shutil.copytree(tmp_path / "full", tmp_path / "cut")
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")
+  (tmp_path / "cut" / "summary.json").unlink()
+  resumed = train(config, run_dir=str(tmp_path / "cut"), resume=True)
+  assert resumed["params_sha256"] == full["params_sha256"]
+  assert without_times(resumed["analyses"]) == without_times(full["analyses"])
