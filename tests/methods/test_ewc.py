@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 
 from epi_jax.methods import ewc
-from epi_jax.models import Decoder, ModelConfig, save_pretrained
+from epi_jax.models import Decoder, ModelConfig, from_pretrained, save_pretrained
 from epi_jax.models.hf_names import NameMap, from_hf_layout
 
 LENGTH = 12
@@ -205,3 +205,15 @@ def test_state_round_trips_through_an_orbax_checkpoint(setup, tmp_path):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = manager.restore(1, args=ocp.args.StandardRestore(abstract))
   chex.assert_trees_all_equal(ewc.EWCState(*restored), state)
+
+
+def test_scanned_model_has_the_same_fisher(setup, tmp_path):
+  model, _, batches = setup
+  save_pretrained(model, model.config, tmp_path)
+  scanned, _ = from_pretrained(tmp_path, scan_layers=True)
+  plain = dict(nnx.to_flat_state(ewc.fisher_diagonal(model, batches)))
+  stacked = dict(nnx.to_flat_state(ewc.fisher_diagonal(scanned, batches)))
+  for i in range(model.config.num_layers):
+    np.testing.assert_allclose(np.asarray(stacked[("layers", "mlp", "down")].get_value())[i],
+                               np.asarray(plain[("layers", i, "mlp", "down")].get_value()),
+                               rtol=1e-5, atol=1e-12)
