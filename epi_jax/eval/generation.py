@@ -1,8 +1,9 @@
 """Batched greedy generation and option log-likelihoods, with length buckets so few programs compile.
 
 Prompts (and option rows) are sorted by length and padded to the next power of two (at least
-`MIN_BUCKET`), and every call uses the same number of rows, so an evaluation compiles one
-program per length bucket, shared by all tasks and all stages.
+`MIN_BUCKET`); a call holds `batch_size` rows, or for a bucket's last, partial batch the next
+power of two above its count. An evaluation compiles one program per (length, rows) shape it
+meets, a handful, shared by all tasks and all stages (the held-out set does not change).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ MIN_BUCKET = 16
 def bucket(length: int) -> int:
   """The padded length of a row of `length` tokens: the next power of two, >= MIN_BUCKET."""
   return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+def batch_rows(count: int, batch_size: int) -> int:
+  """Rows of a call that scores `count` rows: the next power of two, at most `batch_size`."""
+  return min(batch_size, 1 << max(count - 1, 0).bit_length())
 
 
 def _batches(lengths: Sequence[int], rows: int):
@@ -55,12 +61,12 @@ def generate_texts(model, encoder: data.ChatEncoder, prompts: Sequence[np.ndarra
   """Greedy continuations of `prompts` (token ids), decoded up to each row's EOS.
 
   Calls `epi_jax.models.generate` (KV cache; the batch stops when every row emitted EOS) on
-  [rows, bucket] left-padded prompts, rows = min(batch_size, len(prompts)); a short last batch
-  is filled with copies of its first prompt, which end no later than that prompt does.
+  [rows, bucket] left-padded prompts, rows = `batch_rows`; the spare rows of a partial batch
+  repeat its first prompt, which ends no later than that prompt does.
   """
-  rows = min(batch_size, len(prompts))
   out = [""] * len(prompts)
-  for length, index in _batches([len(p) for p in prompts], rows):
+  for length, index in _batches([len(p) for p in prompts], batch_size):
+    rows = batch_rows(len(index), batch_size)
     ids = np.full((rows, length), encoder.pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
     for r in range(rows):
@@ -79,8 +85,8 @@ def _row_loglikelihoods(graphdef, state, ids, mask, scored):
   """Sum over t of log p(ids[:, t] | ids[:, :t]) where scored[:, t]; [R] float32."""
   model = nnx.merge(graphdef, state)
   logits = model(ids, mask)[:, :-1].astype(jnp.float32)  # (R, T-1, V)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+  token = target - jax.nn.logsumexp(logits, axis=-1)  # log-softmax at the next token only
   return jnp.sum(jnp.where(scored[:, 1:], token, 0.0), axis=-1)
 
 
@@ -109,9 +115,9 @@ def option_loglikelihoods(model, encoder: data.ChatEncoder,
       rows.append((row, len(completion)))
       owner.append(e)
   graphdef, state = nnx.split(model)
-  batch = min(batch_size, len(rows))
   scores = np.zeros(len(rows))
-  for length, index in _batches([len(row) for row, _ in rows], batch):
+  for length, index in _batches([len(row) for row, _ in rows], batch_size):
+    batch = batch_rows(len(index), batch_size)
     ids = np.full((batch, length), encoder.pad_id, np.int32)
     mask = np.zeros((batch, length), np.int32)
     scored = np.zeros((batch, length), bool)
