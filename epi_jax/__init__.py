@@ -7,6 +7,7 @@ from epi_jax.isolation import epi
 from epi_jax.isolation import mask_stats
 from epi_jax.isolation import probe_mask
 from epi_jax.isolation import protection_mask
+from epi_jax.isolation import refreshed
 from epi_jax.isolation import sensitivity
 from epi_jax.isolation import static_isolation
 from epi_jax.selection import layer_groups
@@ -21,6 +22,7 @@ __all__ = [
     "mask_stats",
     "probe_mask",
     "protection_mask",
+    "refreshed",
     "sensitivity",
     "static_isolation",
     "top_p_mask",

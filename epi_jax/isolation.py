@@ -378,6 +378,12 @@ def sensitivity(state):
   return epi_state.sensitivity
 
 
+def refreshed(state) -> jax.Array:
+  """Whether the update that produced `state` (any state holding EPI's) refreshed the mask."""
+  epi_state = _find_state(state, (EPIState,))
+  return (epi_state.stats.last_refresh == epi_state.count) & (epi_state.count > 0)
+
+
 def mask_stats(state) -> dict[str, jax.Array]:
   """Statistics of the last refresh as a dict of small arrays, for logging.
 

@@ -4,7 +4,7 @@
 after every step (it acts only at the perturbation points) and after each stage's evaluation;
 `summary` gives the ``analyses`` entry of summary.json. Each result is written to metrics.jsonl
 (and TensorBoard) when it is measured. What a resumed session needs lives in the checkpoint's
-JSON meta (``meta["analyses"]``); the flip rates are recomputed from the mask history. No
+record (``RunRecord.analyses``); the flip rates are recomputed from the mask history. No
 analysis touches the training state, the data order or any random stream of the training.
 """
 
@@ -32,8 +32,6 @@ from epi_jax.train.tasks import TaskData
 
 ANALYSES = ("continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation")
 """The names ``eval.analyses`` accepts."""
-EPI_ONLY = ("flip_rate", "perturbation")
-"""Analyses of EPI's mask refreshes or its sensitivity S: only for ``method.type: epi``."""
 PERTURBATION_POINTS = (("early", 0.25), ("middle", 0.5), ("late", 1.0))
 """Training progress of the perturbation analysis (the step round(fraction * total), >= 1)."""
 PERTURBATION_PER_GROUP = 16
@@ -59,16 +57,16 @@ class RunAnalyses:
     group_names: the normalization groups of the parameters (``layer_groups(...).names``).
     mesh: where batches go (``put_batch``).
     writer: the run's metrics writer.
-    meta: the checkpoint meta; results are kept in ``meta["analyses"]``.
+    record: the run's RunRecord; results are kept in ``record.analyses``.
   """
 
   def __init__(self, config: Config, *, stages: Sequence[Sequence[str]], bounds: Sequence[int],
                task_data: TaskData, group_names: Sequence[str], mesh, writer: MetricsWriter,
-               meta: dict):
+               record):
     self.names = tuple(config.eval.analyses)
     self.config, self.stages, self.bounds = config, [list(s) for s in stages], list(bounds)
     self.group_names, self.mesh, self.writer = list(group_names), mesh, writer
-    self.results = meta.setdefault("analyses", {})
+    self.results = record.analyses
     self.encoder = task_data.encoder
     self.chats = {t: [e.turns for e in examples] for t, examples in task_data.evaluation.items()}
     o, d = config.optim, config.data
@@ -163,14 +161,14 @@ class RunAnalyses:
     self.writer.write(name, step, {"stage": stage, "average": result["average"],
                                    "time_s": result["time_s"]} | result["pairs"])
 
-  def summary(self, meta: dict) -> dict:
+  def summary(self, record) -> dict:
     """The ``analyses`` entry of summary.json; also logs the continual-learning scalars."""
     out = {}
     if "continual" in self.names:
       before = self.results.get("before")
       out["continual"] = {"before": before, "before_time_s": self.results.get("before_time_s"),
-                          **continual_summary(before, meta["matrix"], self.stages)}
-      self.writer.write("continual", meta["step"], {
+                          **continual_summary(before, record.matrix, self.stages)}
+      self.writer.write("continual", record.step, {
           k: out["continual"][k]
           for k in ("acc", "bwt", "fwt", "max_forgetting", "forgetting_ratio_mean")})
     for name in ("gradient_conflict", "task_overlap"):
@@ -178,7 +176,7 @@ class RunAnalyses:
         per_stage = self.results.get(name, [])
         out[name] = {"final": per_stage[-1] if per_stage else None, "per_stage": per_stage}
     if "flip_rate" in self.names:
-      out["flip_rate"] = flip_rates(meta["mask_history"], self.group_names)
+      out["flip_rate"] = flip_rates(record.mask_history, self.group_names)
     if "perturbation" in self.names:
       out["perturbation"] = self.results.get("perturbation", {})
     return out

@@ -21,6 +21,8 @@ Fisher and one anchor whatever the number of stages. Online EWC (Schwarz et al. 
 >>> fisher = ewc.fisher_diagonal(model, batches_of_stage_1)
 >>> state = ewc.consolidate(state, nnx.state(model, nnx.Param), fisher)   # offline
 >>> loss = task_loss + ewc.penalty(params, state, lam=100.0)
+
+or, with the state inside the optimizer, ``optax.chain(ewc.penalty_gradient(100.0), adamw)``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from epi_jax.train.step import BATCH_KEYS, micro_batches, response_loss
@@ -170,6 +173,30 @@ def penalty(params, state: EWCState, *, lam: float) -> jax.Array:
   terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
                        params, state.fisher, state.anchor)
   return 0.5 * lam * (sum(jax.tree.leaves(terms)) + state.constant)
+
+
+def penalty_gradient(lam: float) -> optax.GradientTransformation:
+  """Adds the gradient of `penalty`, lambda * F * (theta - theta*), to the updates.
+
+  Chain it before the optimizer (``optax.chain(penalty_gradient(lam), adamw)``): the updates
+  it passes on are the gradients of loss + penalty, as differentiating the penalized loss
+  gives, clipping included. Its state is the `EWCState` (`init` at first, so no penalty), which
+  `consolidate` replaces between stages; it lives in the optimizer state and so in every
+  checkpoint.
+  """
+  if not lam >= 0:
+    raise ValueError(f"lam={lam!r} must be >= 0")
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("ewc.penalty_gradient needs params in update()")
+    updates = jax.tree.map(
+        lambda g, p, f, a: (g.astype(jnp.float32)
+                            + lam * f * (p.astype(jnp.float32) - a)).astype(g.dtype),
+        updates, params, state.fisher, state.anchor)
+    return updates, state
+
+  return optax.GradientTransformation(init, update_fn)
 
 
 class EWCMemory(NamedTuple):

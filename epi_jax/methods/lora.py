@@ -236,19 +236,27 @@ def merge(model: Decoder, adapters: dict, config: LoraConfig) -> Decoder:
   return _with_adapters(model, adapters, config, dropout_key=None, freeze=False)
 
 
-def adapter_shardings(model: Decoder, config: LoraConfig, mesh: Mesh) -> dict:
-  """NamedShardings shaped like the adapters: `a` split like its kernel's input axis, `b` like
-  its output axis, the layer axis like the kernel's, the rank axis replicated."""
-  shardings = {}
+def adapter_axis_names(model: Decoder, config: LoraConfig) -> dict:
+  """Logical axis names shaped like the adapters: `a` named like its kernel's input axis, `b`
+  like its output axis, the layer axis like the kernel's, the rank axis None."""
+  names = {}
   for t in _targets(model, config):
     lead = t.names[:t.lead]
     in_name, out_name = t.names[t.lead + t.layout[1][0]], t.names[t.lead + t.layout[0][0]]
-    a_shape, b_shape = t.adapter_shapes(config.rank)
-    shardings[(*t.path, "a")] = NamedSharding(
-        mesh, logical_spec((*lead, in_name, None), a_shape, mesh))
-    shardings[(*t.path, "b")] = NamedSharding(
-        mesh, logical_spec((*lead, None, out_name), b_shape, mesh))
-  return traverse_util.unflatten_dict(shardings)
+    names[(*t.path, "a")] = (*lead, in_name, None)
+    names[(*t.path, "b")] = (*lead, None, out_name)
+  return traverse_util.unflatten_dict(names)
+
+
+def adapter_shardings(model: Decoder, config: LoraConfig, mesh: Mesh) -> dict:
+  """NamedShardings shaped like the adapters, from `adapter_axis_names` and the mesh rules."""
+  flat = traverse_util.flatten_dict(adapter_axis_names(model, config))
+  shapes = {}
+  for t in _targets(model, config):
+    shapes[(*t.path, "a")], shapes[(*t.path, "b")] = t.adapter_shapes(config.rank)
+  return traverse_util.unflatten_dict({
+      key: NamedSharding(mesh, logical_spec(names, shapes[key], mesh))
+      for key, names in flat.items()})
 
 
 def init_adapters(model: Decoder, config: LoraConfig, *, key: jax.Array,

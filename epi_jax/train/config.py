@@ -67,9 +67,42 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+  rank: int = bounded(8, ge=1)
+  """r: inner dimension of each adapter a @ b."""
+  alpha: float = bounded(16.0, gt=0.0)
+  """The adapters' update is scaled by alpha / rank."""
+  dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+  """Probability of dropping an input feature of the LoRA path while training."""
+  targets: list[str] = dataclasses.field(
+      default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+  """Kernels that get adapters (q, k, v, o, gate, up, down)."""
+  save_merged: bool = True
+  """At the end, also write the merged model (W + alpha/r a@b) to <run_dir>/merged as a
+  Hugging Face folder; the PEFT adapter always goes to <run_dir>/adapter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EWCSection:
+  lam: float = bounded(1000.0, ge=0.0)
+  """lambda of the penalty lambda/2 * sum F (theta - theta*)^2."""
+  online: bool = False
+  """false: the exact sum of every finished stage's penalty; true: online EWC (one decayed
+  Fisher, anchored at the last stage's weights)."""
+  gamma: float = bounded(1.0, ge=0.0, le=1.0)
+  """online only: decay of the accumulated Fisher at each new stage."""
+  fisher_batches: int = bounded(4, ge=1)
+  """Training batches of the finished stage whose per-example squared gradients give F."""
+  examples_per_chunk: int = bounded(0, ge=0)
+  """Per-example gradients held at once while computing F (a divisor of optim.batch_size);
+  0: the whole batch."""
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSection:
-  type: Literal["full", "multistage", "static", "epi"] = "epi"
-  """full: one uniform mixture of all tasks; multistage, static, epi: stages in sequence."""
+  type: str = "epi"
+  """A method of epi_jax.train.methods.METHODS: full (one uniform mixture of all tasks);
+  multistage (sequential SFT), static, epi, lora, ewc (stages in sequence)."""
   grouping: Literal["given", "random", "heuristic"] = "given"
   """How tasks form stages (not used by full): stages as listed, random, or by skill."""
   stages: list[list[str]] = dataclasses.field(default_factory=list)
@@ -94,6 +127,10 @@ class MethodSection:
   """epi with grad_sq: dtype of the sensitivity."""
   probe_steps: int = bounded(0, ge=0)
   """static: optimizer steps of each per-task probe run; 0: one epoch of the task."""
+  lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+  """lora: the adapters."""
+  ewc: EWCSection = dataclasses.field(default_factory=EWCSection)
+  """ewc: the Fisher penalty."""
 
 
 @dataclasses.dataclass(frozen=True)

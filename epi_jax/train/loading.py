@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from epi_jax.train.config import RESUME_FREE, Config
+from epi_jax.train.methods import METHODS, make_method
 
 
 class ConfigError(ValueError):
@@ -114,9 +115,10 @@ def _cross_checks(config: Config) -> list[str]:
   if m.grouping == "random" and m.num_stages > len(config.data.tasks):
     problems.append(f"method.num_stages: must be <= the {len(config.data.tasks)} tasks, "
                     f"got {m.num_stages}")
-  if m.sensitivity == "adam_nu" and m.sensitivity_dtype != "float32":
-    problems.append("method.sensitivity_dtype: only applies to sensitivity=grad_sq")
-  return problems + _analyses_problems(config)
+  if m.type not in METHODS:
+    return problems + [f"method.type: unknown method {m.type!r}, expected one of "
+                       f"{', '.join(METHODS)}"]
+  return problems + make_method(config).problems() + _analyses_problems(config)
 
 
 def _analyses_problems(config: Config) -> list[str]:
@@ -125,10 +127,11 @@ def _analyses_problems(config: Config) -> list[str]:
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
     problems.append(f"eval.analyses: lists {', '.join(repeated)} more than once")
-  epi_only = [n for n in ("flip_rate", "perturbation") if n in names]
-  if epi_only and config.method.type != "epi":
-    problems.append(f"eval.analyses: {', '.join(epi_only)} need method.type=epi, "
-                    f"got {config.method.type}")
+  served = METHODS[config.method.type].analyses
+  unserved = [n for n in names if n not in served]
+  if unserved:
+    problems.append(f"eval.analyses: method.type={config.method.type} cannot serve "
+                    f"{', '.join(unserved)} (it serves {', '.join(served)})")
   pairwise = [n for n in ("gradient_conflict", "task_overlap") if n in names]
   if pairwise and len(config.data.tasks) < 2:
     problems.append(f"eval.analyses: {', '.join(pairwise)} compare tasks in pairs: "

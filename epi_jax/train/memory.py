@@ -11,8 +11,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import epi_jax
+from epi_jax.methods import ewc, lora
 from epi_jax.models.sharding import MESH_AXES, logical_spec
 from epi_jax.train.config import Config
+from epi_jax.train.methods.lora import LoRA
 from epi_jax.train.model import abstract_model, model_config
 from epi_jax.train.optimizer import inner_optimizer
 
@@ -62,7 +64,8 @@ def activation_bytes(config: Config) -> float:
 def memory_plan(config: Config) -> dict:
   """Parameter count and per-device GiB of params, grads, Adam moments, EPI state, activations."""
   mesh = AbstractMesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), MESH_AXES)
-  params_state = nnx.state(abstract_model(config.model), nnx.Param)
+  model = abstract_model(config.model)
+  params_state = nnx.state(model, nnx.Param)
   count, fraction = _device_fraction(params_state, mesh)
   params = nnx.to_pure_dict(params_state)
   inner = inner_optimizer(config, total_steps=1000)
@@ -89,7 +92,29 @@ def memory_plan(config: Config) -> dict:
   for option in plan["epi"].values():
     option["total_gib"] = base + option["sensitivity_gib"] + option["mask_gib"]
   plan["total_without_epi_gib"] = base
+  plan["methods"] = _method_memory(config, model, plan, fraction)
   return plan
+
+
+def _method_memory(config: Config, model, plan: dict, fraction: float) -> dict:
+  """LoRA and EWC beside plain AdamW: their extra bytes per base parameter and per-device GiB
+  (sharded like the parameters), from `lora.memory_bytes` and `ewc.memory_bytes`."""
+  o = config.optim
+  chunk = config.method.ewc.examples_per_chunk or o.micro_batch_size or o.batch_size
+  low_rank = lora.memory_bytes(model, LoRA(config).lora_config())
+  fisher = ewc.memory_bytes(model, examples_per_chunk=chunk)
+  kept = fisher.fisher + fisher.anchor
+  return {
+      "lora": {"extra_bytes_per_param": low_rank.per_base_parameter,
+               "extra_gib": low_rank.total * fraction / GIB,
+               # the base needs no gradient and no Adam moments
+               "total_gib": plan["params_gib"] + plan["activations_gib"]
+               + low_rank.total * fraction / GIB},
+      "ewc": {"extra_bytes_per_param": fisher.per_base_parameter,
+              "extra_gib": kept * fraction / GIB,
+              "fisher_pass_gib": fisher.fisher_pass * fraction / GIB,
+              "total_gib": plan["total_without_epi_gib"] + kept * fraction / GIB},
+  }
 
 
 def format_plan(plan: dict, config: Config) -> str:
@@ -111,4 +136,12 @@ def format_plan(plan: dict, config: Config) -> str:
   for name, option in plan["epi"].items():
     lines.append(f"  {name:24s} {option['sensitivity_gib']:11.2f} {option['mask_gib']:6.2f} "
                  f"{option['total_gib']:7.2f}")
+  lora_plan, ewc_plan = plan["methods"]["lora"], plan["methods"]["ewc"]
+  lines += ["  other methods            extra   bytes/param   total",
+            f"  {f'lora (rank {config.method.lora.rank})':24s} {lora_plan['extra_gib']:5.2f} "
+            f"{lora_plan['extra_bytes_per_param']:13.2f} {lora_plan['total_gib']:7.2f}   "
+            "(no base grads or Adam moments)",
+            f"  {'ewc (Fisher + anchor)':24s} {ewc_plan['extra_gib']:5.2f} "
+            f"{ewc_plan['extra_bytes_per_param']:13.2f} {ewc_plan['total_gib']:7.2f}   "
+            f"(+{ewc_plan['fisher_pass_gib']:.2f} while computing F)"]
   return "\n".join(lines)

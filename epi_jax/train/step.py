@@ -31,15 +31,16 @@ def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.
           for k in BATCH_KEYS}
 
 
-def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int):
+def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int, *,
+                        wrt: nnx.filterlib.Filter = nnx.Param):
   """(gradients, mean loss, token count) of the response-token loss of `batch` w.r.t. the
-  model's ``nnx.Param``, computed by a scan over `num_micro` micro-batches.
+  model's variables selected by `wrt`, computed by a scan over `num_micro` micro-batches.
 
   The micro-batches' summed float32 gradients are divided by the batch's response-token count
   (at least 1), so they equal those of one pass over the batch; they come back in each
   parameter's dtype.
   """
-  model_def, params, rest = nnx.split(model, nnx.Param, ...)
+  model_def, params, rest = nnx.split(model, wrt, ...)
 
   def summed(params, micro):
     return response_loss(nnx.merge(model_def, params, rest), micro)
@@ -60,16 +61,22 @@ def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micr
   return grads, total / count, count
 
 
-def make_train_step(graphdef: nnx.GraphDef, num_micro: int) -> Callable:
-  """`step(state, batch) -> (state, {"loss", "tokens"})` on the split (model, optimizer) state.
+def make_train_step(graphdef: nnx.GraphDef, num_micro: int, *,
+                    wrt: nnx.filterlib.Filter = nnx.Param,
+                    logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None) -> Callable:
+  """`step(state, batch) -> (state, out)` on the split (model, optimizer) state.
 
-  One optimizer update with the gradients of `mean_loss_and_grads`. The state is donated.
+  One optimizer update of the variables `wrt` selects (the optimizer's own `wrt`) with the
+  gradients of `mean_loss_and_grads`. `out` holds ``loss`` and ``tokens``, plus whatever
+  `logs(model, optimizer)` returns after the update (traced into the step). The state is
+  donated.
   """
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    grads, loss, count = mean_loss_and_grads(model, batch, num_micro)
+    grads, loss, count = mean_loss_and_grads(model, batch, num_micro, wrt=wrt)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": loss, "tokens": count}
+    out = {"loss": loss, "tokens": count} | (logs(model, optimizer) if logs else {})
+    return nnx.state((model, optimizer)), out
 
   return jax.jit(step, donate_argnums=0)

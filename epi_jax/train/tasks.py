@@ -53,20 +53,6 @@ def load_tasks(config: Config) -> TaskData:
                   evaluation={t: ev for t, (_, ev) in splits.items()}, metrics=metrics)
 
 
-def plan_stages(config: Config) -> list[list[str]]:
-  """The tasks of each training stage, in order (one stage of all tasks for `full`)."""
-  m, tasks = config.method, list(config.data.tasks)
-  if m.type == "full":
-    return [tasks]
-  if m.grouping == "random":
-    return data.random_grouping(tasks, m.num_stages, seed=config.data.seed)
-  if m.grouping == "heuristic":
-    groups = [[t for t in tasks if t in members] for members in SKILLS.values()]
-    other = [[t] for t in tasks if not any(t in members for members in SKILLS.values())]
-    return [g for g in groups if g] + other
-  return [list(s) for s in m.stages] or [[t] for t in tasks]
-
-
 def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData) -> list[int]:
   """Optimizer steps of each stage: `train.steps_per_stage`, else `train.epochs` passes."""
   if config.train.steps_per_stage:

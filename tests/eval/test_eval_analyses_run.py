@@ -29,7 +29,7 @@ def test_the_config_lists_exactly_the_analyses_the_loop_runs():
     (["eval.analyses=[tgc]"], "eval.analyses[0]: must be one of"),
     (["eval.analyses=[flip_rate, flip_rate]"], "lists flip_rate more than once"),
     (["method.type=multistage", "eval.analyses=[perturbation, flip_rate]"],
-     "flip_rate, perturbation need method.type=epi"),
+     "method.type=multistage cannot serve perturbation, flip_rate"),
     (["data.tasks=[rewrite]", "eval.analyses=[gradient_conflict]"], "at least 2, got 1"),
     (["method.p=0.0", "eval.analyses=[task_overlap]"], "method.p must be > 0"),
 ])

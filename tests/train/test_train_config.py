@@ -27,7 +27,7 @@ def test_defaults_and_dotted_overrides(tmp_path):
     ("bogus: 1\n", "bogus", "unknown key"),
     ("optim:\n  batch_size: 'big'\n", "optim.batch_size", "must be int"),
     ("log:\n  tensorboard: 3\n", "log.tensorboard", "must be bool"),
-    ("method:\n  type: lora\n", "method.type", "must be one of"),
+    ("method:\n  type: lorax\n", "method.type", "unknown method 'lorax'"),
     ("method:\n  p: 1.5\n", "method.p", "must be < 1.0"),
     ("method:\n  beta: -0.1\n", "method.beta", "must be >= 0.0"),
     ("optim:\n  lr: 0\n", "optim.lr", "must be > 0.0"),

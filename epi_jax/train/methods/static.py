@@ -1,6 +1,6 @@
-"""The static baseline's probe phase (Section 3.3, CPI-FT): fine-tune a copy of the initial
-model on each task alone, score every parameter by how far the probes moved it, and keep one
-fixed top-p mask for the whole run."""
+"""The static baseline (Section 3.3, CPI-FT): fine-tune a copy of the initial model on each task
+alone (the probes), score every parameter by how far the probes moved it, and keep one fixed
+top-p mask for the whole run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flax import nnx
 import epi_jax
 import epi_jax.data as data
 from epi_jax.train.config import Config
+from epi_jax.train.methods.base import Method, Run, Trainable
 from epi_jax.train.optimizer import inner_optimizer
 from epi_jax.train.sharding import put_batch
 from epi_jax.train.step import make_train_step
@@ -55,3 +56,25 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
   # The summed displacements are the scores: the same selection as probe_mask and EPI.
   return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget,
                             layer_of=m.layer_of)
+
+
+def protected_fraction(opt_state) -> float:
+  """Fraction of all parameters the state's current mask protects."""
+  mask = jax.tree.leaves(epi_jax.protection_mask(opt_state))
+  return float(sum(jnp.sum(m) for m in mask) / sum(m.size for m in mask))
+
+
+class Static(Method):
+  """AdamW whose update is zeroed on the probe mask, fixed before the first stage."""
+
+  def trainable(self, model: nnx.Module, run: Run) -> Trainable:
+    if run.resuming:  # the mask is restored with the optimizer state
+      mask = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), nnx.state(model, nnx.Param))
+    else:
+      mask = static_mask(self.config, model, run.task_data, mesh=run.mesh,
+                         num_micro=run.num_micro)
+    tx = epi_jax.static_isolation(inner_optimizer(self.config, run.total_steps), mask)
+    return Trainable(model, tx)
+
+  def summary(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+    return {"protected_fraction": protected_fraction(optimizer.opt_state)}

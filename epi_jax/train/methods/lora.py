@@ -1,0 +1,80 @@
+"""LoRA as a method of the trainer: the base Decoder frozen, adapters (``epi_jax.methods.lora``)
+trained with AdamW, evaluated as the adapted model, saved as a PEFT adapter."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from flax import nnx, traverse_util
+
+from epi_jax.methods import lora
+from epi_jax.models import Decoder, save_pretrained
+from epi_jax.train.methods.base import Method, Run, Trainable
+from epi_jax.train.optimizer import inner_optimizer
+
+
+class LoraParam(nnx.Param):
+  """An adapter matrix: the only variables a LoRA run trains (and keeps Adam state for)."""
+
+
+class LoraModel(nnx.Module):
+  """A Decoder plus adapters, called like the Decoder; only the adapters get gradients."""
+
+  def __init__(self, base: Decoder, adapters: dict, config: lora.LoraConfig, *, seed: int):
+    self.base = base
+    self.config = config
+    names = traverse_util.flatten_dict(lora.adapter_axis_names(base, config))
+    self.adapters = nnx.data(traverse_util.unflatten_dict({
+        key: LoraParam(value, out_sharding=names[key], eager_sharding=False)
+        for key, value in traverse_util.flatten_dict(adapters).items()}))
+    self.rngs = nnx.Rngs(dropout=seed)
+
+  def adapter_values(self) -> dict:
+    return jax.tree.map(lambda v: v.get_value(), self.adapters,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def __call__(self, input_ids, attention_mask=None, **kwargs):
+    key = self.rngs.dropout() if self.config.dropout > 0 else None
+    model = lora.adapted(self.base, self.adapter_values(), self.config, dropout_key=key)
+    return model(input_ids, attention_mask, **kwargs)
+
+
+class LoRA(Method):
+  """Adapters of rank ``method.lora.rank`` on ``method.lora.targets``; the base stays fixed."""
+
+  def lora_config(self) -> lora.LoraConfig:
+    c = self.config.method.lora
+    return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+                           targets=tuple(c.targets))
+
+  def problems(self) -> list[str]:
+    try:
+      self.lora_config()
+    except ValueError as error:
+      return [f"method.lora: {error}"]
+    return []
+
+  def trainable(self, model: Decoder, run: Run) -> Trainable:
+    config, seed = self.lora_config(), self.config.train.seed
+    adapters = lora.init_adapters(model, config, key=jax.random.key(seed), mesh=run.mesh)
+    module = LoraModel(model, adapters, config, seed=seed)
+    return Trainable(module, inner_optimizer(self.config, run.total_steps), wrt=LoraParam)
+
+  def eval_model(self, module: LoraModel) -> Decoder:
+    return lora.adapted(module.base, module.adapter_values(), module.config)
+
+  def summary(self, module: LoraModel, optimizer: nnx.Optimizer) -> dict:
+    trained = sum(x.size for x in jax.tree.leaves(module.adapter_values()))
+    base = sum(x.size for x in jax.tree.leaves(nnx.state(module.base, nnx.Param)))
+    return {"lora": {"adapter_parameters": trained, "fraction_of_base": trained / base}}
+
+  def export(self, module: LoraModel, run_dir: str) -> None:
+    """The adapter alone in PEFT's format (``<run_dir>/adapter``) and, with
+    ``method.lora.save_merged``, the merged model as a Hugging Face folder (``merged``)."""
+    lora.save_adapter(module.base, module.adapter_values(), module.config,
+                      os.path.join(run_dir, "adapter"),
+                      base_model_name_or_path=self.config.model.checkpoint or None)
+    if self.config.method.lora.save_merged:
+      merged = lora.merge(module.base, module.adapter_values(), module.config)
+      save_pretrained(merged, merged.config, os.path.join(run_dir, "merged"))
