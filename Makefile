@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
 
-.PHONY: test bench install clean demo smollm2
+.PHONY: test bench install clean demo smollm2 smollm2-epi
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,14 @@ $(SMOLLM2): $(STAMP)
 
 smollm2: $(SMOLLM2)
 	@$(BIN)/python -c "from epi_jax.models import resolve_checkpoint; print(resolve_checkpoint('smollm2-135m-instruct'))"
+
+# The SmolLM2 config on local files in the hub schemas (DATA: the folder of
+# gsm8k/train.jsonl, code_alpaca/code_alpaca_2k.jsonl, logiqa/validation.jsonl and
+# alpaca/sample.jsonl). ARGS passes more flags, e.g. ARGS=--resume or ARGS="--set method.type=lora".
+DATA ?= ../shared/data
+smollm2-epi: $(SMOLLM2)
+	$(BIN)/python train.py --config configs/smollm2/epi.yaml \
+		--set data.files.gsm8k=$(DATA)/gsm8k/train.jsonl \
+		--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
+		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
+		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl $(ARGS)
