@@ -16,6 +16,9 @@ from flax import nnx
 from epi_jax.models.config import ModelConfig
 
 _NEG = float(np.finfo(np.float32).min)
+# Self-attention over at least two blocks of this many queries skips the key blocks that
+# causality hides from each query block (about 3/8 of the score work at T = 4 blocks).
+CAUSAL_BLOCK = 128
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
@@ -120,15 +123,27 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
         q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, Dh)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, Dh)
+        if kv is None and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK:
+            # Without a cache, query i only sees keys j <= i: block n needs keys [0, end).
+            ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
+            out = jnp.concatenate([self._attend(q[:, :, :, end - CAUSAL_BLOCK:end], k[:, :, :end],
+                                                v[:, :, :end], mask[:, end - CAUSAL_BLOCK:end, :end])
+                                   for end in ends], axis=3)
+        else:
+            out = self._attend(q, k, v, mask)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * dh)
+        return dense(out, self.o[...].reshape(cfg.num_heads * dh, -1)), kv
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Softmax attention of q [B, K, G, T, Dh] over k, v [B, K, S, Dh] where mask [B, T, S]."""
+        cfg = self.config
         logits = jnp.einsum("bkgth,bksh->bkgts", q, k,
                             preferred_element_type=jnp.float32) * cfg.attn_scale
         if cfg.attn_logit_softcap:
             logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         logits = jnp.where(mask[:, None, None], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * dh)
-        return dense(out, self.o[...].reshape(cfg.num_heads * dh, -1)), kv
+        return jnp.einsum("bkgts,bksh->bkgth", probs, v)
 
 
 class MLP(nnx.Module):

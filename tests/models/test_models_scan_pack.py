@@ -168,3 +168,29 @@ def test_packed_train_step_equals_padded_step():
     np.testing.assert_allclose(out_packed["loss"], out_padded["loss"], rtol=1e-6)
     assert float(out_packed["tokens"]) == float(out_padded["tokens"])
     chex.assert_trees_all_close(params_packed, params_padded, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_causal_blocks_skip_hidden_keys_only(family, monkeypatch):
+    """Long self-attention runs per query block over the keys it can see; real tokens get
+    the logits and gradients of attention over all keys (padding rows may differ)."""
+    from epi_jax.models import layers
+
+    model = Decoder(CONFIGS[family], rngs=nnx.Rngs(0))
+    t = 4 * 16
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(3, 300, (2, t)).astype(np.int32))
+    segments = np.ones((2, t), np.int32)
+    segments[0, 20:] = 2  # a packed row: its second example starts mid block
+    segments[1, 50:] = 0  # a padded row
+    batch = {"input_ids": ids, "segment_ids": jnp.asarray(segments),
+             "positions": positions_from_segments(jnp.asarray(segments)),
+             "loss_mask": jnp.asarray(segments > 0)}
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", 16)
+    blocked = model(ids, segment_ids=batch["segment_ids"], positions=batch["positions"])
+    blocked_grads = loss_and_grads(model, batch)
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", t)  # one block: all keys
+    full = model(ids, segment_ids=batch["segment_ids"], positions=batch["positions"])
+    real = segments > 0
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(full)[real], atol=2e-5)
+    chex.assert_trees_all_close(blocked_grads, loss_and_grads(model, batch), atol=2e-5)
