@@ -8,6 +8,9 @@ the refresh is amortized over H and measured in benchmarks/optimizer.py). Steps 
 round-robin after a warm-up (compile excluded), median of `--repeats`.
 
     python benchmarks/train_step.py [--batch 8] [--seq 512] [--repeats 3] [--gsm8k FILE]
+                                    [--causal-block N]
+
+`--causal-block 0` times attention over all keys (then masked) instead of per causal block.
 
 MFU = (6 * N * tokens + 12 * L * H * Dh * T * tokens) / step time / measured peak, the
 PaLM paper's count (Chowdhery et al. 2022, App. B) with N all parameters (tied embeddings
@@ -33,7 +36,7 @@ from flax import nnx
 
 import epi_jax
 import epi_jax.data as data
-from epi_jax.models import Decoder, ModelConfig
+from epi_jax.models import Decoder, ModelConfig, layers
 from epi_jax.train.step import make_train_step
 from optimizer import interleaved_medians
 
@@ -109,11 +112,15 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--gsm8k", default=os.path.join(
       os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl"))
+  parser.add_argument("--causal-block", type=int, default=layers.CAUSAL_BLOCK,
+                      help="queries per causal attention block; 0: one block of all queries")
   args = parser.parse_args()
+  layers.CAUSAL_BLOCK = args.causal_block or 2**31  # read when the steps are traced
   peak = matmul_peak(args.repeats)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}; "
         f"float32 2048^2 matmul peak {peak / 1e9:.0f} GFLOP/s; SmolLM2-135M, float32, batch "
-        f"{args.batch} x {args.seq}; median of {args.repeats} after warm-up")
+        f"{args.batch} x {args.seq}; causal block {args.causal_block or 'off'}; median of "
+        f"{args.repeats} after warm-up")
   base = ModelConfig.smollm2_135m()
   batch = random_batch(base, args.batch, args.seq)
   adamw = optax.adamw(1e-5, weight_decay=0.01)

@@ -151,7 +151,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
   trainable = method.trainable(model, run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
-  wrt = trainable.wrt
+  step_fn = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs)
   del model, trainable
 
   record = RunRecord(seed={"data": config.data.seed, "init": config.train.seed})
@@ -163,8 +163,6 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   step = record.step
 
   schedule = learning_rate(config, total)
-  step_fn = make_train_step(graphdef, num_micro, wrt=wrt,
-                            logs=method.step_logs)
   iterators = stage_iterators(config, stages, task_data)
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
   analyses = RunAnalyses(config, stages=stages, bounds=bounds, task_data=task_data,
