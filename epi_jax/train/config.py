@@ -78,8 +78,8 @@ class LoraSection:
       default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
   save_merged: bool = True
-  """At the end, also write the merged model (W + alpha/r a@b) to <run_dir>/merged as a
-  Hugging Face folder; the PEFT adapter always goes to <run_dir>/adapter."""
+  """At the end, also write the merged model (W + alpha/r a@b) to `<run_dir>/merged` as a
+  Hugging Face folder; the PEFT adapter always goes to `<run_dir>/adapter`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ class EvalSection:
   batch_size: int = bounded(64, ge=1)
   """Prompts (or multiple-choice option rows) per generation (likelihood) call."""
   judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
-  """The LLM judge; replies are cached in <run_dir>/judge_cache.jsonl."""
+  """The LLM judge; replies are cached in `<run_dir>/judge_cache.jsonl`."""
   analyses: list[Literal["continual", "gradient_conflict", "flip_rate", "task_overlap",
                          "perturbation"]] = dataclasses.field(default_factory=lambda: ["continual"])
   """Analyses to run (docs/evaluation.md, "Analyses"): continual (ACC, BWT, FWT,
