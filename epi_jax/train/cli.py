@@ -1,0 +1,46 @@
+"""The trainer's command line: ``python train.py`` or ``python -m epi_jax.train``, with
+--config FILE [--set KEY=VALUE ...] [--run-dir DIR] [--resume] [--dry-run]. See docs/trainer.md."""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="train.py",
+                                   description="Train a decoder on a task stream (docs/trainer.md).")
+  parser.add_argument("--config", required=True, help="YAML config file")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="dotted override, e.g. --set method.p=0.02 (repeatable)")
+  parser.add_argument("--run-dir", help="output directory (default: run_dir of the config)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue from the latest complete checkpoint of the run directory")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="check the config, print the parameter count and memory plan, exit")
+  args = parser.parse_args(argv)
+
+  from epi_jax.train.loading import ConfigError, load_config
+
+  try:
+    config = load_config(args.config, args.set)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  if args.dry_run:
+    from epi_jax.train.memory import format_plan, memory_plan
+
+    print(format_plan(memory_plan(config), config))
+    return 0
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    import jax
+
+    jax.distributed.initialize()
+  from epi_jax.train.loop import train
+
+  try:
+    train(config, run_dir=args.run_dir, resume=args.resume)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
