@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import epi_jax
-from epi_jax import selection
+from epi_jax._src import selection
 
 
 def decoder_params(size: float, key) -> dict:
@@ -89,7 +89,7 @@ def interleaved_medians(runs: dict, repeats: int) -> dict:
 def sort_refresh(scores, p: float):
   """The naive refresh: normalize, concatenate and sort everything, threshold, mask."""
   leaves, treedef = jax.tree.flatten(scores)
-  groups = selection.layer_groups(scores)
+  groups = epi_jax.layer_groups(scores)
   normed = selection.normalized_scores(leaves, groups, "layer_minmax")
   flat = jnp.sort(jnp.concatenate([x.reshape(-1) for x in normed]))
   k = selection.num_protected(p, flat.size)

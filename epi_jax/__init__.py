@@ -1,17 +1,17 @@
 """epi-jax: Evolving Parameter Isolation (arXiv 2604.14010) for JAX, optax and Flax."""
 
-from epi_jax.isolation import EPIState
-from epi_jax.isolation import MaskStats
-from epi_jax.isolation import StaticIsolationState
-from epi_jax.isolation import epi
-from epi_jax.isolation import mask_stats
-from epi_jax.isolation import probe_mask
-from epi_jax.isolation import protection_mask
-from epi_jax.isolation import refreshed
-from epi_jax.isolation import sensitivity
-from epi_jax.isolation import static_isolation
-from epi_jax.selection import layer_groups
-from epi_jax.selection import top_p_mask
+from epi_jax._src.epi import EPIState
+from epi_jax._src.epi import MaskStats
+from epi_jax._src.epi import epi
+from epi_jax._src.grouping import layer_groups
+from epi_jax._src.probe import probe_mask
+from epi_jax._src.selection import top_p_mask
+from epi_jax._src.state import mask_stats
+from epi_jax._src.state import protection_mask
+from epi_jax._src.state import refreshed
+from epi_jax._src.state import sensitivity
+from epi_jax._src.static import StaticIsolationState
+from epi_jax._src.static import static_isolation
 
 __all__ = [
     "EPIState",

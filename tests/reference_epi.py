@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from epi_jax.selection import num_protected
+from epi_jax._src.selection import num_protected
 
 
 def entry_groups(shapes, leaf_ids) -> np.ndarray:

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import epi_jax
-from epi_jax.selection import num_protected
+from epi_jax._src.selection import num_protected
 import reference_epi as ref
 
 T = 25

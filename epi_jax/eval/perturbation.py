@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epi_jax import selection
+import epi_jax
 
 
 class Entries(NamedTuple):
@@ -31,15 +31,15 @@ class Entries(NamedTuple):
 
   leaf: np.ndarray   # shape=(N,), int32: position of the entry's leaf in jax.tree.leaves
   index: np.ndarray  # shape=(N, D), int32: its index in that leaf (D = max leaf ndim, 0-padded)
-  group: np.ndarray  # shape=(N,), int32: its normalization group (selection.layer_groups)
+  group: np.ndarray  # shape=(N,), int32: its normalization group (epi_jax.layer_groups)
 
 
 def sample_entries(params, per_group: int, *, seed: int, layer_of: str = "block") -> Entries:
   """`per_group` distinct float entries drawn uniformly from each normalization group (all of
-  a smaller group), the groups of ``selection.layer_groups(params, layer_of)``."""
+  a smaller group), the groups of ``epi_jax.layer_groups(params, layer_of)``."""
   if per_group < 1:
     raise ValueError(f"per_group must be >= 1, got {per_group}")
-  groups = selection.layer_groups(params, layer_of)
+  groups = epi_jax.layer_groups(params, layer_of)
   leaves = jax.tree.leaves(params)
   # Per group, its contiguous segments: (leaf, slice along axis 0 or None, segment shape).
   segments: list[list[tuple]] = [[] for _ in groups.names]

@@ -1,0 +1,161 @@
+"""Top-p selection (Eq. 8-9): min-max normalization per group, then an exact threshold.
+
+k = floor(p * d) entries per budget (all eligible entries, or each group); the
+threshold is the k-th largest normalized score, found by ``radix.kth_largest_bits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epi_jax._src import radix
+from epi_jax._src.grouping import (INT32_MAX, Groups, LayerOf, check_layer_of, expand,
+                                   group_minmax, layer_groups)
+
+NORMALIZE = ("layer_minmax", "none")
+BUDGET = ("global", "per_layer")
+
+
+def normalized_scores(leaves: Sequence[jax.Array], groups: Groups, normalize: str
+                      ) -> list[jax.Array | None]:
+  """Scores I >= 0 in float32 (Eq. 8), ``None`` for ineligible leaves.
+
+  ``"layer_minmax"`` maps each group to [0, 1] (a group whose max equals its min
+  scores 0); ``"none"`` keeps the raw scores. Negative and NaN scores become 0, which
+  is never protected.
+  """
+  if normalize == "layer_minmax":
+    lo, hi = group_minmax(leaves, groups)
+    span = hi - lo
+  out = []
+  for leaf, ids in zip(leaves, groups.leaf_ids):
+    if ids is None:
+      out.append(None)
+      continue
+    leaf = leaf.astype(jnp.float32)
+    if normalize == "layer_minmax":
+      ndim = leaf.ndim
+      s = expand(span, ids, ndim)
+      leaf = jnp.where(s > 0, (leaf - expand(lo, ids, ndim)) / jnp.where(s > 0, s, 1), 0)
+    out.append(jnp.where(leaf > 0, leaf, 0))
+  return out
+
+
+def num_protected(p: float, size: int) -> int:
+  """k = floor(p * d), with p read as the decimal the user wrote (0.29 * 100 = 29)."""
+  return int(Fraction(str(p)) * size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+  """A static top-p selection plan over a pytree's structure (Eq. 9).
+
+  Attributes:
+    groups: the normalization groups.
+    normalize: ``"layer_minmax"`` or ``"none"``.
+    sel_of_group: per normalization group, the index of its selection budget
+      (all 0 for a global budget, the group itself for a per-layer budget).
+    k: number of entries to protect per selection budget.
+  """
+
+  groups: Groups
+  normalize: str
+  sel_of_group: tuple[int, ...]
+  k: tuple[int, ...]
+
+  def thresholds(self, scores: Sequence[jax.Array | None]) -> jax.Array:
+    """Bit pattern of the k-th largest score per budget (uint32, 2**32-1 when k=0)."""
+    sel_ids = [None if ids is None else (self.sel_of_group[ids] if isinstance(ids, int)
+                                          else tuple(self.sel_of_group[i] for i in ids))
+               for ids in self.groups.leaf_ids]
+    return radix.kth_largest_bits(scores, sel_ids, self.k, self.groups.num_eligible)
+
+  def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
+    """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32)."""
+    normed = normalized_scores(scores, self.groups, self.normalize)
+    tau = self.thresholds(normed)
+    sel = np.asarray(self.sel_of_group, np.int32)
+    masks = []
+    for s, ids in zip(normed, self.groups.leaf_ids):
+      if s is None:
+        masks.append(None)
+        continue
+      key = jax.lax.bitcast_convert_type(s, jnp.uint32)
+      t = expand(tau[sel], ids, s.ndim)
+      masks.append((key >= t) & (key > 0))
+    tau_f = jnp.where(tau == radix.NO_THRESHOLD, jnp.inf,
+                      jax.lax.bitcast_convert_type(tau, jnp.float32))
+    return masks, tau_f
+
+
+def check_selection_args(p: float, normalize: str, budget: str, layer_of: LayerOf) -> None:
+  """Raises ValueError naming the first out-of-range selection argument."""
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+    raise ValueError(f"p must be a number with 0 <= p < 1, got {p!r}.")
+  if normalize not in NORMALIZE:
+    raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}.")
+  if budget not in BUDGET:
+    raise ValueError(f"budget must be one of {BUDGET}, got {budget!r}.")
+  check_layer_of(layer_of)
+
+
+def make_selector(tree: Any, p: float, *, normalize: str = "layer_minmax",
+                  budget: str = "global", layer_of: LayerOf = "block") -> Selector:
+  """Plans the top-p selection for pytrees shaped like ``tree`` (arguments as in ``top_p_mask``)."""
+  check_selection_args(p, normalize, budget, layer_of)
+  groups = layer_groups(tree, layer_of)
+  if budget == "global":
+    sel_of_group = (0,) * len(groups.names)
+    k = (num_protected(p, groups.num_eligible),)
+  else:
+    sel_of_group = tuple(range(len(groups.names)))
+    k = tuple(num_protected(p, size) for size in groups.sizes)
+  if max(k, default=0) > INT32_MAX:
+    raise ValueError(f"p={p} protects {max(k)} entries; at most {INT32_MAX} are supported "
+                     f"(lower p).")
+  return Selector(groups, normalize, sel_of_group, k)
+
+
+def fill_ineligible(leaves: Sequence[jax.Array | None], like_leaves: Sequence[Any]
+                    ) -> list[jax.Array]:
+  """Replaces the ``None`` entries of ``leaves`` by all-False masks shaped like ``like``."""
+  return [jnp.zeros(jnp.shape(like), jnp.bool_) if leaf is None else leaf
+          for leaf, like in zip(leaves, like_leaves)]
+
+
+def top_p_mask(scores: Any, p: float, *, normalize: str = "layer_minmax",
+               budget: str = "global", layer_of: LayerOf = "block") -> Any:
+  """Protects the top-p fraction of a score pytree, as EPI's refresh does (Eq. 7-9).
+
+  k = floor(p * d) over the d float entries (per group with ``budget="per_layer"``);
+  the threshold is the k-th largest normalized score, exactly as a full sort gives,
+  found by a radix select; ``mask = (I >= threshold) & (I > 0)``, so ties at the
+  threshold are all protected and a zero score never is.
+
+  Args:
+    scores: pytree of float arrays, e.g. an EMA of squared gradients or update
+      magnitudes ``|theta_probe - theta_0|``. Non-float leaves are never selected.
+    p: protected fraction, ``0 <= p < 1``.
+    normalize: ``"layer_minmax"`` (Eq. 8) or ``"none"`` (global raw scores).
+    budget: ``"global"`` (one top-p over all entries) or ``"per_layer"``.
+    layer_of: grouping, see ``layer_groups``.
+
+  Returns:
+    A pytree of bool arrays shaped like ``scores`` (True = protected).
+
+  >>> import jax.numpy as jnp
+  >>> m = top_p_mask({"w": jnp.arange(10.0)}, 0.2)
+  >>> m["w"].tolist()
+  [False, False, False, False, False, False, False, False, True, True]
+  """
+  selector = make_selector(scores, p, normalize=normalize, budget=budget, layer_of=layer_of)
+  leaves, treedef = jax.tree.flatten(scores)
+  masks, _ = selector(leaves)
+  return jax.tree.unflatten(treedef, fill_ineligible(masks, leaves))
