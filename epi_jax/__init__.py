@@ -10,6 +10,7 @@ from epi_jax._src.state import mask_stats
 from epi_jax._src.state import protection_mask
 from epi_jax._src.state import refreshed
 from epi_jax._src.state import sensitivity
+from epi_jax._src.state import sensitivity_of
 from epi_jax._src.static import StaticIsolationState
 from epi_jax._src.static import static_isolation
 
@@ -24,6 +25,7 @@ __all__ = [
     "protection_mask",
     "refreshed",
     "sensitivity",
+    "sensitivity_of",
     "static_isolation",
     "top_p_mask",
 ]

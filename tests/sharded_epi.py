@@ -47,7 +47,7 @@ def main():
                 zip(jax.tree.leaves(single_params), jax.tree.leaves(sharded_params)))
     like = [sharded_state.mask]            # bits packed along the last axis, same spec
     if sensitivity == "grad_sq":
-      like.append(epi_jax.sensitivity(sharded_state))
+      like.append(epi_jax.sensitivity_of(sharded_state))
     shard_like = all(
         leaf.sharding.is_equivalent_to(s, leaf.ndim)
         for tree in like for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))

@@ -1,5 +1,7 @@
 """EPI composes like any optax transformation and rejects bad input up front."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -65,8 +67,19 @@ def test_adam_nu_under_inject_hyperparams():
   inner = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
   _, state, _ = _run(epi_jax.epi(inner, p=0.1, interval=1, sensitivity="adam_nu"), _params(), 3)
   nu = optax.tree.get(state, "nu")
-  chex.assert_trees_all_equal(epi_jax.sensitivity(state), nu)
+  chex.assert_trees_all_equal(epi_jax.sensitivity_of(state), nu)
   assert state.sensitivity == ()
+
+
+def test_sensitivity_alias_is_deprecated():
+  _, state, _ = _run(epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=1), _params(), 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    current = epi_jax.sensitivity_of(state)
+  with pytest.warns(DeprecationWarning, match="sensitivity_of"):
+    old = epi_jax.sensitivity(state)
+  chex.assert_trees_all_equal(old, current)
+  assert float(sum(jnp.sum(x) for x in jax.tree.leaves(current))) > 0
 
 
 def test_inside_optax_masked():
@@ -85,7 +98,7 @@ def test_bfloat16_params_keep_dtype():
   params, state, _ = _run(epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=1,
                                       sensitivity_dtype=jnp.bfloat16), _params(jnp.bfloat16), 3)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(epi_jax.sensitivity(state)))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(epi_jax.sensitivity_of(state)))
 
 
 def test_state_is_stable_through_lax_cond():
@@ -209,7 +222,7 @@ def test_bfloat16_sensitivity_is_unbiased():
     step = jax.jit(lambda s: tx.update(grads, s, params)[1])
     for _ in range(400):
       state = step(state)
-    curves[dtype] = np.asarray(epi_jax.sensitivity(state)["w"], np.float64)
+    curves[dtype] = np.asarray(epi_jax.sensitivity_of(state)["w"], np.float64)
   np.testing.assert_allclose(curves[jnp.float32], 1.21 * (1 - 0.99 ** 400), rtol=1e-4)
   np.testing.assert_allclose(curves[jnp.bfloat16].mean(), curves[jnp.float32][0], rtol=5e-3)
 

@@ -119,7 +119,7 @@ def trajectory(tx, params, grads):
     updates, state = tx.update(g, state, params)
     params = optax.apply_updates(params, updates)
     return (params, state), dict(updates=updates, params=params,
-                                 sens=epi_jax.sensitivity(state),
+                                 sens=epi_jax.sensitivity_of(state),
                                  mask=epi_jax.protection_mask(state),
                                  stats=epi_jax.mask_stats(state))
   return jax.lax.scan(body, (params, tx.init(params)), grads)[1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -39,12 +40,19 @@ def protection_mask(state: Any) -> Any:
   return jax.tree.map(bitmask.unpack, packed_mask(state))
 
 
-def sensitivity(state: Any) -> Any:
+def sensitivity_of(state: Any) -> Any:
   """The sensitivity S_t shaped like params (the inner Adam nu with ``"adam_nu"``)."""
   epi_state = find_state(state, (EPIState,))
   if isinstance(epi_state.sensitivity, tuple) and not epi_state.sensitivity:
     return optax.tree.get(epi_state.inner_state, "nu")
   return epi_state.sensitivity
+
+
+def sensitivity(state: Any) -> Any:
+  """Deprecated alias of ``sensitivity_of``, removed in the next release."""
+  warnings.warn("epi_jax.sensitivity is deprecated; use epi_jax.sensitivity_of.",
+                DeprecationWarning, stacklevel=2)
+  return sensitivity_of(state)
 
 
 def refreshed(state: Any) -> jax.Array:

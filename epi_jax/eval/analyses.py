@@ -1,8 +1,8 @@
 """The analyses a run switches on with ``eval.analyses`` (docs/evaluation.md, "Analyses").
 
-`RunAnalyses` is what the training loop calls: once before training, after each mask refresh,
+``RunAnalyses`` is what the training loop calls: once before training, after each mask refresh,
 after every step (it acts only at the perturbation points) and after each stage's evaluation;
-`summary` gives the ``analyses`` entry of summary.json. Each result is written to metrics.jsonl
+``summary`` gives the ``analyses`` entry of summary.json. Each result is written to metrics.jsonl
 (and TensorBoard) when it is measured. What a resumed session needs lives in the checkpoint's
 record (``RunRecord.analyses``); the flip rates are recomputed from the mask history. No
 analysis touches the training state, the data order or any random stream of the training.
@@ -48,7 +48,7 @@ IMPORTANCE_BATCHES = 4
 
 
 class RunAnalyses:
-  """The analyses of one run, switched by `config.eval.analyses`.
+  """The analyses of one run, switched by ``config.eval.analyses``.
 
   Args:
     config: the run's config.
@@ -124,7 +124,7 @@ class RunAnalyses:
     per_lane = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
                 + 12 * rows * self.config.data.seq_len * model.config.vocab_size)
     result = importance_vs_perturbation(
-        self._loss_fn, params, (rest, batch), epi_jax.sensitivity(optimizer.opt_state),
+        self._loss_fn, params, (rest, batch), epi_jax.sensitivity_of(optimizer.opt_state),
         per_group=PERTURBATION_PER_GROUP, draws=PERTURBATION_DRAWS,
         sigma_rel=PERTURBATION_SIGMA_REL, seed=self.config.train.seed + step,
         layer_of=self.config.method.layer_of,

@@ -35,7 +35,7 @@ class Entries(NamedTuple):
 
 
 def sample_entries(params, per_group: int, *, seed: int, layer_of: str = "block") -> Entries:
-  """`per_group` distinct float entries drawn uniformly from each normalization group (all of
+  """``per_group`` distinct float entries drawn uniformly from each normalization group (all of
   a smaller group), the groups of ``epi_jax.layer_groups(params, layer_of)``."""
   if per_group < 1:
     raise ValueError(f"per_group must be >= 1, got {per_group}")
@@ -68,7 +68,7 @@ def sample_entries(params, per_group: int, *, seed: int, layer_of: str = "block"
 
 
 def values_at(tree, entries: Entries) -> np.ndarray:
-  """The values of `tree` (shaped like the sampled params) at `entries`, as float64."""
+  """The values of ``tree`` (shaped like the sampled params) at ``entries``, as float64."""
   leaves = jax.tree.leaves(tree)
   out = np.zeros(len(entries.leaf), np.float64)
   for i in np.unique(entries.leaf):
@@ -105,7 +105,7 @@ def perturbation_deltas(loss_fn: Callable, params, aux, entries: Entries, *, sig
     loss_fn: ``loss_fn(params, aux) -> scalar``, traceable; the same function object on
       every call keeps the compiled program.
     params: the parameter pytree; aux: anything else the loss needs (passed, not captured).
-    entries: from `sample_entries`.
+    entries: from ``sample_entries``.
     sigma: standard deviation of eps.
     draws: Gaussian draws per entry (each evaluated at +eps and -eps).
     seed: seed of the draws.
@@ -113,7 +113,7 @@ def perturbation_deltas(loss_fn: Callable, params, aux, entries: Entries, *, sig
   """
   n = len(entries.leaf)
   eps = np.random.default_rng(seed).normal(0.0, sigma, (n, draws))
-  # Lane 0 is the unperturbed loss; lanes are padded with it to a multiple of `chunk`, so
+  # Lane 0 is the unperturbed loss; lanes are padded with it to a multiple of ``chunk``, so
   # every lane runs in the same vmapped program.
   signed = np.stack([eps, -eps], axis=-1).reshape(-1)
   lanes = 1 + len(signed)
@@ -159,9 +159,9 @@ def importance_vs_perturbation(loss_fn: Callable, params, aux, sensitivity, *, p
   """Pearson r and Spearman rho between S and delta on entries sampled per group.
 
   Args:
-    loss_fn, params, aux, draws, chunk: as `perturbation_deltas`.
-    sensitivity: S, a pytree shaped like `params` (``epi_jax.sensitivity(opt_state)``).
-    per_group, layer_of: as `sample_entries`.
+    loss_fn, params, aux, draws, chunk: as ``perturbation_deltas``.
+    sensitivity: S, a pytree shaped like ``params`` (``epi_jax.sensitivity_of(opt_state)``).
+    per_group, layer_of: as ``sample_entries``.
     sigma_rel: eps has standard deviation sigma_rel times the root mean square of all float
       parameters (one sigma for every entry, so delta compares curvatures).
     seed: seed of the sampling and of the draws.
