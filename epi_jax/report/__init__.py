@@ -1,0 +1,13 @@
+"""Reports of finished runs: ``python -m epi_jax.report RUN_DIR [RUN_DIR ...] --out DIR``.
+
+`load_run` reads a run directory, `group_runs` puts runs that differ only by seed together,
+`run_metrics`/`aggregate` give the numbers of a run / a group as plain dicts, and
+`write_report` writes report.md, report.json and the PNG plots (docs/trainer.md, "Report").
+"""
+
+from epi_jax.report.document import write_report
+from epi_jax.report.runs import (LEARNED, Run, RunError, aggregate, group_runs, load_run,
+                                 run_metrics, stats)
+
+__all__ = ["LEARNED", "Run", "RunError", "aggregate", "group_runs", "load_run", "run_metrics",
+           "stats", "write_report"]
