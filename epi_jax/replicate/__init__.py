@@ -1,0 +1,5 @@
+"""The paper's grid of runs at three scales, run to a report (``python -m epi_jax.replicate``).
+
+``grid``: the runs each table needs; ``paper``: the paper's numbers as claims; ``measure``: the
+numbers of one run; ``compare``: the two side by side; ``__main__``: the runner.
+"""

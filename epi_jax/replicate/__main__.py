@@ -1,0 +1,250 @@
+"""``python -m epi_jax.replicate --preset cpu|smollm2|paper --seeds N --out DIR [--dry-run]``.
+
+Runs the paper's grid (``epi_jax.replicate.grid``) one trainer process per run: finished runs
+(summary.json under the same config) are skipped, interrupted ones resume from their last
+checkpoint, and the end is a report (``epi_jax.report``) with the paper's claims beside ours.
+``--preset paper`` prints the GPU commands and dry-runs every config instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import yaml
+
+from epi_jax.replicate import compare, grid, measure, paper
+from epi_jax.train.loading import ConfigError, load_config, resume_conflicts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LEARNED = 0.5
+"""A task counts as learned when sequential SFT scores at least this right after its stage."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One run of the grid at one seed."""
+
+  config: str  # base config, relative to the repository
+  entry: grid.Entry
+  seed: int
+  run_dir: str
+  extra: tuple[str, ...] = ()  # the user's --set overrides, applied to every run
+
+  @property
+  def overrides(self) -> list[str]:
+    return [*self.extra, *self.entry.overrides, *grid.seed_overrides(self.seed)]
+
+  def command(self, python: str = "python train.py") -> list[str]:
+    sets = [x for o in self.overrides for x in ("--set", o)]
+    return [*python.split(), "--config", self.config, *sets, "--run-dir", self.run_dir]
+
+
+def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ()) -> list[Job]:
+  """Every run of `preset` at seeds 0..seeds-1, seed by seed (a finished seed is a whole grid)."""
+  jobs = []
+  for seed in range(seeds):
+    for config, tables in preset.configs:
+      backbone = os.path.splitext(os.path.basename(config))[0]
+      base = os.path.join(out, backbone) if len(preset.configs) > 1 else out
+      jobs += [Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), extra)
+               for e in grid.entries(preset, tables)]
+  return jobs
+
+
+def status(job: Job) -> str:
+  """done (summary.json of this very config), partial (a checkpoint to resume) or new."""
+  config = load_config(os.path.join(ROOT, job.config), job.overrides)
+  saved = os.path.join(job.run_dir, "config.yaml")
+  if os.path.exists(os.path.join(job.run_dir, "summary.json")) and os.path.exists(saved):
+    with open(saved) as f:
+      return "new" if resume_conflicts(yaml.safe_load(f), config) else "done"
+  from epi_jax.train.checkpointing import RunCheckpoints  # orbax: only when a run is unfinished
+
+  if os.path.isdir(os.path.join(job.run_dir, "checkpoints")):
+    ckpt = RunCheckpoints(job.run_dir, keep=config.checkpoint.keep)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    if latest is not None and not resume_conflicts(ckpt.record(latest).config, config):
+      return "partial"
+  return "new"
+
+
+class Progress:
+  """Overall progress lines: finished runs, running ones, elapsed time and an estimate."""
+
+  def __init__(self, total: int, skipped: int, jobs: int):
+    self.total, self.done, self.jobs = total, skipped, jobs
+    self.durations: list[float] = []
+    self.failed: list[str] = []
+    self.start = time.perf_counter()
+    self.lock = threading.Lock()
+
+  def finished(self, job: Job, seconds: float, ok: bool) -> None:
+    with self.lock:
+      self.done += 1
+      self.durations.append(seconds)
+      if not ok:
+        self.failed.append(job.run_dir)
+      left = self.total - self.done
+      eta = np.mean(self.durations) * left / self.jobs
+      print(f"[{self.done}/{self.total}] {job.entry.name} seed {job.seed} "
+            f"{'done' if ok else 'FAILED'} in {seconds:.0f} s; elapsed "
+            f"{(time.perf_counter() - self.start) / 60:.1f} min, about {eta / 60:.0f} min left",
+            flush=True)
+
+
+def _train(job: Job, resume: bool, logs: str, progress: Progress) -> None:
+  """One trainer process; its output goes to logs/<name>_seed<k>.log."""
+  os.makedirs(logs, exist_ok=True)
+  log = os.path.join(logs, f"{job.entry.name}_seed{job.seed}.log")
+  command = job.command(f"{sys.executable} -m epi_jax.train") + ["--set", "log.progress=false"]
+  start = time.perf_counter()
+  with open(log, "a") as f:
+    f.write(" ".join(command + (["--resume"] if resume else [])) + "\n")
+    f.flush()
+    code = subprocess.run(command + (["--resume"] if resume else []), cwd=ROOT, stdout=f,
+                          stderr=subprocess.STDOUT).returncode
+  if code:
+    print(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}",
+          file=sys.stderr)
+  progress.finished(job, time.perf_counter() - start, code == 0)
+
+
+def _learned_check(jobs: list[Job]) -> str:
+  """Sequential SFT's accuracy on each task right after its own stage, against LEARNED."""
+  rows = []
+  for job in jobs:
+    if job.entry.name != "sequential" or not _finished(job):
+      continue
+    with open(os.path.join(job.run_dir, "summary.json")) as f:
+      s = json.load(f)
+    diag = {t: r["accuracy"][t] for r in s["accuracy_matrix"] for t in r["trained"]}
+    low = [t for t, v in diag.items() if v is None or v < LEARNED]
+    rows.append(f"| {job.seed} | " + " | ".join(f"{v:.3f}" for v in diag.values())
+                + f" | {'yes' if not low else 'no: ' + ', '.join(low)} |")
+  if not rows:
+    return ""
+  tasks = list(diag)
+  return "\n".join([
+      "## Is every task learned?", "",
+      f"Sequential SFT (one task per stage), each task's score right after its own stage; "
+      f"forgetting is only defined for a task that reached {LEARNED} there.", "",
+      "| seed | " + " | ".join(tasks) + f" | all >= {LEARNED} |",
+      "| --- | " + " | ".join("---" for _ in tasks) + " | --- |", *rows, ""])
+
+
+def _finished(job: Job) -> bool:
+  return os.path.exists(os.path.join(job.run_dir, "summary.json"))
+
+
+def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float) -> str:
+  """The report of the finished runs with the paper's claims beside ours; returns its path."""
+  from epi_jax.report import write_report  # matplotlib: only once there is something to plot
+
+  done = [j for j in jobs if _finished(j)]
+  per_run: dict[str, dict[str, list]] = {}
+  for job in done:
+    with open(os.path.join(job.run_dir, "summary.json")) as f:
+      s = json.load(f)
+    tasks = load_config(os.path.join(ROOT, job.config), job.overrides).data.tasks
+    for k, v in measure.run_metrics(s, list(tasks)).items():
+      per_run.setdefault(job.entry.name, {}).setdefault(k, []).append(v)
+  values = {name: {k: measure.mean_std(v) for k, v in ms.items()} for name, ms in per_run.items()}
+  seeds = {name: len(ms["avg_norm_score"]) for name, ms in per_run.items()}
+  table, counts = compare.comparison(paper.claims(preset.h_sweep, preset.interval), values, seeds)
+  runs_time = sum(json.load(open(os.path.join(j.run_dir, "summary.json")))["wall_time_s"]
+                  for j in done)
+  header = (f"## Replication: preset `{preset.name}`\n\n{preset.description}. "
+            f"{len(done)} of {len(jobs)} runs finished; this sitting took {elapsed / 60:.1f} min, "
+            f"the finished runs' own wall times add up to {runs_time / 60:.1f} min.\n\n")
+  with open(os.path.join(out, "comparison.json"), "w") as f:
+    json.dump({"values": values, "seeds": seeds, "verdicts": counts}, f, indent=1)
+  return write_report([j.run_dir for j in done], os.path.join(out, "report"),
+                      labels={j.run_dir: j.entry.name for j in done},
+                      title=f"EPI replication, preset {preset.name}",
+                      extra_markdown=header + _learned_check(jobs) + "\n" + table)
+
+
+def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
+  """Checks every config of the grid without training: each loads, and the memory plan of
+  each (backbone, method) builds."""
+  from epi_jax.train.memory import memory_plan
+
+  bad, plans = 0, {}
+  for job in jobs:
+    if job.seed:
+      continue
+    try:
+      config = load_config(os.path.join(ROOT, job.config), job.overrides)
+      key = (job.config, config.method.type)
+      if key not in plans:
+        plans[key] = memory_plan(config)["parameters"]
+      print(f"ok   {job.run_dir}: {plans[key]:,} parameters")
+    except (ConfigError, ValueError) as error:
+      bad += 1
+      print(f"FAIL {job.run_dir}: {error}")
+  return 2 if bad else 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m epi_jax.replicate",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", required=True, choices=sorted(grid.PRESETS))
+  parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+  parser.add_argument("--out", required=True, help="directory of the runs and the report")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override of every run's config, e.g. data.files.gsm8k=FILE")
+  parser.add_argument("--jobs", type=int, default=1, help="trainer processes at once")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="print the commands and check every config, train nothing")
+  parser.add_argument("--report-only", action="store_true",
+                      help="write the report of the finished runs, train nothing")
+  args = parser.parse_args(argv)
+  if args.seeds < 1 or args.jobs < 1:
+    parser.error("--seeds and --jobs must be >= 1")
+  preset = grid.PRESETS[args.preset]
+  jobs = plan(preset, args.seeds, args.out, tuple(args.set))
+  if args.dry_run or preset.name == "paper":
+    if preset.name == "paper":
+      print("# One command per run, each on one 8-GPU host (mesh fsdp=8, docs/trainer.md "
+            "'Multi-host'); add --set model.checkpoint=<HF folder of the backbone> (and "
+            "data.files.<task>=<file> without hub access). Rerunning a command with --resume "
+            "continues it.")
+    for job in jobs:
+      print(" ".join(job.command()))
+    print(f"# {len(jobs)} runs; checking each config:")
+    return dry_run(preset, jobs)
+  os.makedirs(args.out, exist_ok=True)
+  start = time.perf_counter()
+  if not args.report_only:
+    try:
+      states = {job: status(job) for job in jobs}
+    except ConfigError as error:
+      print(f"error: {error}", file=sys.stderr)
+      return 2
+    todo = [j for j in jobs if states[j] != "done"]
+    print(f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "
+          f"{sum(states[j] == 'partial' for j in todo)} to resume, "
+          f"{sum(states[j] == 'new' for j in todo)} to start", flush=True)
+    progress = Progress(len(jobs), len(jobs) - len(todo), args.jobs)
+    logs = os.path.join(args.out, "logs")
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      list(pool.map(lambda j: _train(j, states[j] == "partial", logs, progress), todo))
+    if progress.failed:
+      print("failed runs:\n  " + "\n  ".join(progress.failed), file=sys.stderr)
+  path = write_outputs(preset, jobs, args.out, time.perf_counter() - start)
+  print(f"report: {path}")
+  return 1 if not args.report_only and progress.failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

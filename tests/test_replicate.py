@@ -1,0 +1,127 @@
+"""The replication runner: its grid, the paper's claims, skip / resume, and the report."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from epi_jax.replicate import __main__ as runner
+from epi_jax.replicate import compare, grid, measure, paper
+
+TINY = """
+model: {preset: tiny, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2}
+data: {tasks: [logic_choice, rewrite], n_train: 32, n_eval: 4, seq_len: 112}
+optim: {lr: 3.0e-3, batch_size: 8}
+train: {epochs: 1}
+checkpoint: {every: 2, keep: 5}
+eval: {max_new_tokens: 4, batch_size: 4}
+log: {every: 1, tensorboard: false}
+"""
+
+
+@pytest.mark.parametrize("name", sorted(grid.PRESETS))
+def test_every_preset_config_loads(name, capsys):
+  """--dry-run checks every run's config (the paper's 8B ones through the memory plan)."""
+  preset = grid.PRESETS[name]
+  jobs = runner.plan(preset, 1, "/tmp/unused")
+  assert len({j.run_dir for j in jobs}) == len(jobs)
+  assert runner.dry_run(preset, jobs) == 0, capsys.readouterr().out
+
+
+def test_claims_name_runs_of_the_full_grid():
+  preset = grid.PRESETS["cpu"]
+  names = {e.name for e in grid.entries(preset)}
+  claims = paper.claims(preset.h_sweep, preset.interval)
+  assert {c.table for c in claims} >= {"Table 1", "Table 2", "Table 3", "Table 4", "Table 5",
+                                       "Table 6", "Table 7", "Fig. 6", "Table 10", "Table 11",
+                                       "Table 12", "Table 13", "Table 14", "Table 15"}
+  for claim in claims:
+    for side in (claim.high, claim.low):
+      if not isinstance(side, float):
+        assert side[0] in names and side[1] in paper.METRICS, claim
+  # The paper's own numbers agree with its claims.
+  for claim in claims:
+    hi, lo = claim.paper
+    if hi is not None and lo is not None:
+      assert hi > lo, claim
+
+
+def test_verdict():
+  assert paper.verdict((2.0, 0.1), (1.0, 0.2)) == "agrees"
+  assert paper.verdict((1.0, 0.1), (2.0, 0.2)) == "disagrees"
+  assert paper.verdict((1.0, 0.5), (1.2, 0.1)) == "within noise"
+  assert paper.verdict(None, (1.0, 0.0)) == "not measured"
+
+
+def test_run_metrics_and_mean_std():
+  rng = np.random.default_rng(0)
+  fr = rng.uniform(1, 50, size=3)
+  summary = {
+      "stages": [["a"], ["b"], ["c"]],
+      "forgetting_ratio": {"a": fr[0], "b": fr[1], "c": 0.0},
+      "avg_norm_score": {"avg_norm_score": 4.2, "normalized": {"a": 1.0, "b": 2.0, "c": 9.6}},
+      "mask_overlap_first": {"25%": 0.8, "50%": 0.6, "75%": 0.5, "100%": 0.4},
+      "analyses": {
+          "gradient_conflict": {"final": {"average": 0.12}},
+          "task_overlap": {"final": {"average": 0.3}},
+          "flip_rate": {"per_group": {"embed/embedding": 0.9, "block/0": 0.1, "block/1": 0.7,
+                                      "final_norm/scale": 0.5}},
+          "perturbation": {"early": {"spearman": 0.5}, "late": {"spearman": 0.6}},
+      },
+  }
+  m = measure.run_metrics(summary, ["a", "b", "c"])
+  assert m["forgetting"] == pytest.approx(np.mean(fr[:2]))
+  assert m["last_task"] == 9.6 and m["tgc"] == 0.12 and m["task_jaccard"] == 0.3
+  assert (m["flip_lowest"], m["flip_highest"]) == (0.1, 0.7)
+  assert m["spearman_middle"] is None and m["spearman_late"] == 0.6
+  xs = rng.normal(size=3).tolist()
+  assert measure.mean_std(xs + [None]) == pytest.approx((np.mean(xs), np.std(xs, ddof=1)))
+  assert measure.mean_std([None]) is None
+
+
+def test_comparison_table_counts_verdicts():
+  claims = [paper.Claim("Table 4", ("epi", "avg_norm_score"), ("epi_beta0", "avg_norm_score"),
+                        (7.98, 7.81))]
+  text, counts = compare.comparison(
+      claims, {"epi": {"avg_norm_score": (3.0, 0.1)}, "epi_beta0": {"avg_norm_score": (2.0, 0.1)}},
+      {"epi": 2, "epi_beta0": 2})
+  assert counts == {"agrees": 1}
+  assert "| epi (Avg. Norm. Score) > epi_beta0 (Avg. Norm. Score) | 7.98 > 7.81 | 3.000 ± 0.100" in text
+
+
+@pytest.mark.slow
+def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
+  """Table 4's runs at two seeds; a second call trains nothing; a run interrupted after a
+  checkpoint resumes to the same parameters; the report compares with the paper."""
+  config = tmp_path / "tiny.yaml"
+  config.write_text(TINY)
+  tiny = dataclasses.replace(grid.PRESETS["cpu"], name="tiny",
+                             configs=((str(config), ("Table 4",)),), interval=2,
+                             h_sweep=(2,), p_sweep=(0.01,), analyses=(), description="tiny")
+  monkeypatch.setitem(grid.PRESETS, "tiny", tiny)
+  out = tmp_path / "out"
+  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out), "--jobs", "2"]) == 0
+  jobs = runner.plan(tiny, 2, str(out))
+  assert {j.entry.name for j in jobs} == {"epi", "epi_beta0", "epi_beta0.9"}
+  sha = {j.run_dir: json.load(open(os.path.join(j.run_dir, "summary.json")))["params_sha256"]
+         for j in jobs}
+  assert len(set(sha.values())) == len(jobs)  # seeds and settings differ
+
+  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
+  assert "6 runs: 6 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+
+  victim = jobs[0]
+  os.remove(os.path.join(victim.run_dir, "summary.json"))
+  assert runner.status(victim) == "partial"
+  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
+  assert "1 to resume" in capsys.readouterr().out
+  assert json.load(open(os.path.join(victim.run_dir, "summary.json")))["params_sha256"] == (
+      sha[victim.run_dir])
+
+  report = (out / "report" / "report.md").read_text()
+  assert "### Table 4" in report and "Is every task learned?" not in report
+  counts = json.load(open(out / "comparison.json"))
+  assert counts["seeds"] == {"epi": 2, "epi_beta0": 2, "epi_beta0.9": 2}
+  assert sum(counts["verdicts"].values()) == 3
