@@ -1,8 +1,8 @@
 """Adapters from the paper's five Hugging Face datasets to chat turns.
 
-`load_chats(name, source)` loads through `datasets.load_dataset`, from the hub or from a local
+``load_chats(name, source)`` loads through ``datasets.load_dataset``, from the hub or from a local
 .jsonl/.json/.parquet file in the hub schema. Local JSON files are checked record by record
-before loading, so a bad record is reported as `file:line: problem`.
+before loading, so a bad record is reported as ``file:line: problem``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from epi_jax.data.examples import EvalExample
 from epi_jax.data.records import DataError, json_records
-from epi_jax.data.turns import ROLES, Turn
+from epi_jax.data.turns import ROLES, Turn, user_assistant
 
 
 def _text(record: Mapping, key: str) -> str:
@@ -28,18 +28,14 @@ def _text(record: Mapping, key: str) -> str:
     return record[key]
 
 
-def _user_assistant(user: str, assistant: str) -> list[Turn]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-
-
 def _gsm8k(record: Mapping) -> list[Turn]:
-    return _user_assistant(_text(record, "question"), _text(record, "answer"))
+    return user_assistant(_text(record, "question"), _text(record, "answer"))
 
 
 def _instruction(record: Mapping) -> list[Turn]:
     context = _text(record, "input")
     prompt = _text(record, "instruction") + (f"\n\n{context}" if context else "")
-    return _user_assistant(prompt, _text(record, "output"))
+    return user_assistant(prompt, _text(record, "output"))
 
 
 def _logiqa_choices(record: Mapping) -> tuple[tuple[str, ...], int]:
@@ -54,12 +50,12 @@ def _logiqa_choices(record: Mapping) -> tuple[tuple[str, ...], int]:
 
 
 def _logiqa(record: Mapping) -> list[Turn]:
-    """lm-evaluation-harness's logiqa prompt (`utils_logiqa.doc_to_text`); the response is the
+    """lm-evaluation-harness's logiqa prompt (``utils_logiqa.doc_to_text``); the response is the
     correct option's text, the continuation its multiple-choice scoring compares."""
     options, answer = _logiqa_choices(record)
     prompt = f"Passage: {_text(record, 'context')}\nQuestion: {_text(record, 'query')}\nChoices:\n"
     prompt += "".join(f"{chr(ord('A') + i)}. {option}\n" for i, option in enumerate(options))
-    return _user_assistant(prompt + "Answer:", options[answer])
+    return user_assistant(prompt + "Answer:", options[answer])
 
 
 def _ultrachat(record: Mapping) -> list[Turn]:
@@ -89,7 +85,9 @@ class Adapter:
     to_turns: Callable[[Mapping], list[Turn]]
     """Maps a record to turns; raises ValueError naming the offending field."""
     metric: str
-    """How held-out examples are scored: a key of `epi_jax.eval.METRICS`."""
+    """How held-out examples are scored: a key of ``epi_jax.eval.METRICS``."""
+    skill: str
+    """What the dataset exercises, for the heuristic grouping: one of ``epi_jax.data.SKILLS``."""
     choices: Callable[[Mapping], tuple[tuple[str, ...], int]] | None = None
     """Multiple choice: maps a record to (options, index of the correct one)."""
 
@@ -100,15 +98,18 @@ class Adapter:
 
 
 ADAPTERS = {
-    "gsm8k": Adapter("openai/gsm8k", "main", "train", _gsm8k, "gsm8k"),
-    "code_alpaca": Adapter("sahil2801/CodeAlpaca-20k", None, "train", _instruction, "codebleu"),
+    "gsm8k": Adapter("openai/gsm8k", "main", "train", _gsm8k, "gsm8k", "reasoning"),
+    "code_alpaca": Adapter("sahil2801/CodeAlpaca-20k", None, "train", _instruction, "codebleu",
+                           "code"),
     "logiqa": Adapter("lucasmccabe/logiqa", None, "train", _logiqa, "multiple_choice",
-                      _logiqa_choices),
-    "alpaca": Adapter("tatsu-lab/alpaca", None, "train", _instruction, "judge"),
-    "ultrachat": Adapter("HuggingFaceH4/ultrachat_200k", None, "train_sft", _ultrachat, "judge"),
+                      "reasoning", _logiqa_choices),
+    "alpaca": Adapter("tatsu-lab/alpaca", None, "train", _instruction, "judge", "open_ended"),
+    "ultrachat": Adapter("HuggingFaceH4/ultrachat_200k", None, "train_sft", _ultrachat, "judge",
+                         "open_ended"),
 }
 DATASET_NAMES = tuple(ADAPTERS)
 DATASET_METRICS = {name: adapter.metric for name, adapter in ADAPTERS.items()}
+DATASET_SKILLS = {name: adapter.skill for name, adapter in ADAPTERS.items()}
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -123,14 +124,14 @@ def _convert(adapter: Adapter, record: object, where: str) -> EvalExample:
 
 def load_chats(name: str, source: str | Path | None = None, *, split: str | None = None,
                system: str | None = None, cache_dir: str | None = None) -> list[list[Turn]]:
-    """Chats of dataset `name`: the turns of `load_examples` with the same arguments."""
+    """Chats of dataset ``name``: the turns of ``load_examples`` with the same arguments."""
     return [example.turns for example in load_examples(
         name, source, split=split, system=system, cache_dir=cache_dir)]
 
 
 def load_examples(name: str, source: str | Path | None = None, *, split: str | None = None,
                   system: str | None = None, cache_dir: str | None = None) -> list[EvalExample]:
-    """Examples of dataset `name` (one of DATASET_NAMES) from the hub or a local file.
+    """Examples of dataset ``name`` (one of ``DATASET_NAMES``) from the hub or a local file.
 
     Args:
       name: which adapter maps the records: gsm8k, code_alpaca, logiqa, alpaca or ultrachat.
@@ -138,7 +139,7 @@ def load_examples(name: str, source: str | Path | None = None, *, split: str | N
         name in that schema, or None for the adapter's default hub dataset.
       split: hub split (default: the adapter's); ignored for local files.
       system: if given, a system turn with this text starts every chat.
-      cache_dir: `datasets` cache folder (default: the `datasets` default).
+      cache_dir: ``datasets`` cache folder (default: the ``datasets`` default).
 
     Returns:
       One EvalExample per record, in file order: its {"role", "content"} turns and, for a

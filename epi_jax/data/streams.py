@@ -1,4 +1,5 @@
-"""Task streams: one batch iterator per training stage, or one mixture of all tasks."""
+"""Task streams: the stages (given, random or by skill), one batch iterator per stage, or one
+mixture of all tasks."""
 
 from __future__ import annotations
 
@@ -25,11 +26,24 @@ def check_stages(task_names: Sequence[str], stages: Sequence[Sequence[str]]) -> 
 
 
 def random_grouping(task_names: Sequence[str], num_stages: int, *, seed: int) -> list[list[str]]:
-    """Shuffle the tasks by `seed` and deal them into `num_stages` stages of near-equal size."""
+    """Shuffle the tasks by ``seed`` and deal them into ``num_stages`` stages of near-equal size."""
     if not 1 <= num_stages <= len(task_names):
         raise ValueError(f"num_stages must be in [1, {len(task_names)}], got {num_stages}")
     order = np.random.default_rng(seed).permutation(len(task_names))
     return [[task_names[i] for i in part] for part in np.array_split(order, num_stages)]
+
+
+SKILLS = ("reasoning", "code", "open_ended")
+"""The skills of the heuristic grouping (Section 3.2), in stage order; each task and dataset
+names its own (``TASK_SKILLS``, ``DATASET_SKILLS``)."""
+
+
+def skill_grouping(task_names: Sequence[str], skills: Mapping[str, str]) -> list[list[str]]:
+    """One stage per skill in ``SKILLS`` order with its tasks in the given order; a task that
+    ``skills`` does not list is a stage of its own, after them."""
+    stages = [[task for task in task_names if skills.get(task) == skill] for skill in SKILLS]
+    return [stage for stage in stages if stage] + [
+        [task] for task in task_names if skills.get(task) not in SKILLS]
 
 
 def stage_iterators(examples: Mapping[str, Sequence[Encoded]], stages: Sequence[Sequence[str]], *,

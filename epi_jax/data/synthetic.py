@@ -11,16 +11,13 @@ from collections.abc import Callable
 import numpy as np
 
 from epi_jax.data.turns import Turn
+from epi_jax.data.turns import user_assistant as _user_assistant
 
 _NAMES = ("Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kai", "Liv", "Max")
 _ITEMS = ("pens", "eggs", "cards", "shells", "coins", "books", "plums", "rocks")
 _WORDS = ("red", "fig", "sun", "map", "owl", "jam", "kite", "pear", "moon", "lamp", "rain",
           "cat", "box", "tree", "wolf", "gold", "salt", "ink", "bell", "dust")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def _user_assistant(prompt: str, answer: str) -> list[Turn]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 def arithmetic(rng: np.random.Generator) -> list[Turn]:
@@ -142,6 +139,6 @@ def task_splits(task: str, *, seed: int, n_train: int, n_eval: int
     return chats[n_eval:], chats[:n_eval]
 
 
-def exact_match(prediction: str, target: str) -> bool:
-    """True if the generated response equals the target, ignoring surrounding whitespace."""
-    return prediction.strip() == target.strip()
+TASK_SKILLS = {"arithmetic": "reasoning", "string_code": "code", "logic_choice": "reasoning",
+               "rewrite": "open_ended", "dialogue": "open_ended"}
+"""The skill each task exercises, for the heuristic grouping: one of ``epi_jax.data.SKILLS``."""

@@ -16,7 +16,7 @@ class Turn(TypedDict):
 
 
 def check_turns(turns: Sequence[Turn]) -> None:
-    """Raise ValueError unless `turns` is a non-empty list of {role, content} string dicts."""
+    """Raise ValueError unless ``turns`` is a non-empty list of {role, content} string dicts."""
     if not isinstance(turns, (list, tuple)) or not turns:
         raise ValueError(f"a chat must be a non-empty list of turns, got {turns!r:.80}")
     for i, turn in enumerate(turns):
@@ -26,3 +26,8 @@ def check_turns(turns: Sequence[Turn]) -> None:
             raise ValueError(f"turn {i} has role {turn['role']!r}; expected one of {ROLES}")
         if not isinstance(turn["content"], str):
             raise ValueError(f"turn {i} content must be a string, got {type(turn['content']).__name__}")
+
+
+def user_assistant(user: str, assistant: str) -> list[Turn]:
+    """A one-exchange chat: the user's turn, then the assistant's response."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]

@@ -1,7 +1,7 @@
 """The per-task metrics, keyed by the name each task's adapter declares, and the Avg. Norm. Score.
 
-A task's metric is named once, beside its data: `epi_jax.data.TASK_METRICS` (the embedded
-tasks) and `epi_jax.data.DATASET_METRICS` (the Hugging Face datasets). This module maps each
+A task's metric is named once, beside its data: ``epi_jax.data.TASK_METRICS`` (the embedded
+tasks) and ``epi_jax.data.DATASET_METRICS`` (the Hugging Face datasets). This module maps each
 name to what it needs (greedy generations or option log-likelihoods) and how it scores them.
 """
 
@@ -24,9 +24,14 @@ def _mean(values) -> float:
   return float(np.mean(values)) if values else 0.0
 
 
+def exact_match(prediction: str, target: str) -> bool:
+  """True if the generated response equals the target, ignoring surrounding whitespace."""
+  return prediction.strip() == target.strip()
+
+
 def _exact_match(examples, outputs, judge):
   del judge
-  return {"exact_match": _mean(data.exact_match(o, e.reference) for e, o in zip(examples, outputs))}
+  return {"exact_match": _mean(exact_match(o, e.reference) for e, o in zip(examples, outputs))}
 
 
 def _gsm8k(examples, outputs, judge):
@@ -35,8 +40,8 @@ def _gsm8k(examples, outputs, judge):
 
 
 def _multiple_choice(examples, outputs, judge):
-  """lm-evaluation-harness `acc` (argmax of the summed log-likelihoods) and `acc_norm` (argmax
-  of log-likelihood / option length in characters), `ConfigurableTask.process_results`."""
+  """lm-evaluation-harness ``acc`` (argmax of the summed log-likelihoods) and ``acc_norm`` (argmax
+  of log-likelihood / option length in characters), ``ConfigurableTask.process_results``."""
   del judge
   acc = [int(np.argmax(ll)) == e.answer for e, ll in zip(examples, outputs)]
   norm = [int(np.argmax(ll / np.array([float(len(c)) for c in e.choices]))) == e.answer
@@ -73,7 +78,7 @@ class Metric:
   to_ten: float
   """Factor taking the headline to the paper's 0-10 scale (Section 3.1)."""
   proxy: str | None = None
-  """The headline when the `headline` key is absent (no judge configured), scored 0-1."""
+  """The headline when the ``headline`` key is absent (no judge configured), scored 0-1."""
 
 
 METRICS: dict[str, Metric] = {
@@ -86,7 +91,7 @@ METRICS: dict[str, Metric] = {
 
 
 def headline_key(metric: str, result: Mapping) -> str:
-  """The name of the headline number of `result`, scored by `metric`."""
+  """The name of the headline number of ``result``, scored by ``metric``."""
   m = METRICS[metric]
   return m.headline if m.proxy is None or m.headline in result else m.proxy
 

@@ -3,8 +3,8 @@
 Layout: ``<run_dir>/checkpoints/<step>/`` with three items: ``state`` (parameters and the
 whole optimizer state: Adam moments, EPI sensitivity, mask, counters, EWC's Fisher and
 anchors), ``meta`` (the `RunRecord` as JSON) and, with ``checkpoint.mask_history: full``,
-``masks`` (per refresh ``refresh_<step>``, the np.packbits-packed mask of every parameter
-along its last axis).
+``masks`` (per refresh ``refresh_<step>``, the mask of every parameter as EPI's state packs
+it: bits along the last axis when that axis is a multiple of 8, else bool).
 """
 
 from __future__ import annotations

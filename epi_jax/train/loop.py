@@ -17,6 +17,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import epi_jax
+from epi_jax._src.state import packed_mask
 from epi_jax.data import IteratorState
 from epi_jax.eval.analyses import RunAnalyses
 from epi_jax.eval.evaluation import evaluate
@@ -37,10 +38,9 @@ from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
 
 
 def _packed_masks(opt_state) -> dict:
-  """The current protection mask, np.packbits along each parameter's last axis, by path."""
-  mask = epi_jax.protection_mask(opt_state)
-  return {jax.tree_util.keystr(path): np.packbits(np.atleast_1d(np.asarray(leaf)), axis=-1)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  """The current protection mask by path, packed as the optimizer state holds it."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(packed_mask(opt_state))[0]}
 
 
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapter", "merged")

@@ -9,14 +9,6 @@ import epi_jax.data as data
 from epi_jax.models import load_tokenizer
 from epi_jax.train.config import Config
 
-# Heuristic grouping (Section 3.2): tasks grouped by the skill they exercise.
-SKILLS = {
-    "reasoning": ("arithmetic", "logic_choice", "gsm8k", "logiqa"),
-    "code": ("string_code", "code_alpaca"),
-    "open_ended": ("rewrite", "dialogue", "alpaca", "ultrachat"),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskData:
   """Everything the loop needs from the data layer."""
@@ -28,7 +20,7 @@ class TaskData:
 
 
 def load_tasks(config: Config) -> TaskData:
-  """Tokenized training examples and evaluation chats of every task in `config.data.tasks`."""
+  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``."""
   d = config.data
   if d.source == "synthetic":
     encoder = data.ByteTokenizer()
@@ -54,7 +46,7 @@ def load_tasks(config: Config) -> TaskData:
 
 
 def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData) -> list[int]:
-  """Optimizer steps of each stage: `train.steps_per_stage`, else `train.epochs` passes."""
+  """Optimizer steps of each stage: ``train.steps_per_stage``, else ``train.epochs`` passes."""
   if config.train.steps_per_stage:
     return [config.train.steps_per_stage] * len(stages)
   sizes = [sum(len(task_data.train[t]) for t in stage) for stage in stages]

@@ -8,8 +8,10 @@ import pytest
 from epi_jax.data.batching import Encoded, encode_chats, make_batch
 from epi_jax.data.byte_tokenizer import ByteTokenizer
 from epi_jax.data.iterator import BatchIterator, IteratorState
-from epi_jax.data.streams import mixture_iterator, random_grouping, stage_iterators
-from epi_jax.data.synthetic import TASK_NAMES, task_splits
+from epi_jax.data.adapters import DATASET_NAMES, DATASET_SKILLS
+from epi_jax.data.streams import (SKILLS, mixture_iterator, random_grouping, skill_grouping,
+                                  stage_iterators)
+from epi_jax.data.synthetic import TASK_NAMES, TASK_SKILLS, task_splits
 
 TOKENIZER = ByteTokenizer()
 
@@ -127,3 +129,17 @@ def test_random_grouping_is_a_seeded_partition():
     assert sorted(len(stage) for stage in grouping) == [1, 2, 2]
     with pytest.raises(ValueError, match="num_stages"):
         random_grouping(TASK_NAMES, 6, seed=0)
+
+
+def test_every_task_and_dataset_names_a_skill():
+    assert set(TASK_SKILLS) == set(TASK_NAMES) and set(TASK_SKILLS.values()) <= set(SKILLS)
+    assert set(DATASET_SKILLS) == set(DATASET_NAMES) and set(DATASET_SKILLS.values()) <= set(SKILLS)
+
+
+def test_skill_grouping_orders_stages_by_skill():
+    skills = {"a": "open_ended", "b": "reasoning", "c": "open_ended", "d": "reasoning"}
+    assert skill_grouping(["a", "b", "c", "d", "x"], skills) == [["b", "d"], ["a", "c"], ["x"]]
+    assert skill_grouping(list(TASK_NAMES), TASK_SKILLS) == [
+        ["arithmetic", "logic_choice"], ["string_code"], ["rewrite", "dialogue"]]
+    assert skill_grouping(list(DATASET_NAMES), DATASET_SKILLS) == [
+        ["gsm8k", "logiqa"], ["code_alpaca"], ["alpaca", "ultrachat"]]

@@ -74,12 +74,6 @@ def test_task_splits_reject_bad_arguments():
         synthetic.task_splits("rewrite", seed=0, n_train=-1, n_eval=1)
 
 
-def test_exact_match():
-    assert synthetic.exact_match(" 12+3=15 \n", "12+3=15")
-    assert not synthetic.exact_match("12+3=16", "12+3=15")
-    assert not synthetic.exact_match("", "A")
-
-
 def test_logic_answers_follow_the_inference_rules():
     answers = []
     for chat in synthetic.task_splits("logic_choice", seed=1, n_train=0, n_eval=60)[1]:

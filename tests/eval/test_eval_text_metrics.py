@@ -1,11 +1,12 @@
-"""ROUGE-L against rouge_score, CodeBLEU against the codebleu package, and the normalized score."""
+"""ROUGE-L against rouge_score, CodeBLEU against the codebleu package, exact match, and the
+normalized score."""
 
 import numpy as np
 import pytest
 from codebleu import calc_codebleu
 from rouge_score import rouge_scorer
 
-from epi_jax.eval import avg_norm_score, code_scores, headline_row, rouge_l
+from epi_jax.eval import avg_norm_score, code_scores, exact_match, headline_row, rouge_l
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.rouge import rouge_tokens
 
@@ -96,3 +97,10 @@ def test_a_missing_headline_leaves_the_forgetting_ratio_undefined():
   ratios = forgetting_ratios(matrix, [["alpaca"], ["gsm8k"]])
   assert ratios == {"alpaca": None, "gsm8k": 0.0}
   assert "n/a" in format_table(matrix, [["alpaca"], ["gsm8k"]], ratios).splitlines()[1]
+
+
+def test_exact_match_ignores_surrounding_whitespace_only():
+  assert exact_match(" 12+3=15 \n", "12+3=15")
+  assert not exact_match("12+3=16", "12+3=15")
+  assert not exact_match("12 +3=15", "12+3=15")
+  assert not exact_match("", "A")

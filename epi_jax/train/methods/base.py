@@ -1,4 +1,4 @@
-"""What the trainer asks of a training method: `Method`, and the `Run` it prepares in.
+"""What the trainer asks of a training method: ``Method``, and the ``Run`` it prepares in.
 
 A method says everything that differs between methods: how tasks form stages, which module is
 trained and by which optax transformation, what it prepares before training or between stages,
@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 import epi_jax.data as data
 from epi_jax.train.config import Config
 from epi_jax.train.optimizer import inner_optimizer
-from epi_jax.train.tasks import SKILLS, TaskData
+from epi_jax.train.tasks import TaskData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Run:
   total_steps: int
   mesh: Mesh
   num_micro: int
-  resuming: bool  # the trained state is restored from a checkpoint right after `trainable`
+  resuming: bool  # the trained state is restored from a checkpoint right after ``trainable``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,12 @@ class Method:
     if m.grouping == "random":
       return data.random_grouping(tasks, m.num_stages, seed=self.config.data.seed)
     if m.grouping == "heuristic":
-      groups = [[t for t in tasks if t in members] for members in SKILLS.values()]
-      other = [[t] for t in tasks if not any(t in members for members in SKILLS.values())]
-      return [g for g in groups if g] + other
+      synthetic = self.config.data.source == "synthetic"
+      return data.skill_grouping(tasks, data.TASK_SKILLS if synthetic else data.DATASET_SKILLS)
     return [list(s) for s in m.stages] or [[t] for t in tasks]
 
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
-    """What the step trains: every parameter of `model` with AdamW."""
+    """What the step trains: every parameter of ``model`` with AdamW."""
     return Trainable(model, inner_optimizer(self.config, run.total_steps))
 
   def step_logs(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
@@ -86,7 +85,7 @@ class Method:
 
   def after_stage(self, stage: int, module: nnx.Module, optimizer: nnx.Optimizer,
                   run: Run) -> dict:
-    """Work after stage `stage`'s evaluation, in place on the merged state; returns what to
+    """Work after stage ``stage``'s evaluation, in place on the merged state; returns what to
     log (kind ``method``)."""
     return {}
 

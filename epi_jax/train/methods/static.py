@@ -9,9 +9,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 import epi_jax
 import epi_jax.data as data
+from epi_jax._src.probe import displacement
 from epi_jax.train.config import Config
 from epi_jax.train.methods.base import Method, Run, Trainable
 from epi_jax.train.optimizer import inner_optimizer
@@ -21,17 +23,18 @@ from epi_jax.train.tasks import TaskData
 
 
 def probe_steps(config: Config, examples: list) -> int:
-  """`method.probe_steps`, or one epoch of the task."""
+  """``method.probe_steps``, or one epoch of the task."""
   return config.method.probe_steps or math.ceil(len(examples) / config.optim.batch_size)
 
 
-def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh, num_micro: int):
+def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh: Mesh | None,
+                num_micro: int) -> nnx.State:
   """The probe mask (True = frozen), a pytree like ``nnx.state(model, nnx.Param)``.
 
   Each task gets its own probe: AdamW with the run's settings and a warm-up + cosine schedule
   over the probe's steps, starting from the initial weights theta_0. The score of a parameter
   is the sum over tasks of |theta_probe - theta_0|; ``epi_jax.top_p_mask`` keeps the top
-  ``method.p`` of it (layer-normalized with ``method.normalize: layer_minmax``). `model` is
+  ``method.p`` of it (layer-normalized with ``method.normalize: layer_minmax``). ``model`` is
   left unchanged.
   """
   m = config.method
@@ -51,8 +54,7 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh,
     for _ in range(steps):
       state, _ = step(state, put_batch(next(batches), mesh))
     probe, _ = nnx.merge(graphdef, state)
-    moved = jax.tree.map(lambda acc, a, b: acc + jnp.abs(a.astype(jnp.float32) - b),
-                         moved, nnx.state(probe, nnx.Param), theta_0)
+    moved = jax.tree.map(jnp.add, moved, displacement(nnx.state(probe, nnx.Param), theta_0))
   # The summed displacements are the scores: the same selection as probe_mask and EPI.
   return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget,
                             layer_of=m.layer_of)
