@@ -29,18 +29,22 @@ def arithmetic(rng: np.random.Generator) -> list[Turn]:
     return _user_assistant(prompt, f"{a}+{b}={a + b}, {a + b}-{c}={a + b - c}")
 
 
-_STRING_OPS: tuple[tuple[str, Callable[[str], str]], ...] = (
-    ("s[::-1]", lambda s: s[::-1]),
-    ("s.upper()", str.upper),
-    ("s[1:]+s[0]", lambda s: s[1:] + s[0]),
-    ("s*2", lambda s: s * 2),
+# Expressions whose value a small model can learn to read off the word within one stage of the
+# sequence: lengths, counts, membership and single characters (no string-long copies).
+_STRING_EXPRS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("len(s)", lambda s: str(len(s))),
+    ("s.count('a')", lambda s: str(s.count("a"))),
+    ("'a' in s", lambda s: str("a" in s)),
+    ("s[0]", lambda s: s[0]),
+    ("s[-1]", lambda s: s[-1]),
+    ("s == s[::-1]", lambda s: str(s == s[::-1])),
 )
 
 
 def string_code(rng: np.random.Generator) -> list[Turn]:
-    """Output of a Python string expression on a random word (stands in for CodeAlpaca)."""
-    word = "".join(rng.choice(list(_LETTERS[:10]), size=3))
-    code, fn = _STRING_OPS[int(rng.integers(len(_STRING_OPS)))]
+    """What a Python expression on a random word prints (stands in for CodeAlpaca)."""
+    word = "".join(rng.choice(list(_LETTERS[:5]), size=int(rng.integers(2, 6))))
+    code, fn = _STRING_EXPRS[int(rng.integers(len(_STRING_EXPRS)))]
     return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
 
 
@@ -64,9 +68,9 @@ def logic_choice(rng: np.random.Generator) -> list[Turn]:
     return _user_assistant(f"If {x} is {p}, {y} is {q}. {stated} {claim} A)yes B)no C)unknown", answer)
 
 
+# Instructions whose answer is one word or a count: what a small model learns in one stage.
 _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
-    ("Capitalize each word", lambda w: " ".join(x.capitalize() for x in w)),
-    ("Join with dashes", "-".join),
+    ("Give the first word", lambda w: w[0]),
     ("Give the last word", lambda w: w[-1]),
     ("Count the words", lambda w: str(len(w))),
 )
@@ -74,27 +78,23 @@ _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
 
 def rewrite(rng: np.random.Generator) -> list[Turn]:
     """A natural-language instruction applied to a list of words (stands in for Alpaca)."""
-    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 4)), replace=False)]
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 6)), replace=False)]
     instruction, fn = _REWRITES[int(rng.integers(len(_REWRITES)))]
     return _user_assistant(f"{instruction}: {' '.join(words)}", fn(words))
 
 
-_FACTS = (("city", ("Oslo", "Lima", "Rome", "Kyiv", "Pune", "Bern", "Doha", "Riga")),
-          ("pet", ("dog", "cat", "fox", "owl", "eel", "yak", "emu", "hen")),
-          ("color", ("navy", "blue", "teal", "pink", "gray", "gold", "lime", "plum")))
-
-
 def dialogue(rng: np.random.Generator) -> list[Turn]:
-    """Three-turn exchange; the last answer recalls a fact from the first (stands in for UltraChat)."""
-    name = str(rng.choice(_NAMES))
-    values = {key: str(rng.choice(options)) for key, options in _FACTS}
-    facts = ", ".join(f"{key}: {value}" for key, value in values.items())
-    key = _FACTS[int(rng.integers(len(_FACTS)))][0]
+    """Three-turn exchange; the last answer recalls the name or a count from the first turn
+    (stands in for UltraChat)."""
+    name, item = str(rng.choice(_NAMES)), str(rng.choice(_ITEMS))
+    count = int(rng.integers(1, 10))
+    question, answer = ((f"How many {item} do I have?", f"You have {count}.")
+                        if rng.integers(2) else ("Who am I?", f"You are {name}."))
     return [
-        {"role": "user", "content": f"{facts}. I am {name}."},
+        {"role": "user", "content": f"I am {name}. I have {count} {item}."},
         {"role": "assistant", "content": "Hi."},
-        {"role": "user", "content": f"What is my {key}?"},
-        {"role": "assistant", "content": f"Your {key} is {values[key]}."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
     ]
 
 
