@@ -90,14 +90,15 @@ def _judge(config: Config, run_dir: str) -> Judge | None:
 
 
 def init_state(model: nnx.Module, tx, mesh, *, wrt: nnx.filterlib.Filter = nnx.Param):
-  """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), the optimizer state
-  placed on `mesh` like the parameters it mirrors."""
+  """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on `mesh` by
+  `like_params`: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
+  masks) from the sharding metadata of the parameter it mirrors, from the start."""
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-  opt_state = nnx.state(optimizer)
+  state = nnx.state((model, optimizer))
   # One fresh buffer per leaf: an optimizer's init may return one array in two state fields,
   # and the step cannot donate a buffer twice.
-  placed = jax.device_put(opt_state, like_params(opt_state, model, mesh))
-  nnx.update(optimizer, jax.tree.map(jnp.copy, placed))
+  placed = jax.device_put(state, like_params(state, mesh))
+  nnx.update((model, optimizer), jax.tree.map(jnp.copy, placed))
   return nnx.split((model, optimizer))
 
 
@@ -151,7 +152,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
   trainable = method.trainable(model, run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
-  step_fn = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs)
+  step_fn = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs,
+                            shardings=like_params(state, mesh))
   del model, trainable
 
   record = RunRecord(seed={"data": config.data.seed, "init": config.train.seed})

@@ -22,16 +22,26 @@ def build_mesh(section: MeshSection) -> Mesh:
   return make_mesh(data=section.data, fsdp=section.fsdp, tensor=section.tensor)
 
 
-def like_params(tree, model: nnx.Module, mesh: Mesh):
-  """Shardings for `tree` (an optimizer state): a leaf shaped like parameters whose shardings
-  agree takes that sharding, anything else is replicated."""
-  by_shape: dict[tuple, NamedSharding | None] = {}
-  for v in jax.tree.leaves(nnx.state(model, nnx.Param),
-                           is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    s = variable_sharding(v, mesh)
-    by_shape[v.shape] = s if by_shape.get(v.shape, s) == s else None
+def like_params(tree, mesh: Mesh):
+  """Shardings for `tree` (a model's or an optimizer's state) from each variable's logical-axis
+  metadata: parameters get the shardings ``shard_model`` gives them, and their optimizer state
+  follows them.
+
+  ``nnx.Optimizer`` carries every parameter's metadata, ``out_sharding`` included, onto the
+  state leaves built from it (Adam moments, EPI's sensitivity and masks), so a leaf is placed
+  by its parameter's logical names, whatever its shape: a bit-packed mask (last axis 8 times
+  shorter) takes its parameter's spec on the axes they share, and its packed last axis is
+  split over its mesh axis only where that axis divides the packed length (else that dimension
+  is replicated, as ``logical_spec`` does for any dimension). Leaves without names of their
+  own rank (counters, per-group statistics) are replicated.
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(lambda x: by_shape.get(np.shape(x)) or replicated, tree)
+
+  def place(leaf):
+    names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+    return variable_sharding(leaf, mesh) if names and len(names) == leaf.ndim else replicated
+
+  return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:

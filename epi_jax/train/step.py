@@ -4,6 +4,7 @@ micro-batches, one optimizer update."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,13 +64,16 @@ def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micr
 
 def make_train_step(graphdef: nnx.GraphDef, num_micro: int, *,
                     wrt: nnx.filterlib.Filter = nnx.Param,
-                    logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None) -> Callable:
+                    logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None,
+                    shardings: Any = None) -> Callable:
   """`step(state, batch) -> (state, out)` on the split (model, optimizer) state.
 
   One optimizer update of the variables `wrt` selects (the optimizer's own `wrt`) with the
   gradients of `mean_loss_and_grads`. `out` holds ``loss`` and ``tokens``, plus whatever
   `logs(model, optimizer)` returns after the update (traced into the step). The state is
-  donated.
+  donated. `shardings` (the state's placement, ``like_params(state, mesh)``) pins the new state
+  to exactly the layout it came in: left to itself, XLA re-shards leaves such as the replicated
+  norm scales in the first step, and the second step compiles again for the new layout.
   """
 
   def step(state, batch):
@@ -79,4 +83,4 @@ def make_train_step(graphdef: nnx.GraphDef, num_micro: int, *,
     out = {"loss": loss, "tokens": count} | (logs(model, optimizer) if logs else {})
     return nnx.state((model, optimizer)), out
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
