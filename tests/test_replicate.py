@@ -9,6 +9,7 @@ import pytest
 
 from epi_jax.replicate import __main__ as runner
 from epi_jax.replicate import compare, grid, measure, paper
+from epi_jax.report import Run
 
 TINY = """
 model: {preset: tiny, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2}
@@ -55,11 +56,15 @@ def test_verdict():
   assert paper.verdict(None, (1.0, 0.0)) == "not measured"
 
 
-def test_run_metrics_and_mean_std():
+def test_claim_metrics_and_mean_std():
   rng = np.random.default_rng(0)
   fr = rng.uniform(1, 50, size=3)
   summary = {
-      "stages": [["a"], ["b"], ["c"]],
+      "method": "epi", "stages": [["a"], ["b"], ["c"]], "wall_time_s": 1.0,
+      "accuracy_matrix": [{"after_stage": k, "trained": [t], "accuracy": {"a": 0.5, "b": 0.5,
+                                                                            "c": 0.5}}
+                          for k, t in enumerate("abc")],
+      "final_accuracy": {"a": 0.1, "b": 0.2, "c": 0.96},
       "forgetting_ratio": {"a": fr[0], "b": fr[1], "c": 0.0},
       "avg_norm_score": {"avg_norm_score": 4.2, "normalized": {"a": 1.0, "b": 2.0, "c": 9.6}},
       "mask_overlap_first": {"25%": 0.8, "50%": 0.6, "75%": 0.5, "100%": 0.4},
@@ -71,10 +76,13 @@ def test_run_metrics_and_mean_std():
           "perturbation": {"early": {"spearman": 0.5}, "late": {"spearman": 0.6}},
       },
   }
-  m = measure.run_metrics(summary, ["a", "b", "c"])
+  run = Run("r", {"data": {"tasks": ["a", "b", "c"], "seed": 0}, "train": {"seed": 0}},
+            summary, [])
+  m = measure.claim_metrics(run)
   assert m["forgetting"] == pytest.approx(np.mean(fr[:2]))
   assert m["last_task"] == 9.6 and m["tgc"] == 0.12 and m["task_jaccard"] == 0.3
   assert (m["flip_lowest"], m["flip_highest"]) == (0.1, 0.7)
+  assert (m["overlap_25"], m["overlap_100"]) == (0.8, 0.4)
   assert m["spearman_middle"] is None and m["spearman_late"] == 0.6
   xs = rng.normal(size=3).tolist()
   assert measure.mean_std(xs + [None]) == pytest.approx((np.mean(xs), np.std(xs, ddof=1)))
@@ -121,7 +129,7 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
       sha[victim.run_dir])
 
   report = (out / "report" / "report.md").read_text()
-  assert "### Table 4" in report and "Is every task learned?" not in report
+  assert "### Table 4" in report
   counts = json.load(open(out / "comparison.json"))
   assert counts["seeds"] == {"epi": 2, "epi_beta0": 2, "epi_beta0.9": 2}
   assert sum(counts["verdicts"].values()) == 3

@@ -46,7 +46,7 @@ MASK_ANALYSES = ("gradient_conflict", "flip_rate", "task_overlap", "perturbation
 PRESETS = {
     "cpu": Preset(
         name="cpu", configs=(("configs/replicate/cpu.yaml", ALL_TABLES),), p=0.01, interval=50,
-        p_sweep=(0.005, 0.01, 0.02, 0.05, 0.2, 0.5), h_sweep=(10, 50, 100, 200),
+        p_sweep=(0.005, 0.01, 0.02, 0.05, 0.2), h_sweep=(10, 50, 100, 200),
         analyses=MASK_ANALYSES,
         description="the tiny decoder on the five embedded tasks (minutes per run)"),
     "smollm2": Preset(

@@ -1,12 +1,12 @@
-"""The numbers the paper's claims compare, read from one run's summary.json."""
+"""The numbers the paper's claims compare, for one finished run (``epi_jax.report.Run``)."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-import numpy as np
+from epi_jax.report import Run, run_metrics, stats
 
 
 def _get(tree: Mapping, *keys):
@@ -21,42 +21,33 @@ def _get(tree: Mapping, *keys):
 def _block_flip(per_group: Mapping[str, float | None] | None, pick) -> float | None:
   """The flip rate of the lowest (pick=min) or highest (pick=max) transformer block."""
   blocks = {int(m.group(1)): v for name, v in (per_group or {}).items()
-            if (m := re.search(r"(\d+)$", name)) and v is not None and "embed" not in name}
+            if (m := re.fullmatch(r"block/(\d+)", name)) and v is not None}
   return blocks[pick(blocks)] if blocks else None
 
 
-def run_metrics(summary: Mapping, tasks: list[str]) -> dict[str, float | None]:
-  """Every metric of ``epi_jax.replicate.paper.METRICS`` for one run (None: not measured).
-
-  `tasks` are the run's tasks in stream order: the last one is Table 14's late task.
-  """
-  stages = summary["stages"]
-  last_stage = set(stages[-1])
-  ratios = [v for task, v in summary["forgetting_ratio"].items()
-            if v is not None and task not in last_stage]
-  analyses = summary.get("analyses", {})
+def claim_metrics(run: Run) -> dict[str, float | None]:
+  """Every metric of ``epi_jax.replicate.paper.METRICS`` for `run` (None: not measured)."""
+  s, analyses = run.summary, run.summary.get("analyses", {})
+  common = run_metrics(run)
   per_group = _get(analyses, "flip_rate", "per_group")
   out = {
-      "avg_norm_score": _get(summary, "avg_norm_score", "avg_norm_score"),
-      # Tasks of the last stage have nothing after them to forget.
-      "forgetting": float(np.mean(ratios)) if ratios and len(stages) > 1 else None,
+      "avg_norm_score": common["avg_norm_score"],
+      # One stage has nothing after it to forget: FR of the full mixture is undefined.
+      "forgetting": common["forgetting_ratio_mean"] if len(s["stages"]) > 1 else None,
       "tgc": _get(analyses, "gradient_conflict", "final", "average"),
-      "last_task": _get(summary, "avg_norm_score", "normalized", tasks[-1]),
-      "overlap_25": _get(summary, "mask_overlap_first", "25%"),
-      "overlap_100": _get(summary, "mask_overlap_first", "100%"),
+      "last_task": _get(s, "avg_norm_score", "normalized", run.config["data"]["tasks"][-1]),
+      "overlap_25": _get(s, "mask_overlap_first", "25%"),
+      "overlap_100": _get(s, "mask_overlap_first", "100%"),
       "flip_lowest": _block_flip(per_group, min),
       "flip_highest": _block_flip(per_group, max),
       "task_jaccard": _get(analyses, "task_overlap", "final", "average"),
   }
   for point in ("early", "middle", "late"):
     out[f"spearman_{point}"] = _get(analyses, "perturbation", point, "spearman")
-  return {k: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-          for k, v in out.items()}
+  return {k: None if v is None or math.isnan(v) else float(v) for k, v in out.items()}
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
-  """(mean, sample std over seeds; 0 for one seed) of the measured values, None if none."""
-  xs = [v for v in values if v is not None]
-  if not xs:
-    return None
-  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
+  """(mean, std over seeds) of the measured values (``epi_jax.report.stats``), None if none."""
+  s = stats(values)
+  return None if s["mean"] is None else (s["mean"], s["std"])
