@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from epi_jax.train.distributed import host_array
+
 
 @dataclasses.dataclass
 class RunRecord:
@@ -75,11 +77,12 @@ class RunCheckpoints:
 
 
 def params_sha256(params) -> str:
-  """SHA-256 over every parameter's path, dtype, shape and bytes: equal iff bit-identical."""
+  """SHA-256 over every parameter's path, dtype, shape and bytes: equal iff bit-identical.
+  With several processes every one must call it (parameters are gathered from all of them)."""
   digest = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
                            key=lambda item: jax.tree_util.keystr(item[0])):
-    array = np.asarray(jax.device_get(leaf))
+    array = host_array(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()

@@ -2,7 +2,6 @@
 --config FILE [--set KEY=VALUE ...] [--run-dir DIR] [--resume] [--dry-run]. See docs/trainer.md."""
 
 import argparse
-import os
 import sys
 
 
@@ -31,10 +30,9 @@ def main(argv=None) -> int:
 
     print(format_plan(memory_plan(config), config))
     return 0
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    import jax
+  from epi_jax.train.distributed import initialize_from_env
 
-    jax.distributed.initialize()
+  initialize_from_env()
   from epi_jax.train.loop import train
 
   try:

@@ -27,6 +27,7 @@ from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.eval.metrics import avg_norm_score, headline_row
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
+from epi_jax.train.distributed import host_array, writes_files
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.metrics import MetricsWriter
@@ -38,8 +39,9 @@ from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
 
 
 def _packed_masks(opt_state) -> dict:
-  """The current protection mask by path, packed as the optimizer state holds it."""
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
+  """The current protection mask by path, packed as the optimizer state holds it (gathered
+  from all processes: every process must call it)."""
+  return {jax.tree_util.keystr(path): host_array(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(packed_mask(opt_state))[0]}
 
 
@@ -48,7 +50,9 @@ OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapt
 
 
 def _clear_outputs(run_dir: str) -> None:
-  """A fresh start removes the outputs of an earlier run in `run_dir`."""
+  """A fresh start removes the outputs of an earlier run in `run_dir` (process 0 does)."""
+  if not writes_files():
+    return
   for name in OUTPUTS:
     path = os.path.join(run_dir, name)
     if os.path.exists(path):
@@ -71,7 +75,7 @@ def _resume_step(ckpt: RunCheckpoints, run_dir: str, config: Config) -> int:
 
 def _drop_records_after(path: str, step: int) -> None:
   """Removes the metrics an interrupted session wrote after the checkpoint it resumes from."""
-  if not os.path.exists(path):
+  if not writes_files() or not os.path.exists(path):
     return
   with open(path) as f:
     kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
@@ -134,8 +138,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   if not resume:
     _clear_outputs(run_dir)
   judge = _judge(config, run_dir)
-  with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-    yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
+  if writes_files():
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+      yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
 
   method = make_method(config)
   task_data = load_tasks(config)
@@ -251,8 +256,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
                      wall_time=earlier_wall + time.perf_counter() - session_start)
   summary["analyses"] = analyses.summary(record)
   method.export(module, run_dir)
-  with open(os.path.join(run_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  if writes_files():
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   writer.close()
   ckpt.close()
   print(format_table(record.matrix, stages, summary["forgetting_ratio"]))

@@ -1,4 +1,5 @@
-"""Metrics of a run: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars."""
+"""Metrics of a run: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars,
+written by process 0 of a multi-process run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from epi_jax.train.distributed import writes_files
 
 
 def _plain(value):
@@ -19,14 +22,15 @@ class MetricsWriter:
   """Appends records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard events.
 
   A record is ``{"kind": ..., "step": ..., **values}``; array values (per-group mask counts)
-  become one TensorBoard scalar per entry, named by `group_names`.
+  become one TensorBoard scalar per entry, named by `group_names`. In a process other than the
+  first, `write` only returns the record.
   """
 
   def __init__(self, run_dir: str, *, tensorboard: bool, group_names: Sequence[str] = ()):
-    self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if writes_files() else None
     self.group_names = list(group_names)
     self.tb = None
-    if tensorboard:
+    if tensorboard and self.file is not None:
       from tensorboardX import SummaryWriter  # imported only when event files are wanted
 
       self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -34,6 +38,8 @@ class MetricsWriter:
   def write(self, kind: str, step: int, values: Mapping) -> dict:
     """Logs `values` at `step` under `kind` (train, eval, mask, stage); returns the record."""
     record = {"kind": kind, "step": int(step)} | {k: _plain(v) for k, v in values.items()}
+    if self.file is None:
+      return record
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     if self.tb is not None:
@@ -50,6 +56,7 @@ class MetricsWriter:
     return record
 
   def close(self) -> None:
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.tb is not None:
       self.tb.close()

@@ -1,8 +1,8 @@
 """The run's device mesh and the placement of optimizer state and batches on it.
 
-Multi-host: call ``jax.distributed.initialize()`` in every process before anything touches
-the devices (``train.py`` does so when ``JAX_COORDINATOR_ADDRESS`` is set); the mesh then spans
-all hosts' devices and each host feeds its own slice of every batch.
+Multi-host: every process joins the run first (``epi_jax.train.distributed``; ``train.py``
+does so from the ``JAX_*`` environment variables); the mesh then spans all hosts' devices, and
+each process builds the same global batch and places the rows its own devices hold.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def like_params(tree, mesh: Mesh):
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-  """The (global) batch on the mesh, split along the batch axis over (data, fsdp); with several
-  processes each one contributes its own block of rows."""
+  """The global batch on the mesh, split along the batch axis over (data, fsdp). Every process
+  passes the same whole batch and copies only the rows its own devices hold, wherever the
+  mesh puts them."""
   if mesh is None:
     return {k: jax.numpy.asarray(v) for k, v in batch.items()}
-  n, i = jax.process_count(), jax.process_index()
-  return {k: jax.make_array_from_process_local_data(
-      batch_sharding(mesh, v.shape), v[i * len(v) // n:(i + 1) * len(v) // n], v.shape)
+  return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.shape),
+                                          lambda index, v=v: v[index])
           for k, v in batch.items()}
