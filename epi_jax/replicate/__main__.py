@@ -27,6 +27,10 @@ from epi_jax.train.loading import ConfigError, load_config, resume_conflicts
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+FIRST = ("epi", "static", "sequential", "lora")
+"""The runs of EPI against static isolation, sequential SFT and LoRA: trained first."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One run of the grid at one seed."""
@@ -47,9 +51,9 @@ class Job:
 
 
 def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ()) -> list[Job]:
-  """Every run of `preset` at seeds 0..seeds-1: Table 1's methods at every seed first (the
-  comparison with its spread), then the p sweep (what the demo's settings come from), then
-  the other ablations, seed by seed."""
+  """Every run of `preset` at seeds 0..seeds-1, in the order a partial replication is most
+  useful: the runs of the main comparisons (`FIRST`) at every seed, Table 1's other methods,
+  the p sweep (where the demo's settings come from), then the other ablations, seed by seed."""
   jobs = []
   for config, tables in preset.configs:
     backbone = os.path.splitext(os.path.basename(config))[0]
@@ -58,9 +62,10 @@ def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ())
              for seed in range(seeds) for e in grid.entries(preset, tables)]
   order = {job: i for i, job in enumerate(jobs)}
   def rank(job: Job) -> tuple:
-    tables = job.entry.tables
-    return ("Table 1" not in tables, not {"Fig. 6", "Table 10"} & set(tables), job.seed,
-            order[job])
+    tables = set(job.entry.tables)
+    tier = (0 if job.entry.name in FIRST else 1 if "Table 1" in tables
+            else 2 if tables & {"Fig. 6", "Table 10"} else 3)
+    return tier, job.seed, order[job]
 
   return sorted(jobs, key=rank)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import epi_jax
@@ -133,10 +134,12 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   run_dir = run_dir or config.run_dir
   os.makedirs(run_dir, exist_ok=True)
   session_start = time.perf_counter()
+  if not resume:  # before any process's checkpoint manager reads the directory
+    _clear_outputs(run_dir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("epi_jax: earlier outputs cleared")
   ckpt = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
   start_step = _resume_step(ckpt, run_dir, config) if resume else 0
-  if not resume:
-    _clear_outputs(run_dir)
   judge = _judge(config, run_dir)
   if writes_files():
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -154,7 +157,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
             num_micro=num_micro, resuming=bool(start_step))
 
   model = build_model(config.model, seed=config.train.seed, mesh=mesh)
-  group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param)).names
+  group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param), config.method.layer_of).names
   trainable = method.trainable(model, run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
   step_fn = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs,
@@ -185,7 +188,10 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
                              lambda module: headline_row(run_eval(module), task_data.metrics))
   progress = tqdm(total=total, initial=step, disable=not config.log.progress,
                   desc=config.method.type, dynamic_ncols=True)
-  protected = record.mask_history[-1]["protected_fraction"] if record.mask_history else 0.0
+  if record.mask_history:
+    protected = record.mask_history[-1]["protected_fraction"]
+  else:  # a fixed mask (static) protects from the first step
+    protected = method.summary(*nnx.merge(graphdef, state)).get("protected_fraction", 0.0)
   tokens, tick = 0.0, time.perf_counter()
   earlier_wall = record.wall_time  # wall time of the sessions before this one
 
