@@ -32,16 +32,24 @@ def main() -> None:
   task_data = load_tasks(config)
   model = build_model(config.model, seed=config.train.seed, mesh=build_mesh(config.mesh))
   encoder = task_data.encoder
-  lengths = [len(encoder.encode_prompt(e.prompt)) for ex in task_data.evaluation.values()
-             for e in ex]
-  print(f"{sum(map(len, task_data.evaluation.values()))} examples, prompt lengths "
-        f"{min(lengths)}-{max(lengths)}, buckets {sorted({bucket(n) for n in lengths})}, "
-        f"max_new_tokens {config.eval.max_new_tokens}, batch {config.eval.batch_size}")
+  lengths = [
+      len(encoder.encode_prompt(e.prompt)) for ex in task_data.evaluation.values() for e in ex
+  ]
+  print(
+      f"{sum(map(len, task_data.evaluation.values()))} examples, prompt lengths "
+      f"{min(lengths)}-{max(lengths)}, buckets {sorted({bucket(n) for n in lengths})}, "
+      f"max_new_tokens {config.eval.max_new_tokens}, batch {config.eval.batch_size}"
+  )
   for label in ("first (with compilation)", "second"):
     start = time.perf_counter()
-    results = evaluate(model, encoder, task_data.evaluation, task_data.metrics,
-                       max_new_tokens=config.eval.max_new_tokens,
-                       batch_size=config.eval.batch_size)
+    results = evaluate(
+        model,
+        encoder,
+        task_data.evaluation,
+        task_data.metrics,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+    )
     print(f"{label}: {time.perf_counter() - start:.2f} s")
   print(json.dumps(results, indent=1))
   print("avg_norm_score", json.dumps(avg_norm_score(results, task_data.metrics)))

@@ -30,10 +30,17 @@ def decoder_params(size: float, key) -> dict:
   vocab = max(1000, round((size - blocks * per_block) / width))
   shapes = {"embed": (vocab, width), "final_norm": (width,)}
   for i in range(blocks):
-    for name, shape in {"q": (width, width), "k": (width, width), "v": (width, width),
-                        "o": (width, width), "gate": (width, 8 * width // 3),
-                        "up": (width, 8 * width // 3), "down": (8 * width // 3, width),
-                        "norm1": (width,), "norm2": (width,)}.items():
+    for name, shape in {
+        "q": (width, width),
+        "k": (width, width),
+        "v": (width, width),
+        "o": (width, width),
+        "gate": (width, 8 * width // 3),
+        "up": (width, 8 * width // 3),
+        "down": (8 * width // 3, width),
+        "norm1": (width,),
+        "norm2": (width,),
+    }.items():
       shapes[f"layers/{i}/{name}"] = shape
   keys = jax.random.split(key, len(shapes))
   return {n: jax.random.normal(k, s, jnp.float32) * 0.02 for (n, s), k in zip(shapes.items(), keys)}
@@ -102,10 +109,22 @@ def main() -> None:
   parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7])
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
-  print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
-        f"median of {args.repeats} after warm-up; ratios to one jitted AdamW step")
-  header = ("params", "leaves", "AdamW ms", "EPI f32", "EPI bf16", "EPI adam_nu",
-            "refresh", "sort refresh", "H=500 f32", "H=500 adam_nu")
+  print(
+      f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
+      f"median of {args.repeats} after warm-up; ratios to one jitted AdamW step"
+  )
+  header = (
+      "params",
+      "leaves",
+      "AdamW ms",
+      "EPI f32",
+      "EPI bf16",
+      "EPI adam_nu",
+      "refresh",
+      "sort refresh",
+      "H=500 f32",
+      "H=500 adam_nu",
+  )
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   adamw = optax.adamw(1e-5, weight_decay=0.01)
@@ -117,20 +136,31 @@ def main() -> None:
     runs = {
         "adamw": Stepper(adamw, params, grads),
         "f32": Stepper(epi_jax.epi(adamw, interval=never), params, grads),
-        "bf16": Stepper(epi_jax.epi(adamw, interval=never, sensitivity_dtype=jnp.bfloat16),
-                        params, grads),
+        "bf16": Stepper(
+            epi_jax.epi(adamw, interval=never, sensitivity_dtype=jnp.bfloat16), params, grads
+        ),
         "nu": Stepper(epi_jax.epi(adamw, interval=never, sensitivity="adam_nu"), params, grads),
         "every": Stepper(epi_jax.epi(adamw, interval=1), params, grads),
         "sort": Call(lambda s: sort_refresh(s, 0.01), jax.tree.map(lambda g: g * g, grads)),
     }
     t = interleaved_medians(runs, args.repeats)
     del runs
-    base, f32, bf16, nu, every, sort = (t[k] for k in ("adamw", "f32", "bf16", "nu", "every", "sort"))
+    base, f32, bf16, nu, every, sort = (
+        t[k] for k in ("adamw", "f32", "bf16", "nu", "every", "sort")
+    )
     refresh = max(every - f32, 0.0)
-    row = (f"{count / 1e6:.1f}M", str(len(params)), f"{base * 1e3:.1f}", f"{f32 / base:.2f}",
-           f"{bf16 / base:.2f}", f"{nu / base:.2f}", f"{refresh / base:.2f}",
-           f"{sort / base:.1f}", f"{(f32 + refresh / 500) / base:.3f}",
-           f"{(nu + refresh / 500) / base:.3f}")
+    row = (
+        f"{count / 1e6:.1f}M",
+        str(len(params)),
+        f"{base * 1e3:.1f}",
+        f"{f32 / base:.2f}",
+        f"{bf16 / base:.2f}",
+        f"{nu / base:.2f}",
+        f"{refresh / base:.2f}",
+        f"{sort / base:.1f}",
+        f"{(f32 + refresh / 500) / base:.3f}",
+        f"{(nu + refresh / 500) / base:.3f}",
+    )
     print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -40,10 +40,16 @@ def leaves(state) -> list[dict]:
     per_device = collections.Counter()
     for shard in x.addressable_shards:
       per_device[shard.device.id] += shard.data.nbytes
-    out.append({"path": jax.tree_util.keystr(path), "shape": list(x.shape),
-                "dtype": str(x.dtype), "full": x.nbytes, "per_device": dict(per_device),
-                "spec": [[] if a is None else [a] if isinstance(a, str) else list(a)
-                         for a in spec]})
+    out.append(
+        {
+            "path": jax.tree_util.keystr(path),
+            "shape": list(x.shape),
+            "dtype": str(x.dtype),
+            "full": x.nbytes,
+            "per_device": dict(per_device),
+            "spec": [[] if a is None else [a] if isinstance(a, str) else list(a) for a in spec],
+        }
+    )
   return out
 
 
@@ -60,20 +66,35 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
   mesh = build_mesh(config.mesh)
   task_data = load_tasks(config)
   method = make_method(config)
-  num_micro = config.optim.batch_size // (config.optim.micro_batch_size
-                                          or config.optim.batch_size)
-  run = Run(config=config, task_data=task_data, stages=method.stages(), total_steps=steps,
-            mesh=mesh, num_micro=num_micro, resuming=False)
+  num_micro = config.optim.batch_size // (config.optim.micro_batch_size or config.optim.batch_size)
+  run = Run(
+      config=config,
+      task_data=task_data,
+      stages=method.stages(),
+      total_steps=steps,
+      mesh=mesh,
+      num_micro=num_micro,
+      resuming=False,
+  )
   trainable = method.trainable(build_model(config.model, seed=config.train.seed, mesh=mesh), run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
   init = leaves(state)
-  step = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs,
-                         shardings=like_params(state, mesh))
+  step = make_train_step(
+      graphdef,
+      num_micro,
+      wrt=trainable.wrt,
+      logs=method.step_logs,
+      shardings=like_params(state, mesh),
+  )
   batches = stage_iterators(config, run.stages, task_data)[0]
   for _ in range(steps):
     state, _ = step(state, put_batch(next(batches), mesh))
-  return {"mesh": dict(mesh.shape), "init": init, "after": leaves(state),
-          "compiles": step._cache_size()}
+  return {
+      "mesh": dict(mesh.shape),
+      "init": init,
+      "after": leaves(state),
+      "compiles": step._cache_size(),
+  }
 
 
 def table(result: dict) -> str:
@@ -83,16 +104,19 @@ def table(result: dict) -> str:
     full[field(leaf["path"])] += leaf["full"]
     per_device[field(leaf["path"])].update(leaf["per_device"])
   mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
-  lines = [f"mesh {mesh}",
-           f"{'field':<12} {'full KiB':>12} {'per device KiB':>15} {'ratio':>7}"]
+  lines = [f"mesh {mesh}", f"{'field':<12} {'full KiB':>12} {'per device KiB':>15} {'ratio':>7}"]
   for name in ("params",) + FIELDS + ("other",):
     if full[name]:
       most = max(per_device[name].values())
-      lines.append(f"{name:<12} {full[name] / 1024:>12.1f} {most / 1024:>15.1f} "
-                   f"{most / full[name]:>7.3f}")
+      lines.append(
+          f"{name:<12} {full[name] / 1024:>12.1f} {most / 1024:>15.1f} "
+          f"{most / full[name]:>7.3f}"
+      )
   moved = [a["path"] for a, b in zip(result["init"], result["after"]) if a["spec"] != b["spec"]]
-  lines.append(f"train step compiled {result['compiles']}x; leaves re-sharded by the steps: "
-               f"{moved or 'none'}")
+  lines.append(
+      f"train step compiled {result['compiles']}x; leaves re-sharded by the steps: "
+      f"{moved or 'none'}"
+  )
   return "\n".join(lines)
 
 

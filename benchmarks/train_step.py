@@ -59,7 +59,10 @@ def matmul_peak(repeats: int) -> float:
 
 def step_flops(config: ModelConfig, params: int, batch: int, seq: int) -> float:
   tokens = batch * seq
-  return 6 * params * tokens + 12 * config.num_layers * config.num_heads * config.head_dim * seq * tokens
+  return (
+      6 * params * tokens
+      + 12 * config.num_layers * config.num_heads * config.head_dim * seq * tokens
+  )
 
 
 class TrainStep:
@@ -84,10 +87,14 @@ class TrainStep:
 
 def random_batch(config: ModelConfig, batch: int, seq: int) -> dict:
   rng = np.random.default_rng(0)
-  examples = [data.Encoded(rng.integers(3, config.vocab_size, seq).astype(np.int32),
-                           np.ones(seq, bool)) for _ in range(batch)]
-  return {k: jnp.asarray(v) for k, v in
-          data.make_batch([[e] for e in examples], seq_len=seq, pad_id=0).items()}
+  examples = [
+      data.Encoded(rng.integers(3, config.vocab_size, seq).astype(np.int32), np.ones(seq, bool))
+      for _ in range(batch)
+  ]
+  return {
+      k: jnp.asarray(v)
+      for k, v in data.make_batch([[e] for e in examples], seq_len=seq, pad_id=0).items()
+  }
 
 
 def useful_tokens_per_batch(path: str, batch: int, seq: int) -> dict[str, float]:
@@ -96,8 +103,9 @@ def useful_tokens_per_batch(path: str, batch: int, seq: int) -> dict[str, float]
   examples = data.encode_chats(data.load_chats("gsm8k", path), encoder)
   out = {}
   for pack in (False, True):
-    it = data.BatchIterator(examples, batch_size=batch, seq_len=seq, pad_id=encoder.pad_id,
-                            seed=0, pack=pack)
+    it = data.BatchIterator(
+        examples, batch_size=batch, seq_len=seq, pad_id=encoder.pad_id, seed=0, pack=pack
+    )
     real = []
     while it.state.epoch == 0:
       real.append(next(it)["attention_mask"].sum())
@@ -110,44 +118,65 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--gsm8k", default=os.path.join(
-      os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl"))
-  parser.add_argument("--causal-block", type=int, default=layers.CAUSAL_BLOCK,
-                      help="queries per causal attention block; 0: one block of all queries")
+  parser.add_argument(
+      "--gsm8k",
+      default=os.path.join(
+          os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl"
+      ),
+  )
+  parser.add_argument(
+      "--causal-block",
+      type=int,
+      default=layers.CAUSAL_BLOCK,
+      help="queries per causal attention block; 0: one block of all queries",
+  )
   args = parser.parse_args()
   layers.CAUSAL_BLOCK = args.causal_block or 2**31  # read when the steps are traced
   peak = matmul_peak(args.repeats)
-  print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}; "
-        f"float32 2048^2 matmul peak {peak / 1e9:.0f} GFLOP/s; SmolLM2-135M, float32, batch "
-        f"{args.batch} x {args.seq}; causal block {args.causal_block or 'off'}; median of "
-        f"{args.repeats} after warm-up")
+  print(
+      f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}; "
+      f"float32 2048^2 matmul peak {peak / 1e9:.0f} GFLOP/s; SmolLM2-135M, float32, batch "
+      f"{args.batch} x {args.seq}; causal block {args.causal_block or 'off'}; median of "
+      f"{args.repeats} after warm-up"
+  )
   base = ModelConfig.smollm2_135m()
   batch = random_batch(base, args.batch, args.seq)
   adamw = optax.adamw(1e-5, weight_decay=0.01)
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(Decoder(base, rngs=nnx.Rngs(0)), nnx.Param)))
+  params = sum(
+      x.size for x in jax.tree.leaves(nnx.state(Decoder(base, rngs=nnx.Rngs(0)), nnx.Param))
+  )
   flops = step_flops(base, params, args.batch, args.seq)
-  print("| layers | AdamW step s | MFU | EPI / AdamW step | compile AdamW s | compile EPI s | "
-        "compile EPI / AdamW |")
+  print(
+      "| layers | AdamW step s | MFU | EPI / AdamW step | compile AdamW s | compile EPI s | "
+      "compile EPI / AdamW |"
+  )
   print("|---|---|---|---|---|---|---|")
   step_s = []
   for scan in (False, True):  # one layout at a time: four live train states exceed 24 GB
     config = dataclasses.replace(base, scan_layers=scan)
-    runs = {"adamw": TrainStep(config, adamw, batch),
-            "epi": TrainStep(config, epi_jax.epi(adamw, p=0.01, interval=NEVER), batch)}
+    runs = {
+        "adamw": TrainStep(config, adamw, batch),
+        "epi": TrainStep(config, epi_jax.epi(adamw, p=0.01, interval=NEVER), batch),
+    }
     times = interleaved_medians(runs, args.repeats)
     a, e, t = runs["adamw"], runs["epi"], times["adamw"]
-    print(f"| {'scanned' if scan else 'unscanned'} | {t:.2f} | {flops / t / peak:.1%} | "
-          f"{times['epi'] / t:.3f} | {a.compile_s:.1f} | {e.compile_s:.1f} | "
-          f"{e.compile_s / a.compile_s:.2f} |", flush=True)
+    print(
+        f"| {'scanned' if scan else 'unscanned'} | {t:.2f} | {flops / t / peak:.1%} | "
+        f"{times['epi'] / t:.3f} | {a.compile_s:.1f} | {e.compile_s:.1f} | "
+        f"{e.compile_s / a.compile_s:.2f} |",
+        flush=True,
+    )
     step_s.append(t)
     del runs, a, e
   if os.path.exists(args.gsm8k):
     step_s = min(step_s)
     real = useful_tokens_per_batch(args.gsm8k, args.batch, args.seq)
-    print(f"GSM8K train, {args.batch} x {args.seq}: real tokens per batch padded "
-          f"{real['padded']:.0f}, packed {real['packed']:.0f}; useful tokens/s padded "
-          f"{real['padded'] / step_s:.0f}, packed {real['packed'] / step_s:.0f} "
-          f"(x{real['packed'] / real['padded']:.2f})")
+    print(
+        f"GSM8K train, {args.batch} x {args.seq}: real tokens per batch padded "
+        f"{real['padded']:.0f}, packed {real['packed']:.0f}; useful tokens/s padded "
+        f"{real['padded'] / step_s:.0f}, packed {real['packed'] / step_s:.0f} "
+        f"(x{real['packed'] / real['padded']:.2f})"
+    )
   else:
     print(f"no GSM8K file at {args.gsm8k}: packed vs padded skipped")
 

@@ -23,31 +23,43 @@ def _scores(summary: dict) -> dict[str, float]:
   continual = summary["analyses"]["continual"]
   last = set(summary["stages"][-1])
   fr = [v for t, v in summary["forgetting_ratio"].items() if v is not None and t not in last]
-  return {"final": float(np.mean(list(summary["final_accuracy"].values()))),
-          "bwt": continual["bwt"], "fr": float(np.mean(fr)) if fr else float("nan")}
+  return {
+      "final": float(np.mean(list(summary["final_accuracy"].values()))),
+      "bwt": continual["bwt"],
+      "fr": float(np.mean(fr)) if fr else float("nan"),
+  }
 
 
 def verdict(scores: dict[str, dict[str, float]]) -> str:
   """One line on EPI against sequential SFT (and static isolation), from the numbers."""
   epi, seq = scores["epi"], scores["multistage"]
   kept = "forgot less than" if epi["bwt"] > seq["bwt"] else "did not forget less than"
-  line = (f"EPI {kept} sequential SFT (BWT {epi['bwt']:+.3f} vs {seq['bwt']:+.3f}, mean final "
-          f"accuracy {epi['final']:.3f} vs {seq['final']:.3f})")
+  line = (
+      f"EPI {kept} sequential SFT (BWT {epi['bwt']:+.3f} vs {seq['bwt']:+.3f}, mean final "
+      f"accuracy {epi['final']:.3f} vs {seq['final']:.3f})"
+  )
   if "static" in scores:
     st = scores["static"]
     better = "above" if epi["final"] > st["final"] else "not above"
-    line += (f"; its final accuracy is {better} static isolation's ({st['final']:.3f}, "
-             f"BWT {st['bwt']:+.3f})")
+    line += (
+        f"; its final accuracy is {better} static isolation's ({st['final']:.3f}, "
+        f"BWT {st['bwt']:+.3f})"
+    )
   return line + "."
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m epi_jax.demo", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m epi_jax.demo", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--config", default="configs/demo.yaml")
   parser.add_argument("--out", default="runs/demo")
-  parser.add_argument("--methods", default=",".join(METHODS),
-                      help=f"comma-separated subset of {','.join(METHODS)} (multistage and epi "
-                           "are needed for the verdict)")
+  parser.add_argument(
+      "--methods",
+      default=",".join(METHODS),
+      help=f"comma-separated subset of {','.join(METHODS)} (multistage and epi "
+      "are needed for the verdict)",
+  )
   args = parser.parse_args(argv)
   methods = args.methods.split(",")
   if not {"multistage", "epi"} <= set(methods) <= set(METHODS):
@@ -74,8 +86,11 @@ def main(argv=None) -> int:
   print()
   for method, s in summaries.items():
     print(f"{LABELS[method]}  (wall time {s['wall_time_s']:.0f} s)")
-    print(format_table([r["accuracy"] for r in s["accuracy_matrix"]], s["stages"],
-                       s["forgetting_ratio"]))
+    print(
+        format_table(
+            [r["accuracy"] for r in s["accuracy_matrix"]], s["stages"], s["forgetting_ratio"]
+        )
+    )
     print()
   scores = {m: _scores(s) for m, s in summaries.items()}
   print(f"{'method':<18}{'final acc':>10}{'BWT':>9}{'mean FR %':>11}")
@@ -83,10 +98,13 @@ def main(argv=None) -> int:
     print(f"{LABELS[method]:<18}{sc['final']:>10.3f}{sc['bwt']:>+9.3f}{sc['fr']:>11.1f}")
   line = verdict(scores)
   print(f"\nverdict: {line}")
-  report = write_report([os.path.join(args.out, m) for m in methods],
-                        os.path.join(args.out, "report"),
-                        labels={os.path.join(args.out, m): LABELS[m] for m in methods},
-                        title="EPI demo", extra_markdown=f"## Verdict\n\n{line}\n")
+  report = write_report(
+      [os.path.join(args.out, m) for m in methods],
+      os.path.join(args.out, "report"),
+      labels={os.path.join(args.out, m): LABELS[m] for m in methods},
+      title="EPI demo",
+      extra_markdown=f"## Verdict\n\n{line}\n",
+  )
   print(f"report: {report}")
   return 0
 

@@ -45,14 +45,15 @@ def unflatten(vec: np.ndarray, shapes) -> list[np.ndarray]:
   out, start = [], 0
   for shape in shapes:
     size = int(np.prod(shape, dtype=np.int64))
-    out.append(vec[start:start + size].reshape(shape))
+    out.append(vec[start : start + size].reshape(shape))
     start += size
   assert start == vec.size
   return out
 
 
-def normalize_scores(scores: np.ndarray, gid: np.ndarray, num_groups: int,
-                     normalize: str) -> np.ndarray:
+def normalize_scores(
+    scores: np.ndarray, gid: np.ndarray, num_groups: int, normalize: str
+) -> np.ndarray:
   """Eq. 7-8 in float64: per-group min-max (0 where max == min), or the raw scores."""
   scores = np.asarray(scores, np.float64)
   out = np.zeros_like(scores)
@@ -69,8 +70,15 @@ def normalize_scores(scores: np.ndarray, gid: np.ndarray, num_groups: int,
   return out
 
 
-def select(scores: np.ndarray, gid: np.ndarray, num_groups: int, p: float, *,
-           normalize: str = "layer_minmax", budget: str = "global"):
+def select(
+    scores: np.ndarray,
+    gid: np.ndarray,
+    num_groups: int,
+    p: float,
+    *,
+    normalize: str = "layer_minmax",
+    budget: str = "global",
+):
   """Top-p selection (Eq. 9) by a full sort.
 
   Returns (mask, thresholds): mask is a bool vector like ``scores``; thresholds holds
@@ -100,9 +108,14 @@ def select_tree(leaves, leaf_ids, num_groups, p, *, normalize="layer_minmax", bu
   """``select`` on a list of leaves; returns (list of bool masks, thresholds)."""
   shapes = [np.shape(x) for x in leaves]
   gid = entry_groups(shapes, leaf_ids)
-  vec = np.concatenate([np.asarray(x, np.float64).ravel() if ids is not None
-                        else np.zeros(int(np.prod(s, dtype=np.int64)))
-                        for x, ids, s in zip(leaves, leaf_ids, shapes)])
+  vec = np.concatenate(
+      [
+          np.asarray(x, np.float64).ravel()
+          if ids is not None
+          else np.zeros(int(np.prod(s, dtype=np.int64)))
+          for x, ids, s in zip(leaves, leaf_ids, shapes)
+      ]
+  )
   mask, tau = select(vec, gid, num_groups, p, normalize=normalize, budget=budget)
   return unflatten(mask, shapes), tau
 
@@ -131,9 +144,24 @@ class ReferenceEPI:
   returns the list of update leaves and advances ``params`` (float64 leaves).
   """
 
-  def __init__(self, params, leaf_ids, num_groups, *, learning_rate, weight_decay, p, beta,
-               interval, normalize="layer_minmax", budget="global", sensitivity="grad_sq",
-               b1=0.9, b2=0.999, eps=1e-8):
+  def __init__(
+      self,
+      params,
+      leaf_ids,
+      num_groups,
+      *,
+      learning_rate,
+      weight_decay,
+      p,
+      beta,
+      interval,
+      normalize="layer_minmax",
+      budget="global",
+      sensitivity="grad_sq",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+  ):
     self.shapes = [np.shape(x) for x in params]
     self.gid = entry_groups(self.shapes, leaf_ids)
     self.num_groups = num_groups
@@ -183,11 +211,13 @@ class ReferenceEPI:
 
   def refresh(self) -> None:
     scores = self.nu if self.sensitivity == "adam_nu" else self.s
-    new, tau = select(scores, self.gid, self.num_groups, self.p,
-                      normalize=self.normalize, budget=self.budget)
+    new, tau = select(
+        scores, self.gid, self.num_groups, self.p, normalize=self.normalize, budget=self.budget
+    )
     old = self.mask
-    per_group = lambda m: np.array([int(np.sum(m & (self.gid == g)))
-                                    for g in range(self.num_groups)])
+    per_group = lambda m: np.array(
+        [int(np.sum(m & (self.gid == g))) for g in range(self.num_groups)]
+    )
     prev = self.stats
     self.stats = RefStats(
         refreshes=(prev.refreshes if prev else 0) + 1,

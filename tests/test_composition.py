@@ -17,8 +17,13 @@ def _params(dtype=jnp.float32):
   rng = np.random.default_rng(0)
   return {
       "embed": jnp.asarray(rng.normal(size=(11, 4)), dtype),
-      "layers": [{"w": jnp.asarray(rng.normal(size=(4, 4)), dtype),
-                  "b": jnp.asarray(rng.normal(size=(4,)), dtype)} for _ in range(3)],
+      "layers": [
+          {
+              "w": jnp.asarray(rng.normal(size=(4, 4)), dtype),
+              "b": jnp.asarray(rng.normal(size=(4,)), dtype),
+          }
+          for _ in range(3)
+      ],
   }
 
 
@@ -26,9 +31,13 @@ def _grads(params, step):
   key = jax.random.fold_in(jax.random.PRNGKey(1), step)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      (jax.random.normal(k, x.shape) * (i + 1)).astype(x.dtype)
-      for i, (k, x) in enumerate(zip(keys, leaves))])
+  return jax.tree.unflatten(
+      treedef,
+      [
+          (jax.random.normal(k, x.shape) * (i + 1)).astype(x.dtype)
+          for i, (k, x) in enumerate(zip(keys, leaves))
+      ],
+  )
 
 
 def _run(tx, params, steps):
@@ -54,11 +63,13 @@ def test_compiles_once_with_refresh_steps():
 def test_inside_chain_with_schedule_and_multisteps():
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 20)
   inner = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=0.1)
-  tx = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0),
-                                    epi_jax.epi(inner, p=0.1, interval=2)), every_k_schedule=2)
+  tx = optax.MultiSteps(
+      optax.chain(optax.clip_by_global_norm(1.0), epi_jax.epi(inner, p=0.1, interval=2)),
+      every_k_schedule=2,
+  )
   params, state, _ = _run(tx, _params(), 8)
   stats = epi_jax.mask_stats(state)
-  assert int(stats["refreshes"]) == 2          # 4 inner steps, refresh at t = 2 and 4
+  assert int(stats["refreshes"]) == 2  # 4 inner steps, refresh at t = 2 and 4
   assert int(jnp.sum(stats["protected"])) > 0
   chex.assert_tree_all_finite(params)
 
@@ -95,8 +106,11 @@ def test_inside_optax_masked():
 
 
 def test_bfloat16_params_keep_dtype():
-  params, state, _ = _run(epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=1,
-                                      sensitivity_dtype=jnp.bfloat16), _params(jnp.bfloat16), 3)
+  params, state, _ = _run(
+      epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=1, sensitivity_dtype=jnp.bfloat16),
+      _params(jnp.bfloat16),
+      3,
+  )
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(epi_jax.sensitivity_of(state)))
 
@@ -108,8 +122,9 @@ def test_state_is_stable_through_lax_cond():
 
   @jax.jit
   def maybe_step(flag, state):
-    return jax.lax.cond(flag, lambda s: tx.update(_grads(params, 0), s, params)[1],
-                        lambda s: s, state)
+    return jax.lax.cond(
+        flag, lambda s: tx.update(_grads(params, 0), s, params)[1], lambda s: s, state
+    )
 
   after = maybe_step(True, maybe_step(True, state))
   chex.assert_trees_all_equal_shapes_and_dtypes(after, state)
@@ -130,8 +145,7 @@ class _Mlp(nnx.Module):
 
 def test_nnx_optimizer():
   model = _Mlp(rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=2),
-                            wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=2), wrt=nnx.Param)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
 
   @nnx.jit
@@ -142,7 +156,7 @@ def test_nnx_optimizer():
   for _ in range(3):
     train_step(model, optimizer, x)
   before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
-  train_step(model, optimizer, x)                 # t = 4: refresh, applied to this step
+  train_step(model, optimizer, x)  # t = 4: refresh, applied to this step
   stats = epi_jax.mask_stats(optimizer.opt_state)
   assert int(stats["refreshes"]) == 2
   mask = jax.tree.leaves(epi_jax.protection_mask(optimizer.opt_state))
@@ -166,14 +180,23 @@ def test_integer_and_none_leaves_pass_through():
   assert int(jnp.sum(epi_jax.protection_mask(state)["w"])) == 4
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"p": -0.1}, "p"), ({"p": 1.0}, "p"), ({"p": "0.1"}, "p"),
-    ({"beta": 1.0}, "beta"), ({"beta": -0.5}, "beta"),
-    ({"interval": 0}, "interval"), ({"interval": 2.5}, "interval"),
-    ({"normalize": "zscore"}, "normalize"), ({"budget": "local"}, "budget"),
-    ({"layer_of": "module"}, "layer_of"), ({"sensitivity": "fisher"}, "sensitivity"),
-    ({"sensitivity_dtype": jnp.int8}, "sensitivity_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"p": -0.1}, "p"),
+        ({"p": 1.0}, "p"),
+        ({"p": "0.1"}, "p"),
+        ({"beta": 1.0}, "beta"),
+        ({"beta": -0.5}, "beta"),
+        ({"interval": 0}, "interval"),
+        ({"interval": 2.5}, "interval"),
+        ({"normalize": "zscore"}, "normalize"),
+        ({"budget": "local"}, "budget"),
+        ({"layer_of": "module"}, "layer_of"),
+        ({"sensitivity": "fisher"}, "sensitivity"),
+        ({"sensitivity_dtype": jnp.int8}, "sensitivity_dtype"),
+    ],
+)
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
   with pytest.raises(ValueError, match=rf"^{name} must"):
     epi_jax.epi(optax.adamw(1e-3), **kwargs)
@@ -188,8 +211,9 @@ def test_adam_nu_without_adam_says_so():
 def test_static_isolation_freezes_the_mask():
   params = _params()
   mask = epi_jax.top_p_mask(jax.tree.map(jnp.abs, params), 0.2)
-  new, state, _ = _run(epi_jax.static_isolation(optax.adamw(1e-2, weight_decay=0.5), mask),
-                       params, 3)
+  new, state, _ = _run(
+      epi_jax.static_isolation(optax.adamw(1e-2, weight_decay=0.5), mask), params, 3
+  )
   chex.assert_trees_all_equal(epi_jax.protection_mask(state), mask)
   for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(new), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a)[np.asarray(m)], np.asarray(b)[np.asarray(m)])
@@ -199,7 +223,8 @@ def test_static_isolation_freezes_the_mask():
 def test_static_isolation_rejects_mismatched_mask():
   with pytest.raises(ValueError, match="mask shape differs"):
     epi_jax.static_isolation(optax.adamw(1e-2), {"w": jnp.zeros((2,), bool)}).init(
-        {"w": jnp.zeros((3,))})
+        {"w": jnp.zeros((3,))}
+    )
 
 
 def test_probe_mask_ranks_update_magnitudes():
@@ -223,7 +248,7 @@ def test_bfloat16_sensitivity_is_unbiased():
     for _ in range(400):
       state = step(state)
     curves[dtype] = np.asarray(epi_jax.sensitivity_of(state)["w"], np.float64)
-  np.testing.assert_allclose(curves[jnp.float32], 1.21 * (1 - 0.99 ** 400), rtol=1e-4)
+  np.testing.assert_allclose(curves[jnp.float32], 1.21 * (1 - 0.99**400), rtol=1e-4)
   np.testing.assert_allclose(curves[jnp.bfloat16].mean(), curves[jnp.float32][0], rtol=5e-3)
 
 

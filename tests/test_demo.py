@@ -23,7 +23,8 @@ def test_verdict_follows_the_numbers():
   better = {"final": 0.4, "bwt": -0.1, "fr": 20.0}
   worse = {"final": 0.1, "bwt": -0.7, "fr": 95.0}
   assert demo.verdict({"multistage": seq, "epi": better}).startswith(
-      "EPI forgot less than sequential SFT (BWT -0.100 vs -0.500")
+      "EPI forgot less than sequential SFT (BWT -0.100 vs -0.500"
+  )
   line = demo.verdict({"multistage": seq, "epi": worse, "static": better})
   assert line.startswith("EPI did not forget less than sequential SFT")
   assert "not above static isolation's (0.400" in line

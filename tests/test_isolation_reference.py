@@ -26,8 +26,13 @@ LR, WD = 1e-2, 0.1
 
 def blocks_params(rng):
   return {
-      "layers": [{"w": rng.normal(size=(6, 8)).astype(np.float32),
-                  "b": rng.normal(size=(8,)).astype(np.float32)} for _ in range(3)],
+      "layers": [
+          {
+              "w": rng.normal(size=(6, 8)).astype(np.float32),
+              "b": rng.normal(size=(8,)).astype(np.float32),
+          }
+          for _ in range(3)
+      ],
       "embed": rng.normal(size=(7, 6)).astype(np.float32),
       "head": rng.normal(size=(6, 7)).astype(np.float32),
   }
@@ -35,17 +40,21 @@ def blocks_params(rng):
 
 def stacked_params(rng):
   return {
-      "layers": {"w": rng.normal(size=(3, 6, 8)).astype(np.float32),
-                 "b": rng.normal(size=(3, 8)).astype(np.float32)},
+      "layers": {
+          "w": rng.normal(size=(3, 6, 8)).astype(np.float32),
+          "b": rng.normal(size=(3, 8)).astype(np.float32),
+      },
       "embed": rng.normal(size=(7, 6)).astype(np.float32),
       "head": rng.normal(size=(6, 7)).astype(np.float32),
   }
 
 
 def int_params(rng):
-  return {"layers": [{"w": rng.normal(size=(6, 8)).astype(np.float32)} for _ in range(2)],
-          "step": np.arange(5, dtype=np.int32),
-          "head": rng.normal(size=(8, 4)).astype(np.float32)}
+  return {
+      "layers": [{"w": rng.normal(size=(6, 8)).astype(np.float32)} for _ in range(2)],
+      "step": np.arange(5, dtype=np.int32),
+      "head": rng.normal(size=(8, 4)).astype(np.float32),
+  }
 
 
 def layer_scale(path) -> float:
@@ -69,6 +78,7 @@ def grad_stream(params, seed, steps=T):
     else:
       g = g * layer_scale(path)
     return g.astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -89,9 +99,16 @@ class Config:
   sensitivity_dtype: object = jnp.float32
 
   def tx(self):
-    return epi_jax.epi(inner_adamw(self.tree), p=self.p, beta=self.beta,
-                       interval=self.interval, normalize=self.normalize, budget=self.budget,
-                       sensitivity=self.sensitivity, sensitivity_dtype=self.sensitivity_dtype)
+    return epi_jax.epi(
+        inner_adamw(self.tree),
+        p=self.p,
+        beta=self.beta,
+        interval=self.interval,
+        normalize=self.normalize,
+        budget=self.budget,
+        sensitivity=self.sensitivity,
+        sensitivity_dtype=self.sensitivity_dtype,
+    )
 
 
 # A covering set: every value of every factor appears, with both trees.
@@ -108,20 +125,24 @@ EXTRA = {
 }
 NONFINITE = Config("nf", 0.2, 0.9, "layer_minmax", "global", "grad_sq", 2)
 ALL = {**CONFIGS, **EXTRA, "nf": NONFINITE}
-TREES = {"blocks": blocks_params, "stacked": stacked_params, "int": int_params,
-         "nf": blocks_params}
+TREES = {"blocks": blocks_params, "stacked": stacked_params, "int": int_params, "nf": blocks_params}
 
 
 def trajectory(tx, params, grads):
   """Per step: updates, params, sensitivity, mask, mask_stats (leading axis T)."""
+
   def body(carry, g):
     params, state = carry
     updates, state = tx.update(g, state, params)
     params = optax.apply_updates(params, updates)
-    return (params, state), dict(updates=updates, params=params,
-                                 sens=epi_jax.sensitivity_of(state),
-                                 mask=epi_jax.protection_mask(state),
-                                 stats=epi_jax.mask_stats(state))
+    return (params, state), dict(
+        updates=updates,
+        params=params,
+        sens=epi_jax.sensitivity_of(state),
+        mask=epi_jax.protection_mask(state),
+        stats=epi_jax.mask_stats(state),
+    )
+
   return jax.lax.scan(body, (params, tx.init(params)), grads)[1]
 
 
@@ -132,8 +153,9 @@ def setup():
 
   @jax.jit
   def run(grads):
-    out = {name: trajectory(txs[name], params[cfg.tree], grads[cfg.tree])
-           for name, cfg in ALL.items()}
+    out = {
+        name: trajectory(txs[name], params[cfg.tree], grads[cfg.tree]) for name, cfg in ALL.items()
+    }
     return out
 
   grads = {name: grad_stream(p, 100 + i) for i, (name, p) in enumerate(params.items())}
@@ -157,15 +179,23 @@ def at(tree, t):
 
 def reference_run(params, grads, cfg: Config):
   groups = epi_jax.layer_groups(params)
-  r = ref.ReferenceEPI(jax.tree.leaves(params), groups.leaf_ids, len(groups.names),
-                       learning_rate=LR, weight_decay=WD, p=cfg.p, beta=cfg.beta,
-                       interval=cfg.interval, normalize=cfg.normalize, budget=cfg.budget,
-                       sensitivity=cfg.sensitivity)
+  r = ref.ReferenceEPI(
+      jax.tree.leaves(params),
+      groups.leaf_ids,
+      len(groups.names),
+      learning_rate=LR,
+      weight_decay=WD,
+      p=cfg.p,
+      beta=cfg.beta,
+      interval=cfg.interval,
+      normalize=cfg.normalize,
+      budget=cfg.budget,
+      sensitivity=cfg.sensitivity,
+  )
   out = []
   for t in range(T):
     r.step(at(grads, t))
-    out.append(dict(params=r.params, scores=r.scores, mask=r.protection_mask,
-                    stats=r.stats))
+    out.append(dict(params=r.params, scores=r.scores, mask=r.protection_mask, stats=r.stats))
   return out
 
 
@@ -195,7 +225,7 @@ def test_matches_reference(setup, base, name):
       d = epi_jax.layer_groups(params[cfg.tree]).num_eligible
       np.testing.assert_allclose(s["protected_fraction"], es.protected.sum() / d, rtol=1e-6)
   # The run exercised the interesting paths: masks evolved (entries locked and freed).
-  later = [e["stats"] for e in expected[cfg.interval * 2 - 1::cfg.interval]]
+  later = [e["stats"] for e in expected[cfg.interval * 2 - 1 :: cfg.interval]]
   assert sum(s.freed.sum() for s in later) > 0 and sum(s.locked.sum() for s in later) > 0
 
 
@@ -229,7 +259,7 @@ def test_protected_entries_do_not_move(setup, base, name):
     for b, a, m, u in zip(before, after, mask, at(got["updates"], t)):
       np.testing.assert_array_equal(a[m], b[m])
       np.testing.assert_array_equal(u[m], 0)
-      assert np.all(a[~m] != b[~m])   # trainable entries do move (weight decay, Adam)
+      assert np.all(a[~m] != b[~m])  # trainable entries do move (weight decay, Adam)
       seen += m.sum()
     before = after
   assert seen > 0
@@ -262,12 +292,15 @@ def test_layer_minmax_mask_is_scale_invariant(setup, base):
   def scale(path, g):
     keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
     return g * 32 if keys[:2] == ["layers", 1] else g
+
   scaled = dict(grads, blocks=jax.tree_util.tree_map_with_path(scale, grads["blocks"]))
   out = jax.device_get(run(scaled))
   chex.assert_trees_all_equal(out["a"]["mask"], base["a"]["mask"])
   chex.assert_trees_all_equal(out["c"]["mask"], base["c"]["mask"])
-  changed = [np.any(x != y) for x, y in zip(jax.tree.leaves(out["e"]["mask"]),
-                                            jax.tree.leaves(base["e"]["mask"]))]
+  changed = [
+      np.any(x != y)
+      for x, y in zip(jax.tree.leaves(out["e"]["mask"]), jax.tree.leaves(base["e"]["mask"]))
+  ]
   assert any(changed)
 
 
@@ -290,8 +323,9 @@ def test_integer_leaves_pass_through(setup, base):
 def test_bfloat16_sensitivity_close_to_float32(base):
   bf, f32 = base["bf16"], base["a"]
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf["sens"]))
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(np.float32), bf["sens"]),
-                              f32["sens"], rtol=3e-2, atol=1e-30)
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x.astype(np.float32), bf["sens"]), f32["sens"], rtol=3e-2, atol=1e-30
+  )
   for t in range(2, T, 3):
     a = np.concatenate([m[t].ravel() for m in jax.tree.leaves(bf["mask"])])
     b = np.concatenate([m[t].ravel() for m in jax.tree.leaves(f32["mask"])])
@@ -308,7 +342,7 @@ def test_nonfinite_gradient_never_poisons_sensitivity(nonfinite):
   _, _, out = nonfinite
   chex.assert_tree_all_finite(out["sens"])
   chex.assert_tree_all_finite(out["stats"]["overlap_prev"])
-  assert np.isfinite(out["stats"]["threshold"][1:]).all()   # refreshes at steps 2, 4, 6
+  assert np.isfinite(out["stats"]["threshold"][1:]).all()  # refreshes at steps 2, 4, 6
   assert any(m.any() for m in jax.tree.leaves(out["mask"]))
 
 
@@ -318,19 +352,26 @@ def test_nonfinite_gradient_skips_only_the_affected_entries(nonfinite):
   s = out["sens"]["layers"][0]["w"]
   bad = ~np.isfinite(grads["layers"][0]["w"][2])
   assert bad.any() and (~bad).any()
-  np.testing.assert_array_equal(s[2][bad], s[1][bad])    # step 3: the nan entries keep S
-  assert np.all(s[2][~bad] != s[1][~bad])                 # the rest of the leaf updates
+  np.testing.assert_array_equal(s[2][bad], s[1][bad])  # step 3: the nan entries keep S
+  assert np.all(s[2][~bad] != s[1][~bad])  # the rest of the leaf updates
 
 
 def test_nonfinite_matches_reference(nonfinite):
   params, grads, out = nonfinite
   cfg = NONFINITE
   groups = epi_jax.layer_groups(params)
-  r = ref.ReferenceEPI(jax.tree.leaves(params), groups.leaf_ids, len(groups.names),
-                       learning_rate=LR, weight_decay=WD, p=cfg.p, beta=cfg.beta,
-                       interval=cfg.interval)
+  r = ref.ReferenceEPI(
+      jax.tree.leaves(params),
+      groups.leaf_ids,
+      len(groups.names),
+      learning_rate=LR,
+      weight_decay=WD,
+      p=cfg.p,
+      beta=cfg.beta,
+      interval=cfg.interval,
+  )
   for t in range(T):
-    with np.errstate(invalid="ignore"):   # the reference's Adam moments take the nan
+    with np.errstate(invalid="ignore"):  # the reference's Adam moments take the nan
       r.step(at(grads, t))
     got = at(out["sens"], t)
     # Leaf 0 of the flattened tree is embed, then head, then layers/0/b, layers/0/w...
@@ -339,13 +380,21 @@ def test_nonfinite_matches_reference(nonfinite):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12, err_msg=n)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(p=-0.1), "p"), (dict(p=1.0), "p"), (dict(beta=1.0), "beta"),
-    (dict(beta=-0.5), "beta"), (dict(interval=0), "interval"),
-    (dict(normalize="x"), "normalize"), (dict(budget="y"), "budget"),
-    (dict(layer_of="z"), "layer_of"), (dict(sensitivity="fisher"), "sensitivity"),
-    (dict(sensitivity_dtype=jnp.int32), "sensitivity_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(p=-0.1), "p"),
+        (dict(p=1.0), "p"),
+        (dict(beta=1.0), "beta"),
+        (dict(beta=-0.5), "beta"),
+        (dict(interval=0), "interval"),
+        (dict(normalize="x"), "normalize"),
+        (dict(budget="y"), "budget"),
+        (dict(layer_of="z"), "layer_of"),
+        (dict(sensitivity="fisher"), "sensitivity"),
+        (dict(sensitivity_dtype=jnp.int32), "sensitivity_dtype"),
+    ],
+)
 def test_invalid_arguments(kwargs, name):
   with pytest.raises(ValueError, match=rf"^{name} must"):
     epi_jax.epi(optax.adamw(1e-3), **kwargs)

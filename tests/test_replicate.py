@@ -35,9 +35,22 @@ def test_claims_name_runs_of_the_full_grid():
   preset = grid.PRESETS["cpu"]
   names = {e.name for e in grid.entries(preset)}
   claims = paper.claims(preset.h_sweep, preset.interval)
-  assert {c.table for c in claims} >= {"Table 1", "Table 2", "Table 3", "Table 4", "Table 5",
-                                       "Table 6", "Table 7", "Fig. 6", "Table 10", "Table 11",
-                                       "Table 12", "Table 13", "Table 14", "Table 15"}
+  assert {c.table for c in claims} >= {
+      "Table 1",
+      "Table 2",
+      "Table 3",
+      "Table 4",
+      "Table 5",
+      "Table 6",
+      "Table 7",
+      "Fig. 6",
+      "Table 10",
+      "Table 11",
+      "Table 12",
+      "Table 13",
+      "Table 14",
+      "Table 15",
+  }
   for claim in claims:
     for side in (claim.high, claim.low):
       if not isinstance(side, float):
@@ -60,10 +73,13 @@ def test_claim_metrics_and_mean_std():
   rng = np.random.default_rng(0)
   fr = rng.uniform(1, 50, size=3)
   summary = {
-      "method": "epi", "stages": [["a"], ["b"], ["c"]], "wall_time_s": 1.0,
-      "accuracy_matrix": [{"after_stage": k, "trained": [t], "accuracy": {"a": 0.5, "b": 0.5,
-                                                                            "c": 0.5}}
-                          for k, t in enumerate("abc")],
+      "method": "epi",
+      "stages": [["a"], ["b"], ["c"]],
+      "wall_time_s": 1.0,
+      "accuracy_matrix": [
+          {"after_stage": k, "trained": [t], "accuracy": {"a": 0.5, "b": 0.5, "c": 0.5}}
+          for k, t in enumerate("abc")
+      ],
       "final_accuracy": {"a": 0.1, "b": 0.2, "c": 0.96},
       "forgetting_ratio": {"a": fr[0], "b": fr[1], "c": 0.0},
       "avg_norm_score": {"avg_norm_score": 4.2, "normalized": {"a": 1.0, "b": 2.0, "c": 9.6}},
@@ -71,13 +87,18 @@ def test_claim_metrics_and_mean_std():
       "analyses": {
           "gradient_conflict": {"final": {"average": 0.12}},
           "task_overlap": {"final": {"average": 0.3}},
-          "flip_rate": {"per_group": {"embed/embedding": 0.9, "block/0": 0.1, "block/1": 0.7,
-                                      "final_norm/scale": 0.5}},
+          "flip_rate": {
+              "per_group": {
+                  "embed/embedding": 0.9,
+                  "block/0": 0.1,
+                  "block/1": 0.7,
+                  "final_norm/scale": 0.5,
+              }
+          },
           "perturbation": {"early": {"spearman": 0.5}, "late": {"spearman": 0.6}},
       },
   }
-  run = Run("r", {"data": {"tasks": ["a", "b", "c"], "seed": 0}, "train": {"seed": 0}},
-            summary, [])
+  run = Run("r", {"data": {"tasks": ["a", "b", "c"], "seed": 0}, "train": {"seed": 0}}, summary, [])
   m = measure.claim_metrics(run)
   assert m["forgetting"] == pytest.approx(np.mean(fr[:2]))
   assert m["last_task"] == 9.6 and m["tgc"] == 0.12 and m["task_jaccard"] == 0.3
@@ -90,13 +111,21 @@ def test_claim_metrics_and_mean_std():
 
 
 def test_comparison_table_counts_verdicts():
-  claims = [paper.Claim("Table 4", ("epi", "avg_norm_score"), ("epi_beta0", "avg_norm_score"),
-                        (7.98, 7.81))]
+  claims = [
+      paper.Claim(
+          "Table 4", ("epi", "avg_norm_score"), ("epi_beta0", "avg_norm_score"), (7.98, 7.81)
+      )
+  ]
   text, counts = compare.comparison(
-      claims, {"epi": {"avg_norm_score": (3.0, 0.1)}, "epi_beta0": {"avg_norm_score": (2.0, 0.1)}},
-      {"epi": 2, "epi_beta0": 2})
+      claims,
+      {"epi": {"avg_norm_score": (3.0, 0.1)}, "epi_beta0": {"avg_norm_score": (2.0, 0.1)}},
+      {"epi": 2, "epi_beta0": 2},
+  )
   assert counts == {"agrees": 1}
-  assert "| epi (Avg. Norm. Score) > epi_beta0 (Avg. Norm. Score) | 7.98 > 7.81 | 3.000 ± 0.100" in text
+  assert (
+      "| epi (Avg. Norm. Score) > epi_beta0 (Avg. Norm. Score) | 7.98 > 7.81 | 3.000 ± 0.100"
+      in text
+  )
 
 
 @pytest.mark.slow
@@ -105,16 +134,25 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   checkpoint resumes to the same parameters; the report compares with the paper."""
   config = tmp_path / "tiny.yaml"
   config.write_text(TINY)
-  tiny = dataclasses.replace(grid.PRESETS["cpu"], name="tiny",
-                             configs=((str(config), ("Table 4",)),), interval=2,
-                             h_sweep=(2,), p_sweep=(0.01,), analyses=(), description="tiny")
+  tiny = dataclasses.replace(
+      grid.PRESETS["cpu"],
+      name="tiny",
+      configs=((str(config), ("Table 4",)),),
+      interval=2,
+      h_sweep=(2,),
+      p_sweep=(0.01,),
+      analyses=(),
+      description="tiny",
+  )
   monkeypatch.setitem(grid.PRESETS, "tiny", tiny)
   out = tmp_path / "out"
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out), "--jobs", "2"]) == 0
   jobs = runner.plan(tiny, 2, str(out))
   assert {j.entry.name for j in jobs} == {"epi", "epi_beta0", "epi_beta0.9"}
-  sha = {j.run_dir: json.load(open(os.path.join(j.run_dir, "summary.json")))["params_sha256"]
-         for j in jobs}
+  sha = {
+      j.run_dir: json.load(open(os.path.join(j.run_dir, "summary.json")))["params_sha256"]
+      for j in jobs
+  }
   assert len(set(sha.values())) == len(jobs)  # seeds and settings differ
 
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
@@ -126,7 +164,8 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "1 to resume" in capsys.readouterr().out
   assert json.load(open(os.path.join(victim.run_dir, "summary.json")))["params_sha256"] == (
-      sha[victim.run_dir])
+      sha[victim.run_dir]
+  )
 
   report = (out / "report" / "report.md").read_text()
   assert "### Table 4" in report

@@ -17,8 +17,17 @@ from PIL import Image
 from epi_jax.report import RunError, aggregate, group_runs, load_run, write_report
 from epi_jax.report.__main__ import main
 from epi_jax.report.plots import flip_rate_rows
-from epi_jax.train.config import (CheckpointSection, Config, DataSection, EvalSection, LogSection,
-                                  MethodSection, ModelSection, OptimSection, TrainSection)
+from epi_jax.train.config import (
+    CheckpointSection,
+    Config,
+    DataSection,
+    EvalSection,
+    LogSection,
+    MethodSection,
+    ModelSection,
+    OptimSection,
+    TrainSection,
+)
 from epi_jax.train.loop import train
 
 METHODS = ("epi", "multistage")
@@ -28,14 +37,16 @@ SEEDS = (0, 1)
 def _config(method: str, seed: int) -> Config:
   return Config(
       model=ModelSection(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2),
-      data=DataSection(tasks=["logic_choice", "rewrite"], n_train=16, n_eval=2, seq_len=112,
-                       seed=seed),
+      data=DataSection(
+          tasks=["logic_choice", "rewrite"], n_train=16, n_eval=2, seq_len=112, seed=seed
+      ),
       method=MethodSection(type=method, p=0.05, interval=1),
       optim=OptimSection(lr=3e-3, batch_size=4),
       train=TrainSection(steps_per_stage=3, seed=seed),
       checkpoint=CheckpointSection(every=0),
       eval=EvalSection(max_new_tokens=2, batch_size=2, analyses=["continual", "flip_rate"]),
-      log=LogSection(every=1, progress=False, tensorboard=False))
+      log=LogSection(every=1, progress=False, tensorboard=False),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +55,10 @@ def run_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   # The second seed of a method compiles the programs of the first: a compilation cache
   # for these runs halves their time.
-  options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-             "jax_persistent_cache_min_compile_time_secs": 0.0}
+  options = {
+      "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+      "jax_persistent_cache_min_compile_time_secs": 0.0,
+  }
   before = {name: getattr(jax.config, name) for name in options}
   for name, value in options.items():
     jax.config.update(name, value)
@@ -77,8 +90,21 @@ def summaries(run_dirs):
 def cli_report(run_dirs, tmp_path_factory):
   """The report written by ``python -m epi_jax.report``: (report.md path, its text)."""
   out = tmp_path_factory.mktemp("report")
-  result = subprocess.run([sys.executable, "-m", "epi_jax.report", *run_dirs, "--out", str(out),
-                           "--title", "Tiny runs"], capture_output=True, text=True, check=True)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "epi_jax.report",
+          *run_dirs,
+          "--out",
+          str(out),
+          "--title",
+          "Tiny runs",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+  )
   path = result.stdout.strip().splitlines()[-1]
   assert path == str(out / "report.md")
   with open(path) as f:
@@ -94,7 +120,7 @@ def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
     elif line.startswith("| ") and lines[i - 1].strip() == "" and heading:
       header = [c.strip() for c in line.strip("|").split(" | ")]
       rows = []
-      for row in lines[i + 2:]:
+      for row in lines[i + 2 :]:
         if not row.startswith("|"):
           break
         rows.append(dict(zip(header, (c.strip() for c in row.strip("|").split(" | ")))))
@@ -127,8 +153,11 @@ def _assert_stat(cell: str, values) -> None:
 
 def _learned(summary: dict) -> dict:
   """The accuracy of each task right after the stage that trained it."""
-  return {task: summary["accuracy_matrix"][k]["accuracy"][task]
-          for k, stage in enumerate(summary["stages"]) for task in stage}
+  return {
+      task: summary["accuracy_matrix"][k]["accuracy"][task]
+      for k, stage in enumerate(summary["stages"])
+      for task in stage
+  }
 
 
 def _numbers(summary: dict) -> dict:
@@ -137,12 +166,15 @@ def _numbers(summary: dict) -> dict:
   fr = [v for t, v in summary["forgetting_ratio"].items() if t not in last and v is not None]
   continual = summary["analyses"]["continual"]
   assert (np.mean(fr) if fr else None) == pytest.approx(continual["forgetting_ratio_mean"])
-  return {"mean final accuracy": float(np.mean(list(summary["final_accuracy"].values()))),
-          "Avg. Norm. Score": summary["avg_norm_score"]["avg_norm_score"],
-          "ACC": continual["acc"], "BWT": continual["bwt"],
-          "mean FR %": float(np.mean(fr)) if fr else None,
-          "protected fraction": summary.get("protected_fraction"),
-          "wall time s": summary["wall_time_s"]}
+  return {
+      "mean final accuracy": float(np.mean(list(summary["final_accuracy"].values()))),
+      "Avg. Norm. Score": summary["avg_norm_score"]["avg_norm_score"],
+      "ACC": continual["acc"],
+      "BWT": continual["bwt"],
+      "mean FR %": float(np.mean(fr)) if fr else None,
+      "protected fraction": summary.get("protected_fraction"),
+      "wall time s": summary["wall_time_s"],
+  }
 
 
 def test_group_runs_puts_the_seeds_of_a_method_together(run_dirs):
@@ -156,7 +188,10 @@ def test_group_runs_puts_the_seeds_of_a_method_together(run_dirs):
   assert list(labelled) == ["EPI p=5%", "multistage"]
   split = group_runs(runs, {run_dirs[0]: "a", run_dirs[1]: "b"})  # one config, two labels
   assert {label: len(members) for label, members in split.items()} == {
-      "a": 1, "b": 1, "multistage": 2}
+      "a": 1,
+      "b": 1,
+      "multistage": 2,
+  }
   with pytest.raises(ValueError, match="names runs of different configs"):
     group_runs(runs, {run_dirs[0]: "same", run_dirs[2]: "same"})
 
@@ -170,8 +205,7 @@ def test_aggregate_is_numpy_mean_and_sample_std_of_the_summaries(run_dirs, summa
     for task in ours[0]["final_accuracy"]:
       values = [s["final_accuracy"][task] for s in ours]
       assert agg["final_accuracy"][task]["mean"] == pytest.approx(np.mean(values), abs=1e-15)
-      assert agg["final_accuracy"][task]["std"] == pytest.approx(np.std(values, ddof=1),
-                                                                 abs=1e-15)
+      assert agg["final_accuracy"][task]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-15)
       learned = [_learned(s)[task] for s in ours]
       assert agg["learned"][task]["values"] == learned
     walls = [s["wall_time_s"] for s in ours]
@@ -191,8 +225,7 @@ def test_report_tables_equal_the_summaries(run_dirs, summaries, cli_report):
   for run_dir, summary in summaries.items():
     row = runs[run_dir]
     assert row["group"] == summary["method"]
-    assert (int(row["data.seed"]), int(row["train.seed"])) == (
-        int(run_dir[-1]), int(run_dir[-1]))
+    assert (int(row["data.seed"]), int(row["train.seed"])) == (int(run_dir[-1]), int(run_dir[-1]))
     for task, value in summary["final_accuracy"].items():
       _assert_number(row[task], value)
     for column, value in _numbers(summary).items():
@@ -201,12 +234,15 @@ def test_report_tables_equal_the_summaries(run_dirs, summaries, cli_report):
     for task, value in learned.items():
       _assert_number(learned_rows[run_dir][task], value)
     assert learned_rows[run_dir]["every task ≥ 0.5"] == (
-        "yes" if all(v >= 0.5 for v in learned.values()) else "no")
+        "yes" if all(v >= 0.5 for v in learned.values()) else "no"
+    )
 
   groups = {row["group"]: row for row in tables["Groups"]}
   finals = {row["group"]: row for row in tables["Final accuracy per task (mean ± std)"]}
-  learned_groups = {row["group"]: row for row in
-                    tables["Learned: score right after each task's own stage (mean ± std)"]}
+  learned_groups = {
+      row["group"]: row
+      for row in tables["Learned: score right after each task's own stage (mean ± std)"]
+  }
   assert sorted(groups) == sorted(METHODS)
   for method in METHODS:
     ours = [s for s in summaries.values() if s["method"] == method]
@@ -249,8 +285,13 @@ def test_flip_rates_without_records_come_from_the_mask_history(run_dirs):
 def test_write_report_appends_extra_markdown_and_uses_the_labels(run_dirs, tmp_path):
   labels = {run_dirs[0]: "EPI", run_dirs[1]: "EPI", run_dirs[3]: "SFT"}
   extra = "## Paper vs ours\n\n| a | b |\n| --- | --- |\n| 1 | 2 |"
-  path = write_report([run_dirs[3], run_dirs[1], run_dirs[0]], str(tmp_path), labels=labels,
-                      title="T", extra_markdown=extra)
+  path = write_report(
+      [run_dirs[3], run_dirs[1], run_dirs[0]],
+      str(tmp_path),
+      labels=labels,
+      title="T",
+      extra_markdown=extra,
+  )
   markdown = open(path).read()
   assert markdown.rstrip().endswith("| 1 | 2 |")
   assert [row["group"] for row in _tables(markdown)["Groups"]] == ["SFT", "EPI"]
@@ -271,10 +312,10 @@ def test_unfinished_or_broken_runs_are_named(run_dirs, tmp_path):
 
   broken = tmp_path / "broken"
   shutil.copytree(run_dirs[0], broken, ignore=shutil.ignore_patterns("checkpoints"))
-  (broken / "summary.json").write_text("{\"method\": ")
+  (broken / "summary.json").write_text('{"method": ')
   with pytest.raises(RunError, match=f"{broken / 'summary.json'}: not valid JSON"):
     load_run(str(broken))
-  (broken / "summary.json").write_text("{\"method\": \"epi\"}")
+  (broken / "summary.json").write_text('{"method": "epi"}')
   with pytest.raises(RunError, match=r"summary.json: missing stages, accuracy_matrix"):
     load_run(str(broken))
   os.remove(broken / "metrics.jsonl")

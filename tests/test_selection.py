@@ -30,8 +30,11 @@ class Case:
 
 def split_tree(values: np.ndarray, num_leaves: int, rng, style: str) -> dict:
   """Splits a vector into leaves of random sizes (each >= 1) named by ``style``."""
-  cuts = np.sort(rng.choice(np.arange(1, values.size), num_leaves - 1, replace=False)) \
-      if num_leaves > 1 else []
+  cuts = (
+      np.sort(rng.choice(np.arange(1, values.size), num_leaves - 1, replace=False))
+      if num_leaves > 1
+      else []
+  )
   parts = np.split(values, cuts)
   if style == "blocks":
     return {"layers": [{"w": x} for x in parts[:-1]], "head": parts[-1]}
@@ -50,31 +53,39 @@ def make_cases() -> dict[str, Case]:
     cont = f32(rng.exponential(size=size) * scale)
     cases[f"cont{size}"] = Case(split_tree(cont, leaves, rng, "blocks"), 0.05)
     if size > 1:
-      cases[f"cont{size}_leaf_none"] = Case(split_tree(cont, leaves, rng, "flat"), 0.3,
-                                            normalize="none", layer_of="leaf")
+      cases[f"cont{size}_leaf_none"] = Case(
+          split_tree(cont, leaves, rng, "flat"), 0.3, normalize="none", layer_of="leaf"
+      )
   ties = f32(rng.integers(0, 4, size=600))
   cases["ties"] = Case(split_tree(ties, 5, rng, "blocks"), 0.1)
-  cases["ties_per_layer"] = Case(split_tree(ties, 5, rng, "flat"), 0.25, budget="per_layer",
-                                 layer_of="leaf")
+  cases["ties_per_layer"] = Case(
+      split_tree(ties, 5, rng, "flat"), 0.25, budget="per_layer", layer_of="leaf"
+  )
   zeros = f32(np.where(rng.random(800) < 0.95, 0, rng.random(800) + 0.5))
   cases["zeros"] = Case(split_tree(zeros, 3, rng, "flat"), 0.2, normalize="none")
   neg = f32(rng.normal(size=500))
   cases["negative_none_most"] = Case(split_tree(neg, 4, rng, "flat"), 0.8, normalize="none")
-  const = {"a": np.full((30,), 2.5, np.float32), "b": f32(rng.random(30) + 1),
-           "c": np.zeros((5, 6), np.float32)}
+  const = {
+      "a": np.full((30,), 2.5, np.float32),
+      "b": f32(rng.random(30) + 1),
+      "c": np.zeros((5, 6), np.float32),
+  }
   cases["constant_groups"] = Case(const, 0.3, layer_of="leaf")
   cases["p0"] = Case({"a": cont[:7], "b": cont[7:]}, 0.0)
-  cases["k1"] = Case({"a": f32(rng.random(70)), "b": f32(rng.random(30))}, 0.01,
-                     normalize="none")
-  cases["per_layer_blocks"] = Case(split_tree(f32(rng.random(400)), 6, rng, "blocks"), 0.05,
-                                   budget="per_layer")
+  cases["k1"] = Case({"a": f32(rng.random(70)), "b": f32(rng.random(30))}, 0.01, normalize="none")
+  cases["per_layer_blocks"] = Case(
+      split_tree(f32(rng.random(400)), 6, rng, "blocks"), 0.05, budget="per_layer"
+  )
   # More than 16 budgets: the radix select uses its three-pass digit widths.
-  many = {f"l{i}": f32(rng.exponential(size=int(rng.integers(5, 40))) * 10.0 ** (i % 5))
-          for i in range(20)}
+  many = {
+      f"l{i}": f32(rng.exponential(size=int(rng.integers(5, 40))) * 10.0 ** (i % 5))
+      for i in range(20)
+  }
   cases["per_layer_20_groups"] = Case(many, 0.1, budget="per_layer", layer_of="leaf")
   cases["callable"] = Case(many, 0.07, layer_of=lambda path, leaf: int(path[0].key[1:]) % 3)
-  cases["stacked"] = Case(split_tree(f32(rng.random(96) * 5), 1, rng, "stacked")
-                          | {"embed": f32(rng.random(10))}, 0.1)
+  cases["stacked"] = Case(
+      split_tree(f32(rng.random(96) * 5), 1, rng, "stacked") | {"embed": f32(rng.random(10))}, 0.1
+  )
   return cases
 
 
@@ -84,9 +95,12 @@ TOP_P = ("cont100", "ties", "negative_none_most", "stacked")
 
 @pytest.fixture(scope="module")
 def results():
-  selectors = {name: selection.make_selector(c.tree, c.p, normalize=c.normalize,
-                                             budget=c.budget, layer_of=c.layer_of)
-               for name, c in CASES.items()}
+  selectors = {
+      name: selection.make_selector(
+          c.tree, c.p, normalize=c.normalize, budget=c.budget, layer_of=c.layer_of
+      )
+      for name, c in CASES.items()
+  }
 
   @jax.jit
   def run(trees):
@@ -96,15 +110,18 @@ def results():
       leaves = jax.tree.leaves(trees[name])
       normed = selection.normalized_scores(leaves, sel.groups, sel.normalize)
       bits = sel.thresholds(normed)
-      if name in TOP_P:   # the public function on a few cases, Selector on every case
-        mask = epi_jax.top_p_mask(trees[name], c.p, normalize=c.normalize, budget=c.budget,
-                                  layer_of=c.layer_of)
-        tau = jnp.where(bits == jnp.uint32(0xFFFFFFFF), jnp.inf,
-                        jax.lax.bitcast_convert_type(bits, jnp.float32))
+      if name in TOP_P:  # the public function on a few cases, Selector on every case
+        mask = epi_jax.top_p_mask(
+            trees[name], c.p, normalize=c.normalize, budget=c.budget, layer_of=c.layer_of
+        )
+        tau = jnp.where(
+            bits == jnp.uint32(0xFFFFFFFF), jnp.inf, jax.lax.bitcast_convert_type(bits, jnp.float32)
+        )
       else:
         masks, tau = sel(leaves)
-        mask = jax.tree.unflatten(jax.tree.structure(trees[name]),
-                                  selection.fill_ineligible(masks, leaves))
+        mask = jax.tree.unflatten(
+            jax.tree.structure(trees[name]), selection.fill_ineligible(masks, leaves)
+        )
       out[name] = dict(mask=mask, tau=tau, normed=normed, bits=bits)
     return out
 
@@ -117,8 +134,14 @@ def test_top_p_mask_matches_full_sort(results, name):
   selectors, out = results
   groups = selectors[name].groups
   leaves = jax.tree.leaves(case.tree)
-  expected, tau = ref.select_tree(leaves, groups.leaf_ids, len(groups.names), case.p,
-                                  normalize=case.normalize, budget=case.budget)
+  expected, tau = ref.select_tree(
+      leaves,
+      groups.leaf_ids,
+      len(groups.names),
+      case.p,
+      normalize=case.normalize,
+      budget=case.budget,
+  )
   got = out[name]
   chex.assert_trees_all_equal(jax.tree.leaves(got["mask"]), expected)
   # Scores <= 0 are never protected, so the reported threshold is clamped at 0.
@@ -155,9 +178,11 @@ def test_cases_cover_the_edges(results):
   count = lambda n: sum(int(m.sum()) for m in jax.tree.leaves(out[n]["mask"]))
   assert count("p0") == 0 and np.isinf(out["p0"]["tau"]).all()
   assert count("k1") == 1
-  assert count("ties") > selection.num_protected(0.1, 600)    # ties all protected
-  assert count("zeros") == int((jax.tree.leaves(CASES["zeros"].tree)[0] > 0).sum() + sum(
-      int((x > 0).sum()) for x in jax.tree.leaves(CASES["zeros"].tree)[1:]))
+  assert count("ties") > selection.num_protected(0.1, 600)  # ties all protected
+  assert count("zeros") == int(
+      (jax.tree.leaves(CASES["zeros"].tree)[0] > 0).sum()
+      + sum(int((x > 0).sum()) for x in jax.tree.leaves(CASES["zeros"].tree)[1:])
+  )
   assert not out["constant_groups"]["mask"]["a"].any()
   assert not out["constant_groups"]["mask"]["c"].any()
   assert out["negative_none_most"]["tau"][0] == 0
@@ -172,23 +197,35 @@ def names(tree, layer_of="block"):
 def test_layer_groups_block_paths():
   x = np.zeros((2, 3), np.float32)
   assert names({"params": {"layers": [{"w": x}, {"w": x, "b": x[0]}]}})[:2] == (
-      ("block/0", "block/1"), (6, 9))
+      ("block/0", "block/1"),
+      (6, 9),
+  )
   assert set(names({"layers_3": {"w": x}, "layers_10": {"w": x}})[0]) == {"block/3", "block/10"}
   assert names({"h": {"3": {"w": x}}, "ln_f": x[0]})[0] == ("block/3", "ln_f")
   assert names({"transformer": {"h": [x, x]}})[0] == ("block/0", "block/1")
   assert names({"blocks": [{"attn": x}, {"attn": x}], "head": x})[0] == (
-      "block/0", "block/1", "head")
-  hf = {"model.layers.3.self_attn.q_proj.weight": x, "model.layers.3.mlp.up_proj.weight": x,
-        "model.layers.12.mlp.up_proj.weight": x, "model.embed_tokens.weight": x,
-        "lm_head.weight": x}
+      "block/0",
+      "block/1",
+      "head",
+  )
+  hf = {
+      "model.layers.3.self_attn.q_proj.weight": x,
+      "model.layers.3.mlp.up_proj.weight": x,
+      "model.layers.12.mlp.up_proj.weight": x,
+      "model.embed_tokens.weight": x,
+      "lm_head.weight": x,
+  }
   got = names(hf)
   assert set(got[0]) == {"block/3", "block/12", "model/embed_tokens/weight", "lm_head/weight"}
   assert dict(zip(got[0], got[1]))["block/3"] == 12
 
 
 def test_layer_groups_stacked_and_ineligible():
-  tree = {"layers": {"w": np.zeros((4, 2, 3), np.float32), "b": np.zeros((4, 3), np.float32)},
-          "embed": np.zeros((5,), np.float32), "step": np.zeros((2,), np.int32)}
+  tree = {
+      "layers": {"w": np.zeros((4, 2, 3), np.float32), "b": np.zeros((4, 3), np.float32)},
+      "embed": np.zeros((5,), np.float32),
+      "step": np.zeros((2,), np.int32),
+  }
   n, sizes, ids = names(tree)
   assert n == ("embed", "block/0", "block/1", "block/2", "block/3")
   assert sizes == (5, 9, 9, 9, 9)
@@ -198,10 +235,16 @@ def test_layer_groups_stacked_and_ineligible():
   assert names(tree, lambda path, leaf: leaf.ndim)[0] == ("1", "2", "3")
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(p=-0.1), "p"), (dict(p=1.0), "p"), (dict(normalize="x"), "normalize"),
-    (dict(budget="y"), "budget"), (dict(layer_of="z"), "layer_of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(p=-0.1), "p"),
+        (dict(p=1.0), "p"),
+        (dict(normalize="x"), "normalize"),
+        (dict(budget="y"), "budget"),
+        (dict(layer_of="z"), "layer_of"),
+    ],
+)
 def test_invalid_arguments(kwargs, name):
   args = dict(p=0.1) | kwargs
   with pytest.raises(ValueError, match=rf"^{name} must"):
@@ -213,9 +256,16 @@ def test_saturating_counts_match_full_sort(monkeypatch, name):
   """Above 2**31 entries counts saturate at k; forced here on small trees."""
   monkeypatch.setattr(radix, "_EXACT_COUNT_LIMIT", 0)
   case = CASES[name]
-  mask = epi_jax.top_p_mask(case.tree, case.p, normalize=case.normalize, budget=case.budget,
-                            layer_of=case.layer_of)
+  mask = epi_jax.top_p_mask(
+      case.tree, case.p, normalize=case.normalize, budget=case.budget, layer_of=case.layer_of
+  )
   groups = epi_jax.layer_groups(case.tree, case.layer_of)
-  expected, _ = ref.select_tree(jax.tree.leaves(case.tree), groups.leaf_ids, len(groups.names),
-                                case.p, normalize=case.normalize, budget=case.budget)
+  expected, _ = ref.select_tree(
+      jax.tree.leaves(case.tree),
+      groups.leaf_ids,
+      len(groups.names),
+      case.p,
+      normalize=case.normalize,
+      budget=case.budget,
+  )
   chex.assert_trees_all_equal(jax.tree.leaves(mask), expected)

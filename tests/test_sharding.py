@@ -11,11 +11,16 @@ import pytest
 
 @pytest.fixture(scope="module")
 def sharded_run():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   script = pathlib.Path(__file__).with_name("sharded_epi.py")
-  done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+  done = subprocess.run(
+      [sys.executable, str(script)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -27,25 +27,25 @@ SENSITIVITY = ("grad_sq", "adam_nu")
 class MaskStats(NamedTuple):
   """Statistics of the last mask refresh, computed inside the jitted update."""
 
-  refreshes: jax.Array      # shape=(), int32: refreshes done so far
-  last_refresh: jax.Array   # shape=(), int32: step t of the last refresh, 0 if none
-  threshold: jax.Array      # shape=(B,), float32: score threshold per budget (inf: k=0)
-  group_size: jax.Array     # shape=(G,), int32: eligible entries per group (constant)
-  protected: jax.Array      # shape=(G,), int32: protected entries per group
-  locked: jax.Array         # shape=(G,), int32: entries locked at the last refresh (Eq. 10)
-  freed: jax.Array          # shape=(G,), int32: entries freed at the last refresh (Eq. 11)
+  refreshes: jax.Array  # shape=(), int32: refreshes done so far
+  last_refresh: jax.Array  # shape=(), int32: step t of the last refresh, 0 if none
+  threshold: jax.Array  # shape=(B,), float32: score threshold per budget (inf: k=0)
+  group_size: jax.Array  # shape=(G,), int32: eligible entries per group (constant)
+  protected: jax.Array  # shape=(G,), int32: protected entries per group
+  locked: jax.Array  # shape=(G,), int32: entries locked at the last refresh (Eq. 10)
+  freed: jax.Array  # shape=(G,), int32: entries freed at the last refresh (Eq. 11)
   overlap_first: jax.Array  # shape=(), float32: Jaccard with the first non-empty mask
-  overlap_prev: jax.Array   # shape=(), float32: Jaccard with the previous mask
-  has_first: jax.Array      # shape=(), bool: whether a non-empty mask was seen
+  overlap_prev: jax.Array  # shape=(), float32: Jaccard with the previous mask
+  has_first: jax.Array  # shape=(), bool: whether a non-empty mask was seen
 
 
 class EPIState(NamedTuple):
   """State of ``epi``: every field is an array (or a pytree of arrays)."""
 
-  count: jax.Array          # shape=(), int32: updates done (t of the last update)
-  sensitivity: Any          # S_t (Eq. 5) shaped like params; () with "adam_nu"
-  mask: Any                 # m_t (True = protected), bits packed along the last axis
-  first_mask: Any           # the first non-empty mask, packed likewise
+  count: jax.Array  # shape=(), int32: updates done (t of the last update)
+  sensitivity: Any  # S_t (Eq. 5) shaped like params; () with "adam_nu"
+  mask: Any  # m_t (True = protected), bits packed along the last axis
+  first_mask: Any  # the first non-empty mask, packed likewise
   stats: MaskStats
   inner_state: optax.OptState
 
@@ -54,13 +54,20 @@ class _Plan(NamedTuple):
   """What the update knows statically about the parameters' leaves (flattened)."""
 
   selector: selection.Selector  # the top-p selection over the eligible entries
-  eligible: list[bool]          # per leaf: whether it may be protected
-  nu: list | None               # per leaf: the inner Adam's nu, with "adam_nu"
+  eligible: list[bool]  # per leaf: whether it may be protected
+  nu: list | None  # per leaf: the inner Adam's nu, with "adam_nu"
 
 
-def _check_epi_args(p: float, beta: float, interval: int, normalize: str, budget: str,
-                    layer_of: grouping.LayerOf, sensitivity: str, sensitivity_dtype: Any
-                    ) -> None:
+def _check_epi_args(
+    p: float,
+    beta: float,
+    interval: int,
+    normalize: str,
+    budget: str,
+    layer_of: grouping.LayerOf,
+    sensitivity: str,
+    sensitivity_dtype: Any,
+) -> None:
   selection.check_selection_args(p, normalize, budget, layer_of)
   if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
     raise ValueError(f"beta must be a number with 0 <= beta < 1, got {beta!r}.")
@@ -73,8 +80,10 @@ def _check_epi_args(p: float, beta: float, interval: int, normalize: str, budget
   except TypeError:
     is_float = False
   if not is_float:
-    raise ValueError(f"sensitivity_dtype must be a float dtype such as jnp.float32 or "
-                     f"jnp.bfloat16, got {sensitivity_dtype!r}.")
+    raise ValueError(
+        f"sensitivity_dtype must be a float dtype such as jnp.float32 or "
+        f"jnp.bfloat16, got {sensitivity_dtype!r}."
+    )
 
 
 def _find_nu(inner_state: optax.OptState, num_leaves: int) -> list | None:
@@ -84,13 +93,23 @@ def _find_nu(inner_state: optax.OptState, num_leaves: int) -> list | None:
     return None
   leaves = jax.tree.leaves(nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode) or x is None)
   if len(leaves) != num_leaves:
-    raise ValueError(f"sensitivity='adam_nu': the inner state's 'nu' has {len(leaves)} "
-                     f"leaves but the parameters have {num_leaves}.")
+    raise ValueError(
+        f"sensitivity='adam_nu': the inner state's 'nu' has {len(leaves)} "
+        f"leaves but the parameters have {num_leaves}."
+    )
   return [x if hasattr(x, "dtype") else None for x in leaves]
 
 
-def _plan(tree: Any, inner_state: optax.OptState, *, p: float, normalize: str, budget: str,
-          layer_of: grouping.LayerOf, sensitivity: str) -> _Plan:
+def _plan(
+    tree: Any,
+    inner_state: optax.OptState,
+    *,
+    p: float,
+    normalize: str,
+    budget: str,
+    layer_of: grouping.LayerOf,
+    sensitivity: str,
+) -> _Plan:
   """The selector, which leaves may be protected, and the inner nu leaves."""
   leaves, treedef = jax.tree.flatten(tree)
   eligible = [grouping.is_float(x) for x in leaves]
@@ -98,14 +117,19 @@ def _plan(tree: Any, inner_state: optax.OptState, *, p: float, normalize: str, b
   if sensitivity == "adam_nu":
     nu = _find_nu(inner_state, len(leaves))
     if nu is None:
-      raise ValueError("sensitivity='adam_nu' needs an Adam second moment: no 'nu' field "
-                       f"in the inner optimizer state {type(inner_state).__name__}; use an "
-                       "Adam-family inner optimizer or sensitivity='grad_sq'.")
+      raise ValueError(
+          "sensitivity='adam_nu' needs an Adam second moment: no 'nu' field "
+          f"in the inner optimizer state {type(inner_state).__name__}; use an "
+          "Adam-family inner optimizer or sensitivity='grad_sq'."
+      )
     eligible = [e and n is not None for e, n in zip(eligible, nu)]
-  shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32 if e else jnp.int32)
-            for x, e in zip(leaves, eligible)]
-  selector = selection.make_selector(jax.tree.unflatten(treedef, shapes), p,
-                                     normalize=normalize, budget=budget, layer_of=layer_of)
+  shapes = [
+      jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32 if e else jnp.int32)
+      for x, e in zip(leaves, eligible)
+  ]
+  selector = selection.make_selector(
+      jax.tree.unflatten(treedef, shapes), p, normalize=normalize, budget=budget, layer_of=layer_of
+  )
   return _Plan(selector, eligible, nu)
 
 
@@ -129,8 +153,7 @@ def _initial_stats(selector: selection.Selector) -> MaskStats:
 # Phase 1: online sensitivity accumulation.
 
 
-def _ema(s: jax.Array, g: jax.Array, seed: jax.Array, beta: float, dtype: jnp.dtype
-         ) -> jax.Array:
+def _ema(s: jax.Array, g: jax.Array, seed: jax.Array, beta: float, dtype: jnp.dtype) -> jax.Array:
   """One leaf of Eq. 5 in float32; a non-finite result keeps S_{t-1}."""
   g = g.astype(jnp.float32)
   new = beta * s.astype(jnp.float32) + (1 - beta) * (g * g)
@@ -140,11 +163,14 @@ def _ema(s: jax.Array, g: jax.Array, seed: jax.Array, beta: float, dtype: jnp.dt
   return new.astype(dtype)
 
 
-def accumulate_sensitivity(sens: list, grads: list, eligible: list[bool], count: jax.Array,
-                           beta: float, dtype: jnp.dtype) -> list:
+def accumulate_sensitivity(
+    sens: list, grads: list, eligible: list[bool], count: jax.Array, beta: float, dtype: jnp.dtype
+) -> list:
   """S_t = beta S_{t-1} + (1 - beta) g_t^2 (Eq. 5) on the eligible leaves."""
-  return [_ema(s, g, count * len(grads) + i, beta, dtype) if e else s
-          for i, (s, g, e) in enumerate(zip(sens, grads, eligible))]
+  return [
+      _ema(s, g, count * len(grads) + i, beta, dtype) if e else s
+      for i, (s, g, e) in enumerate(zip(sens, grads, eligible))
+  ]
 
 
 # Phase 2: dynamic mask evolution.
@@ -157,13 +183,21 @@ def _jaccard(inter: jax.Array, union: jax.Array) -> jax.Array:
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 1.0)
 
 
-def _refresh_stats(groups: grouping.Groups, new: list, old: list, first: list,
-                   threshold: jax.Array, stats: MaskStats, count: jax.Array) -> MaskStats:
+def _refresh_stats(
+    groups: grouping.Groups,
+    new: list,
+    old: list,
+    first: list,
+    threshold: jax.Array,
+    stats: MaskStats,
+    count: jax.Array,
+) -> MaskStats:
   """The statistics of a refresh from ``old`` (m_{t-1}) to ``new`` (m_t), ``first`` packed."""
   # One pass counts every statistic: bit 0 = new mask, 1 = previous, 2 = first.
-  codes = [None if ids is None else
-           n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * bitmask.unpack(f)
-           for n, o, f, ids in zip(new, old, first, groups.leaf_ids)]
+  codes = [
+      None if ids is None else n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * bitmask.unpack(f)
+      for n, o, f, ids in zip(new, old, first, groups.leaf_ids)
+  ]
   c = grouping.group_code_counts(codes, groups, 8)
   bit = lambda b: (np.arange(8) >> b) & 1
   count_if = lambda sel: jnp.sum(c * sel, axis=1)
@@ -176,16 +210,23 @@ def _refresh_stats(groups: grouping.Groups, new: list, old: list, first: list,
       protected=protected,
       locked=count_if(bit(0) * (1 - bit(1))),
       freed=count_if(bit(1) * (1 - bit(0))),
-      overlap_first=jnp.where(stats.has_first, _jaccard(count_if(bit(0) & bit(2)),
-                                                        count_if(bit(0) | bit(2))), 1.0),
+      overlap_first=jnp.where(
+          stats.has_first, _jaccard(count_if(bit(0) & bit(2)), count_if(bit(0) | bit(2))), 1.0
+      ),
       overlap_prev=_jaccard(count_if(bit(0) & bit(1)), count_if(bit(0) | bit(1))),
       # The first non-empty mask is this one (overlap 1) unless an earlier one exists.
       has_first=stats.has_first | (jnp.sum(protected) > 0),
   )
 
 
-def refresh_mask(selector: selection.Selector, scores: list, mask: list, first: list,
-                 stats: MaskStats, count: jax.Array) -> tuple[list, list, MaskStats]:
+def refresh_mask(
+    selector: selection.Selector,
+    scores: list,
+    mask: list,
+    first: list,
+    stats: MaskStats,
+    count: jax.Array,
+) -> tuple[list, list, MaskStats]:
   """m_t from S_t: layer min-max (Eq. 7-8) and the global top-p (Eq. 9), packed."""
   old = [bitmask.unpack(m) for m in mask]
   new, threshold = selector(scores)
@@ -197,15 +238,23 @@ def refresh_mask(selector: selection.Selector, scores: list, mask: list, first: 
   return new, first, new_stats
 
 
-def evolve_mask(selector: selection.Selector, scores: list, mask: list, first: list,
-                stats: MaskStats, count: jax.Array, interval: int
-                ) -> tuple[list, list, MaskStats]:
+def evolve_mask(
+    selector: selection.Selector,
+    scores: list,
+    mask: list,
+    first: list,
+    stats: MaskStats,
+    count: jax.Array,
+    interval: int,
+) -> tuple[list, list, MaskStats]:
   """A refreshed mask when ``count % interval == 0``, else m_{t-1}."""
   if max(selector.k) == 0:
     return mask, first, stats
-  return jax.lax.cond(count % interval == 0,
-                      lambda: refresh_mask(selector, scores, mask, first, stats, count),
-                      lambda: (mask, first, stats))
+  return jax.lax.cond(
+      count % interval == 0,
+      lambda: refresh_mask(selector, scores, mask, first, stats, count),
+      lambda: (mask, first, stats),
+  )
 
 
 # Phase 3: sparse optimization.
@@ -213,8 +262,7 @@ def evolve_mask(selector: selection.Selector, scores: list, mask: list, first: l
 
 def isolate(updates: list, mask: list, eligible: list[bool]) -> list:
   """The inner updates with the protected entries zeroed (Eq. 12-13)."""
-  return [bitmask.zero_protected(m, u) if e else u
-          for m, u, e in zip(mask, updates, eligible)]
+  return [bitmask.zero_protected(m, u) if e else u for m, u, e in zip(mask, updates, eligible)]
 
 
 def epi(
@@ -262,14 +310,20 @@ def epi(
   >>> tx = epi(optax.adamw(1e-5, weight_decay=0.01), p=0.01, interval=500)
   >>> state = tx.init({"w": jnp.ones((4, 4))})
   """
-  _check_epi_args(p, beta, interval, normalize, budget, layer_of, sensitivity,
-                  sensitivity_dtype)
+  _check_epi_args(p, beta, interval, normalize, budget, layer_of, sensitivity, sensitivity_dtype)
   inner = optax.with_extra_args_support(inner)
   sdt = jnp.dtype(sensitivity_dtype)
 
   def plan(tree: Any, inner_state: optax.OptState) -> _Plan:
-    return _plan(tree, inner_state, p=p, normalize=normalize, budget=budget,
-                 layer_of=layer_of, sensitivity=sensitivity)
+    return _plan(
+        tree,
+        inner_state,
+        p=p,
+        normalize=normalize,
+        budget=budget,
+        layer_of=layer_of,
+        sensitivity=sensitivity,
+    )
 
   def init_fn(params: optax.Params) -> EPIState:
     inner_state = inner.init(params)
@@ -283,23 +337,31 @@ def epi(
         inner_state=inner_state,
     )
 
-  def update_fn(updates: optax.Updates, state: EPIState, params: optax.Params | None = None,
-                **extra_args: Any) -> tuple[optax.Updates, EPIState]:
+  def update_fn(
+      updates: optax.Updates, state: EPIState, params: optax.Params | None = None, **extra_args: Any
+  ) -> tuple[optax.Updates, EPIState]:
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     count = optax.safe_increment(state.count)
     grads, treedef = jax.tree.flatten(updates)
     selector, eligible, nu = plan(updates, inner_state)
     # Phase 1: online sensitivity accumulation, from the raw gradients.
     if sensitivity == "grad_sq":
-      sens = accumulate_sensitivity(jax.tree.leaves(state.sensitivity), grads, eligible, count,
-                                    beta, sdt)
+      sens = accumulate_sensitivity(
+          jax.tree.leaves(state.sensitivity), grads, eligible, count, beta, sdt
+      )
       scores, new_sensitivity = sens, jax.tree.unflatten(treedef, sens)
     else:
       scores, new_sensitivity = nu, ()
     # Phase 2: dynamic mask evolution, every H steps.
-    mask, first, stats = evolve_mask(selector, scores, jax.tree.leaves(state.mask),
-                                     jax.tree.leaves(state.first_mask), state.stats, count,
-                                     interval)
+    mask, first, stats = evolve_mask(
+        selector,
+        scores,
+        jax.tree.leaves(state.mask),
+        jax.tree.leaves(state.first_mask),
+        state.stats,
+        count,
+        interval,
+    )
     # Phase 3: sparse optimization, the inner update off the protected set.
     out = isolate(jax.tree.leaves(inner_updates), mask, eligible)
     return jax.tree.unflatten(treedef, out), EPIState(

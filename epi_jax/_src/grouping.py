@@ -56,8 +56,10 @@ def is_float(leaf: Any) -> bool:
 def check_layer_of(layer_of: LayerOf) -> None:
   """Raises ValueError unless ``layer_of`` is one of ``LAYER_OF`` or a callable."""
   if not callable(layer_of) and layer_of not in LAYER_OF:
-    raise ValueError(f"layer_of must be one of {LAYER_OF} or a callable (path, leaf) -> key, "
-                     f"got {layer_of!r}.")
+    raise ValueError(
+        f"layer_of must be one of {LAYER_OF} or a callable (path, leaf) -> key, "
+        f"got {layer_of!r}."
+    )
 
 
 def _path_parts(path: tuple[Any, ...]) -> list[str]:
@@ -125,8 +127,10 @@ def layer_groups(tree: Any, layer_of: LayerOf = "block") -> Groups:
     # Histogram bins count one group's entries in int32: a stacked leaf may exceed that
     # in total as long as each of its slices does not.
     if (size // leaf.shape[0] if block == "stacked" else size) > INT32_MAX:
-      raise ValueError(f"leaf {jax.tree_util.keystr(path)} has {size} entries; "
-                       f"leaves above {INT32_MAX} entries are not supported.")
+      raise ValueError(
+          f"leaf {jax.tree_util.keystr(path)} has {size} entries; "
+          f"leaves above {INT32_MAX} entries are not supported."
+      )
     if callable(layer_of):
       key = ("key", layer_of(path, leaf))
       leaf_ids.append(gid(key, str(key[1]), size))
@@ -135,14 +139,15 @@ def layer_groups(tree: Any, layer_of: LayerOf = "block") -> Groups:
       leaf_ids.append(gid(("leaf", label), label, size))
     elif block == "stacked":
       per = size // leaf.shape[0]
-      leaf_ids.append(tuple(gid(("block", i), f"block/{i}", per)
-                            for i in range(leaf.shape[0])))
+      leaf_ids.append(tuple(gid(("block", i), f"block/{i}", per) for i in range(leaf.shape[0])))
     else:
       leaf_ids.append(gid(("block", block), f"block/{block}", size))
   for name, size in zip(names, sizes):
     if size > INT32_MAX:
-      raise ValueError(f"group {name!r} has {size} entries; groups above "
-                       f"{INT32_MAX} entries are not supported: use layer_of='leaf'.")
+      raise ValueError(
+          f"group {name!r} has {size} entries; groups above "
+          f"{INT32_MAX} entries are not supported: use layer_of='leaf'."
+      )
   return Groups(tuple(names), tuple(sizes), tuple(leaf_ids))
 
 
@@ -153,8 +158,7 @@ def expand(values: jax.Array, ids: int | tuple[int, ...], ndim: int) -> jax.Arra
   return values[np.asarray(ids)].reshape((len(ids),) + (1,) * (ndim - 1))
 
 
-def _reduce(leaf: jax.Array, ids: int | tuple[int, ...], fn: Callable[..., jax.Array]
-            ) -> jax.Array:
+def _reduce(leaf: jax.Array, ids: int | tuple[int, ...], fn: Callable[..., jax.Array]) -> jax.Array:
   if isinstance(ids, int):
     return fn(leaf)
   return fn(leaf.reshape(len(ids), -1), axis=1)
@@ -174,8 +178,9 @@ def group_minmax(leaves: Sequence[jax.Array], groups: Groups) -> tuple[jax.Array
   return lo, hi
 
 
-def group_code_counts(codes: Sequence[jax.Array | None], groups: Groups,
-                      num_codes: int) -> jax.Array:
+def group_code_counts(
+    codes: Sequence[jax.Array | None], groups: Groups, num_codes: int
+) -> jax.Array:
   """Per-group histogram of small integer codes, int32 of shape (G, num_codes).
 
   One scatter pass per leaf counts any number of boolean combinations at once (e.g.
@@ -186,6 +191,7 @@ def group_code_counts(codes: Sequence[jax.Array | None], groups: Groups,
     if ids is None:
       continue
     slot = code.astype(jnp.int32) + expand(
-        jnp.arange(len(groups.names), dtype=jnp.int32) * num_codes, ids, code.ndim)
+        jnp.arange(len(groups.names), dtype=jnp.int32) * num_codes, ids, code.ndim
+    )
     total = total.at[slot.reshape(-1)].add(1)
   return total.reshape(len(groups.names), num_codes)

@@ -24,8 +24,12 @@ _WIDTHS_FEW_BUDGETS = (15, 16)
 _WIDTHS_MANY_BUDGETS = (10, 10, 11)
 
 
-def kth_largest_bits(scores: Sequence[jax.Array | None], budget_ids: Sequence[LeafIds],
-                     k: Sequence[int], num_entries: int) -> jax.Array:
+def kth_largest_bits(
+    scores: Sequence[jax.Array | None],
+    budget_ids: Sequence[LeafIds],
+    k: Sequence[int],
+    num_entries: int,
+) -> jax.Array:
   """Bit pattern of the k-th largest score per budget, uint32 of shape (B,).
 
   Args:
@@ -44,20 +48,21 @@ def kth_largest_bits(scores: Sequence[jax.Array | None], budget_ids: Sequence[Le
   keys = [None if s is None else jax.lax.bitcast_convert_type(s, jnp.uint32) for s in scores]
   # Counts cannot overflow int32 below 2**31 entries; above, add per leaf, saturating at k.
   saturate = num_entries > _EXACT_COUNT_LIMIT
-  prefix = jnp.zeros((num,), jnp.uint32)   # threshold bits found so far
-  above = jnp.zeros((num,), jnp.uint32)    # entries above the current bucket (< k)
-  done = 1                                 # bits fixed so far, sign bit included
+  prefix = jnp.zeros((num,), jnp.uint32)  # threshold bits found so far
+  above = jnp.zeros((num,), jnp.uint32)  # entries above the current bucket (< k)
+  done = 1  # bits fixed so far, sign bit included
   for width in widths:
     shift = 32 - done - width
     bins = 1 << width
-    outside = num * bins                   # slot of entries outside the current bucket
+    outside = num * bins  # slot of entries outside the current bucket
     hist = jnp.zeros((outside + 1,), jnp.uint32 if saturate else jnp.int32)
     for key, ids in zip(keys, budget_ids):
       if key is None:
         continue
       ndim = key.ndim
       slot = ((key >> shift) & (bins - 1)).astype(jnp.int32) + expand(
-          jnp.arange(num, dtype=jnp.int32) * bins, ids, ndim)
+          jnp.arange(num, dtype=jnp.int32) * bins, ids, ndim
+      )
       if done > 1:
         in_bucket = (key >> (shift + width)) == (expand(prefix, ids, ndim) >> (shift + width))
         slot = jnp.where(in_bucket, slot, outside)
@@ -71,15 +76,18 @@ def kth_largest_bits(scores: Sequence[jax.Array | None], budget_ids: Sequence[Le
     # Entries at or above each digit: a suffix sum, saturated at k when it could overflow.
     if saturate:
       at_or_above = jax.lax.associative_scan(
-          lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1)
+          lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1
+      )
     else:
       at_or_above = jax.lax.cumsum(hist, axis=1, reverse=True)
     at_or_above = jnp.minimum(at_or_above + above[:, None], k[:, None])
     digit = (jnp.sum(at_or_above >= k[:, None], axis=1) - 1).astype(jnp.uint32)
     nxt = jnp.minimum(digit + 1, bins - 1)
-    above_next = jnp.where(digit + 1 < bins,
-                           jnp.take_along_axis(at_or_above, nxt[:, None].astype(jnp.int32), 1)[:, 0],
-                           above)
+    above_next = jnp.where(
+        digit + 1 < bins,
+        jnp.take_along_axis(at_or_above, nxt[:, None].astype(jnp.int32), 1)[:, 0],
+        above,
+    )
     above = jnp.minimum(above_next, k)
     prefix = prefix | (digit << shift)
     done += width

@@ -16,15 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from epi_jax._src import radix
-from epi_jax._src.grouping import (INT32_MAX, Groups, LayerOf, check_layer_of, expand,
-                                   group_minmax, layer_groups)
+from epi_jax._src.grouping import (
+    INT32_MAX,
+    Groups,
+    LayerOf,
+    check_layer_of,
+    expand,
+    group_minmax,
+    layer_groups,
+)
 
 NORMALIZE = ("layer_minmax", "none")
 BUDGET = ("global", "per_layer")
 
 
-def normalized_scores(leaves: Sequence[jax.Array], groups: Groups, normalize: str
-                      ) -> list[jax.Array | None]:
+def normalized_scores(
+    leaves: Sequence[jax.Array], groups: Groups, normalize: str
+) -> list[jax.Array | None]:
   """Scores I >= 0 in float32 (Eq. 8), ``None`` for ineligible leaves.
 
   ``"layer_minmax"`` maps each group to [0, 1] (a group whose max equals its min
@@ -72,9 +80,16 @@ class Selector:
 
   def thresholds(self, scores: Sequence[jax.Array | None]) -> jax.Array:
     """Bit pattern of the k-th largest score per budget (uint32, 2**32-1 when k=0)."""
-    sel_ids = [None if ids is None else (self.sel_of_group[ids] if isinstance(ids, int)
-                                          else tuple(self.sel_of_group[i] for i in ids))
-               for ids in self.groups.leaf_ids]
+    sel_ids = [
+        None
+        if ids is None
+        else (
+            self.sel_of_group[ids]
+            if isinstance(ids, int)
+            else tuple(self.sel_of_group[i] for i in ids)
+        )
+        for ids in self.groups.leaf_ids
+    ]
     return radix.kth_largest_bits(scores, sel_ids, self.k, self.groups.num_eligible)
 
   def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
@@ -90,8 +105,9 @@ class Selector:
       key = jax.lax.bitcast_convert_type(s, jnp.uint32)
       t = expand(tau[sel], ids, s.ndim)
       masks.append((key >= t) & (key > 0))
-    tau_f = jnp.where(tau == radix.NO_THRESHOLD, jnp.inf,
-                      jax.lax.bitcast_convert_type(tau, jnp.float32))
+    tau_f = jnp.where(
+        tau == radix.NO_THRESHOLD, jnp.inf, jax.lax.bitcast_convert_type(tau, jnp.float32)
+    )
     return masks, tau_f
 
 
@@ -106,8 +122,14 @@ def check_selection_args(p: float, normalize: str, budget: str, layer_of: LayerO
   check_layer_of(layer_of)
 
 
-def make_selector(tree: Any, p: float, *, normalize: str = "layer_minmax",
-                  budget: str = "global", layer_of: LayerOf = "block") -> Selector:
+def make_selector(
+    tree: Any,
+    p: float,
+    *,
+    normalize: str = "layer_minmax",
+    budget: str = "global",
+    layer_of: LayerOf = "block",
+) -> Selector:
   """Plans the top-p selection for pytrees shaped like ``tree`` (arguments as in ``top_p_mask``)."""
   check_selection_args(p, normalize, budget, layer_of)
   groups = layer_groups(tree, layer_of)
@@ -118,20 +140,30 @@ def make_selector(tree: Any, p: float, *, normalize: str = "layer_minmax",
     sel_of_group = tuple(range(len(groups.names)))
     k = tuple(num_protected(p, size) for size in groups.sizes)
   if max(k, default=0) > INT32_MAX:
-    raise ValueError(f"p={p} protects {max(k)} entries; at most {INT32_MAX} are supported "
-                     f"(lower p).")
+    raise ValueError(
+        f"p={p} protects {max(k)} entries; at most {INT32_MAX} are supported " f"(lower p)."
+    )
   return Selector(groups, normalize, sel_of_group, k)
 
 
-def fill_ineligible(leaves: Sequence[jax.Array | None], like_leaves: Sequence[Any]
-                    ) -> list[jax.Array]:
+def fill_ineligible(
+    leaves: Sequence[jax.Array | None], like_leaves: Sequence[Any]
+) -> list[jax.Array]:
   """Replaces the ``None`` entries of ``leaves`` by all-False masks shaped like ``like``."""
-  return [jnp.zeros(jnp.shape(like), jnp.bool_) if leaf is None else leaf
-          for leaf, like in zip(leaves, like_leaves)]
+  return [
+      jnp.zeros(jnp.shape(like), jnp.bool_) if leaf is None else leaf
+      for leaf, like in zip(leaves, like_leaves)
+  ]
 
 
-def top_p_mask(scores: Any, p: float, *, normalize: str = "layer_minmax",
-               budget: str = "global", layer_of: LayerOf = "block") -> Any:
+def top_p_mask(
+    scores: Any,
+    p: float,
+    *,
+    normalize: str = "layer_minmax",
+    budget: str = "global",
+    layer_of: LayerOf = "block",
+) -> Any:
   """Protects the top-p fraction of a score pytree, as EPI's refresh does (Eq. 7-9).
 
   k = floor(p * d) over the d float entries (per group with ``budget="per_layer"``);

@@ -22,8 +22,11 @@ def _unwrap(x: Any) -> Any:
 
 def find_state(state: Any, classes: tuple[type, ...]) -> Any:
   """The one state of ``classes`` nested in ``state``, its arrays unwrapped."""
-  found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, classes))
-           if isinstance(x, classes)]
+  found = [
+      x
+      for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, classes))
+      if isinstance(x, classes)
+  ]
   if len(found) != 1:
     names = " or ".join(c.__name__ for c in classes)
     raise ValueError(f"expected exactly one {names} in the optimizer state, found {len(found)}.")
@@ -50,8 +53,11 @@ def sensitivity_of(state: Any) -> Any:
 
 def sensitivity(state: Any) -> Any:
   """Deprecated alias of ``sensitivity_of``, removed in the next release."""
-  warnings.warn("epi_jax.sensitivity is deprecated; use epi_jax.sensitivity_of.",
-                DeprecationWarning, stacklevel=2)
+  warnings.warn(
+      "epi_jax.sensitivity is deprecated; use epi_jax.sensitivity_of.",
+      DeprecationWarning,
+      stacklevel=2,
+  )
   return sensitivity_of(state)
 
 

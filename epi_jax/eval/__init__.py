@@ -13,8 +13,24 @@ from epi_jax.eval.rouge import rouge_l
 from epi_jax.eval.task_overlap import pairwise_jaccard, task_overlap
 
 __all__ = [
-    "METRICS", "Judge", "Metric", "avg_norm_score", "code_scores", "evaluate", "exact_match",
-    "gsm8k_answer", "gsm8k_reference", "headline_row", "parse_rating", "rouge_l",
-    "continual_summary", "flip_rates", "gradient_conflict", "importance_vs_perturbation",
-    "pairwise_jaccard", "refresh_flip_rates", "task_gradient_conflict", "task_overlap",
+    "METRICS",
+    "Judge",
+    "Metric",
+    "avg_norm_score",
+    "code_scores",
+    "evaluate",
+    "exact_match",
+    "gsm8k_answer",
+    "gsm8k_reference",
+    "headline_row",
+    "parse_rating",
+    "rouge_l",
+    "continual_summary",
+    "flip_rates",
+    "gradient_conflict",
+    "importance_vs_perturbation",
+    "pairwise_jaccard",
+    "refresh_flip_rates",
+    "task_gradient_conflict",
+    "task_overlap",
 ]

@@ -60,9 +60,18 @@ class RunAnalyses:
     record: the run's RunRecord; results are kept in ``record.analyses``.
   """
 
-  def __init__(self, config: Config, *, stages: Sequence[Sequence[str]], bounds: Sequence[int],
-               task_data: TaskData, group_names: Sequence[str], mesh, writer: MetricsWriter,
-               record):
+  def __init__(
+      self,
+      config: Config,
+      *,
+      stages: Sequence[Sequence[str]],
+      bounds: Sequence[int],
+      task_data: TaskData,
+      group_names: Sequence[str],
+      mesh,
+      writer: MetricsWriter,
+      record,
+  ):
     self.names = tuple(config.eval.analyses)
     self.config, self.stages, self.bounds = config, [list(s) for s in stages], list(bounds)
     self.group_names, self.mesh, self.writer = list(group_names), mesh, writer
@@ -71,14 +80,25 @@ class RunAnalyses:
     self.chats = {t: [e.turns for e in examples] for t, examples in task_data.evaluation.items()}
     o, d = config.optim, config.data
     self.num_micro = o.batch_size // (o.micro_batch_size or o.batch_size)
-    self.heldout = ({t: heldout_batch(self.encoder, self.chats, [t], rows=o.batch_size,
-                                      seq_len=d.seq_len) for t in self.chats}
-                    if "gradient_conflict" in self.names else {})
+    self.heldout = (
+        {
+            t: heldout_batch(self.encoder, self.chats, [t], rows=o.batch_size, seq_len=d.seq_len)
+            for t in self.chats
+        }
+        if "gradient_conflict" in self.names
+        else {}
+    )
     self.task_batches = {}
     if "task_overlap" in self.names:
       for t in self.chats:
-        it = data.BatchIterator(task_data.train[t], batch_size=o.batch_size, seq_len=d.seq_len,
-                                pad_id=self.encoder.pad_id, seed=d.seed, pack=d.pack)
+        it = data.BatchIterator(
+            task_data.train[t],
+            batch_size=o.batch_size,
+            seq_len=d.seq_len,
+            pad_id=self.encoder.pad_id,
+            seed=d.seed,
+            pack=d.pack,
+        )
         self.task_batches[t] = [next(it) for _ in range(IMPORTANCE_BATCHES)]
     self.points: dict[int, list[str]] = {}
     if "perturbation" in self.names:
@@ -98,8 +118,7 @@ class RunAnalyses:
   def after_refresh(self, history: Sequence[dict]) -> None:
     """With ``flip_rate``: log the per-group flip rate of the refresh just recorded."""
     if "flip_rate" in self.names and len(history) >= 2:
-      self.writer.write("flip_rate", history[-1]["step"],
-                        {"rate": refresh_flip_rates(history[-1])})
+      self.writer.write("flip_rate", history[-1]["step"], {"rate": refresh_flip_rates(history[-1])})
 
   def after_step(self, step: int, graphdef, state) -> float:
     """With ``perturbation``: at its points, correlate S with measured loss changes.
@@ -116,25 +135,42 @@ class RunAnalyses:
     old = [t for s in self.stages[:stage] for t in s] or self.stages[0]
     o = self.config.optim
     rows = o.micro_batch_size or o.batch_size
-    batch = put_batch(heldout_batch(self.encoder, self.chats, old, rows=rows,
-                                    seq_len=self.config.data.seq_len), self.mesh)
+    batch = put_batch(
+        heldout_batch(self.encoder, self.chats, old, rows=rows, seq_len=self.config.data.seq_len),
+        self.mesh,
+    )
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     if self._loss_fn is None:  # one function object: its compiled program is reused
       self._loss_fn = lambda p, aux: mean_loss(nnx.merge(model_def, p, aux[0]), aux[1], 1)
-    per_lane = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-                + 12 * rows * self.config.data.seq_len * model.config.vocab_size)
+    per_lane = (
+        sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        + 12 * rows * self.config.data.seq_len * model.config.vocab_size
+    )
     result = importance_vs_perturbation(
-        self._loss_fn, params, (rest, batch), epi_jax.sensitivity_of(optimizer.opt_state),
-        per_group=PERTURBATION_PER_GROUP, draws=PERTURBATION_DRAWS,
-        sigma_rel=PERTURBATION_SIGMA_REL, seed=self.config.train.seed + step,
+        self._loss_fn,
+        params,
+        (rest, batch),
+        epi_jax.sensitivity_of(optimizer.opt_state),
+        per_group=PERTURBATION_PER_GROUP,
+        draws=PERTURBATION_DRAWS,
+        sigma_rel=PERTURBATION_SIGMA_REL,
+        seed=self.config.train.seed + step,
         layer_of=self.config.method.layer_of,
-        chunk=int(np.clip(PERTURBATION_MEMORY // per_lane, 1, 64)))
-    result |= {"step": step, "stage": stage, "old_tasks": old,
-               "time_s": time.perf_counter() - start}
+        chunk=int(np.clip(PERTURBATION_MEMORY // per_lane, 1, 64)),
+    )
+    result |= {
+        "step": step,
+        "stage": stage,
+        "old_tasks": old,
+        "time_s": time.perf_counter() - start,
+    }
     for label in labels:
       self.results.setdefault("perturbation", {})[label] = result
-      self.writer.write("perturbation", step, {"point": label} | {
-          k: v for k, v in result.items() if k != "old_tasks"})
+      self.writer.write(
+          "perturbation",
+          step,
+          {"point": label} | {k: v for k, v in result.items() if k != "old_tasks"},
+      )
     return time.perf_counter() - start
 
   def after_stage(self, stage: int, step: int, model) -> None:
@@ -143,34 +179,53 @@ class RunAnalyses:
     if "gradient_conflict" in self.names:
       start = time.perf_counter()
       result = task_gradient_conflict(
-          model, {t: put_batch(b, self.mesh) for t, b in self.heldout.items()},
-          num_micro=self.num_micro)
+          model,
+          {t: put_batch(b, self.mesh) for t, b in self.heldout.items()},
+          num_micro=self.num_micro,
+      )
       self._record("gradient_conflict", stage, step, result, start)
     if "task_overlap" in self.names:
       start = time.perf_counter()
       result = task_overlap(
-          model, {t: [put_batch(b, self.mesh) for b in bs] for t, bs in self.task_batches.items()},
-          p=m.p, beta=m.beta, normalize=m.normalize, budget=m.budget, layer_of=m.layer_of,
-          num_micro=self.num_micro)
+          model,
+          {t: [put_batch(b, self.mesh) for b in bs] for t, bs in self.task_batches.items()},
+          p=m.p,
+          beta=m.beta,
+          normalize=m.normalize,
+          budget=m.budget,
+          layer_of=m.layer_of,
+          num_micro=self.num_micro,
+      )
       self._record("task_overlap", stage, step, result, start)
 
   def _record(self, name: str, stage: int, step: int, result: dict, start: float) -> None:
-    result = {"after_stage": stage, "step": step, **result,
-              "time_s": time.perf_counter() - start}
+    result = {"after_stage": stage, "step": step, **result, "time_s": time.perf_counter() - start}
     self.results.setdefault(name, []).append(result)
-    self.writer.write(name, step, {"stage": stage, "average": result["average"],
-                                   "time_s": result["time_s"]} | result["pairs"])
+    self.writer.write(
+        name,
+        step,
+        {"stage": stage, "average": result["average"], "time_s": result["time_s"]}
+        | result["pairs"],
+    )
 
   def summary(self, record) -> dict:
     """The ``analyses`` entry of summary.json; also logs the continual-learning scalars."""
     out = {}
     if "continual" in self.names:
       before = self.results.get("before")
-      out["continual"] = {"before": before, "before_time_s": self.results.get("before_time_s"),
-                          **continual_summary(before, record.matrix, self.stages)}
-      self.writer.write("continual", record.step, {
-          k: out["continual"][k]
-          for k in ("acc", "bwt", "fwt", "max_forgetting", "forgetting_ratio_mean")})
+      out["continual"] = {
+          "before": before,
+          "before_time_s": self.results.get("before_time_s"),
+          **continual_summary(before, record.matrix, self.stages),
+      }
+      self.writer.write(
+          "continual",
+          record.step,
+          {
+              k: out["continual"][k]
+              for k in ("acc", "bwt", "fwt", "max_forgetting", "forgetting_ratio_mean")
+          },
+      )
     for name in ("gradient_conflict", "task_overlap"):
       if name in self.names:
         per_stage = self.results.get(name, [])

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 _COMPONENTS = ("ngram_match", "weighted_ngram_match", "syntax_match", "dataflow_match")
 
 
-def code_scores(predictions: Sequence[str], references: Sequence[str], *, lang: str = "python"
-                ) -> dict[str, float | None]:
+def code_scores(
+    predictions: Sequence[str], references: Sequence[str], *, lang: str = "python"
+) -> dict[str, float | None]:
   """CodeBLEU, its four components and corpus BLEU, each in [0, 1].
 
   Returns:

@@ -29,8 +29,9 @@ def _diff(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None else a - b
 
 
-def continual_summary(before: Row | None, matrix: Sequence[Row], stages: Sequence[Sequence[str]]
-                      ) -> dict:
+def continual_summary(
+    before: Row | None, matrix: Sequence[Row], stages: Sequence[Sequence[str]]
+) -> dict:
   """ACC, BWT, FWT, max-forgetting and mean FR of the tasks of the finished stages.
 
   With K = len(matrix) finished stages and s(t) the stage of task t:
@@ -58,19 +59,25 @@ def continual_summary(before: Row | None, matrix: Sequence[Row], stages: Sequenc
     raise ValueError("continual_summary needs at least one finished stage in the matrix")
   last = len(matrix) - 1
   final = matrix[last]
-  trained = [(s, t) for s, stage in enumerate(stages[:len(matrix)]) for t in stage]
+  trained = [(s, t) for s, stage in enumerate(stages[: len(matrix)]) for t in stage]
   per_task: dict[str, dict] = {}
   for s, t in trained:
     earlier = [matrix[l][t] for l in range(s, last)]
     initial = matrix[s][t]
     per_task[t] = {
         "bwt": _diff(final[t], matrix[s][t]) if s < last else None,
-        "fwt": (_diff(matrix[s - 1][t], before[t]) if before is not None and s >= 1 else None),
-        "max_forgetting": (max(earlier) - final[t] if earlier and None not in earlier
-                           and final[t] is not None else None),
+        "fwt": _diff(matrix[s - 1][t], before[t]) if before is not None and s >= 1 else None,
+        "max_forgetting": (
+            max(earlier) - final[t]
+            if earlier and None not in earlier and final[t] is not None
+            else None
+        ),
         # Eq. 14, as epi_jax.eval.forgetting computes it, for the tasks that saw later stages.
-        "forgetting_ratio": ((initial - final[t]) / initial * 100 if s < last and initial
-                             and final[t] is not None else None),
+        "forgetting_ratio": (
+            (initial - final[t]) / initial * 100
+            if s < last and initial and final[t] is not None
+            else None
+        ),
     }
   return {
       "acc": _mean(final[t] for _, t in trained),

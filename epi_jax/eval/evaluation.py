@@ -10,9 +10,16 @@ from epi_jax.eval.judge import Judge
 from epi_jax.eval.metrics import METRICS
 
 
-def evaluate(model, encoder: data.ChatEncoder, examples: Mapping[str, Sequence[data.EvalExample]],
-             metrics: Mapping[str, str], *, max_new_tokens: int, batch_size: int,
-             judge: Judge | None = None) -> dict[str, dict]:
+def evaluate(
+    model,
+    encoder: data.ChatEncoder,
+    examples: Mapping[str, Sequence[data.EvalExample]],
+    metrics: Mapping[str, str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    judge: Judge | None = None,
+) -> dict[str, dict]:
   """Scores every task's held-out examples with the metric `metrics[task]` names.
 
   The prompts of all generation-scored tasks are generated together (length buckets shared
@@ -32,16 +39,23 @@ def evaluate(model, encoder: data.ChatEncoder, examples: Mapping[str, Sequence[d
   """
   unknown = {t: metrics.get(t) for t in examples if metrics.get(t) not in METRICS}
   if unknown:
-    raise ValueError(f"tasks without a known metric: {unknown}; known metrics: {', '.join(METRICS)}")
+    raise ValueError(
+        f"tasks without a known metric: {unknown}; known metrics: {', '.join(METRICS)}"
+    )
   generated = [t for t in examples if METRICS[metrics[t]].inputs == "generation"]
   prompts = [encoder.encode_prompt(e.prompt) for t in generated for e in examples[t]]
-  texts = generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size) if prompts else []
+  texts = (
+      generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+      if prompts
+      else []
+  )
   outputs, start = {}, 0
   for t in generated:
-    outputs[t], start = texts[start:start + len(examples[t])], start + len(examples[t])
+    outputs[t], start = texts[start : start + len(examples[t])], start + len(examples[t])
   for t in examples:
     if t not in outputs:
       outputs[t] = option_loglikelihoods(model, encoder, examples[t], batch_size=batch_size)
-  return {t: METRICS[metrics[t]].score(examples[t], outputs[t], judge) | {"n": len(examples[t])}
-          for t in examples}
+  return {
+      t: METRICS[metrics[t]].score(examples[t], outputs[t], judge) | {"n": len(examples[t])}
+      for t in examples
+  }

@@ -49,15 +49,21 @@ def _decode(encoder: data.ChatEncoder, ids: np.ndarray) -> str:
   """Text of `ids` up to the first EOS; "" when an id is outside the tokenizer's vocabulary
   (possible when the model's vocabulary is larger), which no metric scores as right."""
   stop = np.flatnonzero(ids == encoder.eos_id)
-  ids = ids[:stop[0]] if stop.size else ids
+  ids = ids[: stop[0]] if stop.size else ids
   try:
     return encoder.decode([int(t) for t in ids if t != encoder.pad_id])
   except ValueError:
     return ""
 
 
-def generate_texts(model, encoder: data.ChatEncoder, prompts: Sequence[np.ndarray], *,
-                   max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_texts(
+    model,
+    encoder: data.ChatEncoder,
+    prompts: Sequence[np.ndarray],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
   """Greedy continuations of `prompts` (token ids), decoded up to each row's EOS.
 
   Calls `epi_jax.models.generate` (KV cache; the batch stops when every row emitted EOS) on
@@ -71,10 +77,18 @@ def generate_texts(model, encoder: data.ChatEncoder, prompts: Sequence[np.ndarra
     mask = np.zeros((rows, length), np.int32)
     for r in range(rows):
       prompt = prompts[index[min(r, len(index) - 1)]]
-      ids[r, length - len(prompt):] = prompt
-      mask[r, length - len(prompt):] = 1
-    new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id))
+      ids[r, length - len(prompt) :] = prompt
+      mask[r, length - len(prompt) :] = 1
+    new = np.asarray(
+        generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=encoder.eos_id,
+            pad_token_id=encoder.pad_id,
+        )
+    )
     for r, i in enumerate(index):
       out[i] = _decode(encoder, new[r])
   return out
@@ -90,9 +104,9 @@ def _row_loglikelihoods(graphdef, state, ids, mask, scored):
   return jnp.sum(jnp.where(scored[:, 1:], token, 0.0), axis=-1)
 
 
-def option_loglikelihoods(model, encoder: data.ChatEncoder,
-                          examples: Sequence[data.EvalExample], *, batch_size: int
-                          ) -> list[np.ndarray]:
+def option_loglikelihoods(
+    model, encoder: data.ChatEncoder, examples: Sequence[data.EvalExample], *, batch_size: int
+) -> list[np.ndarray]:
   """Per example, the summed log-likelihood of each option's tokens after its prompt.
 
   As lm-evaluation-harness's multiple-choice `loglikelihood` requests under a chat template:
@@ -123,10 +137,10 @@ def option_loglikelihoods(model, encoder: data.ChatEncoder,
     scored = np.zeros((batch, length), bool)
     for r, i in enumerate(index):
       row, n = rows[i]
-      ids[r, :len(row)], mask[r, :len(row)] = row, 1
-      scored[r, max(len(row) - n, 1):len(row)] = True
+      ids[r, : len(row)], mask[r, : len(row)] = row, 1
+      scored[r, max(len(row) - n, 1) : len(row)] = True
     values = np.asarray(_row_loglikelihoods(graphdef, state, ids, mask, scored))
-    scores[index] = values[:len(index)]
+    scores[index] = values[: len(index)]
   out = [[] for _ in examples]
   for e, value in zip(owner, scores):
     out[e].append(value)

@@ -18,11 +18,15 @@ def gram_matrix(grads: list) -> jax.Array:
 
   Leaf by leaf: no gradient is ever concatenated into one vector.
   """
-  leaves = [[x.astype(jnp.float32) for x in jax.tree.leaves(g)
-             if jnp.issubdtype(x.dtype, jnp.floating)] for g in grads]
+  leaves = [
+      [x.astype(jnp.float32) for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating)]
+      for g in grads
+  ]
   n = len(grads)
-  rows = [[sum(jnp.vdot(a, b) for a, b in zip(leaves[i], leaves[j])) for j in range(n)]
-          for i in range(n)]
+  rows = [
+      [sum(jnp.vdot(a, b) for a, b in zip(leaves[i], leaves[j])) for j in range(n)]
+      for i in range(n)
+  ]
   return jnp.asarray(rows)
 
 
@@ -45,8 +49,11 @@ def gradient_conflict(grads: Mapping[str, object]) -> dict:
     cosine[key] = float(np.clip(gram[i, j] / norm, -1.0, 1.0)) if norm > 0 else None
     pairs[key] = None if cosine[key] is None else max(0.0, -cosine[key])
   defined = [v for v in pairs.values() if v is not None]
-  return {"pairs": pairs, "cosine": cosine,
-          "average": sum(defined) / len(defined) if defined else None}
+  return {
+      "pairs": pairs,
+      "cosine": cosine,
+      "average": sum(defined) / len(defined) if defined else None,
+  }
 
 
 def task_gradient_conflict(model, batches: Mapping[str, dict], *, num_micro: int) -> dict:

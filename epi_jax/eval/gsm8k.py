@@ -67,6 +67,9 @@ def gsm8k_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
   """Exact-match accuracy of the strict and the flexible extraction against the references."""
   targets = [gsm8k_reference(r) for r in references]
   count = max(len(targets), 1)
-  return {f"exact_match_{mode}": sum(gsm8k_answer(p, mode) == t
-                                     for p, t in zip(predictions, targets)) / count
-          for mode in _PATTERNS}
+  return {
+      f"exact_match_{mode}": (
+          sum(gsm8k_answer(p, mode) == t for p, t in zip(predictions, targets)) / count
+      )
+      for mode in _PATTERNS
+  }

@@ -18,8 +18,14 @@ import epi_jax.data as data
 from epi_jax.train.step import mean_loss_and_grads, micro_batches, response_loss
 
 
-def heldout_batch(encoder: data.ChatEncoder, chats: Mapping[str, Sequence[Sequence[data.Turn]]],
-                  tasks: Sequence[str], *, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+def heldout_batch(
+    encoder: data.ChatEncoder,
+    chats: Mapping[str, Sequence[Sequence[data.Turn]]],
+    tasks: Sequence[str],
+    *,
+    rows: int,
+    seq_len: int,
+) -> dict[str, np.ndarray]:
   """A fixed batch of the held-out chats of `tasks`, one chat per row.
 
   Chats are taken in turn (the first of each task, then the second of each...), so every
@@ -28,12 +34,21 @@ def heldout_batch(encoder: data.ChatEncoder, chats: Mapping[str, Sequence[Sequen
   """
   if not tasks:
     raise ValueError("heldout_batch needs at least one task")
-  picked = [chats[t][i] for i in range(max(len(chats[t]) for t in tasks)) for t in tasks
-            if i < len(chats[t])][:rows]
-  examples = [data.Encoded(ids[:seq_len], mask[:seq_len])
-              for ids, mask in (encoder.encode_chat(chat) for chat in picked)]
-  return data.make_batch([[e] for e in examples] + [[]] * (rows - len(examples)),
-                         seq_len=seq_len, pad_id=encoder.pad_id)
+  picked = [
+      chats[t][i]
+      for i in range(max(len(chats[t]) for t in tasks))
+      for t in tasks
+      if i < len(chats[t])
+  ][:rows]
+  examples = [
+      data.Encoded(ids[:seq_len], mask[:seq_len])
+      for ids, mask in (encoder.encode_chat(chat) for chat in picked)
+  ]
+  return data.make_batch(
+      [[e] for e in examples] + [[]] * (rows - len(examples)),
+      seq_len=seq_len,
+      pad_id=encoder.pad_id,
+  )
 
 
 @functools.partial(nnx.jit, static_argnums=2)
@@ -50,6 +65,7 @@ def mean_loss(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int) ->
     loss_sum, n = response_loss(model, micro)
     return (carry[0] + loss_sum, carry[1] + n), None
 
-  (total, count), _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)),
-                                   micro_batches(batch, num_micro))
+  (total, count), _ = jax.lax.scan(
+      add, (jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro)
+  )
   return total / jnp.maximum(count, 1.0)

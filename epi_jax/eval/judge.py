@@ -33,9 +33,10 @@ PROMPT_TEMPLATE = (
     "consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and level "
     "of detail of the response. Begin your evaluation by providing a short explanation. Be as "
     "objective as possible. After providing your explanation, you must rate the response on a "
-    "scale of 1 to 10 by strictly following this format: \"[[rating]]\", for example: "
-    "\"Rating: [[5]]\".\n\n[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n"
-    "[The End of Assistant's Answer]")
+    'scale of 1 to 10 by strictly following this format: "[[rating]]", for example: '
+    '"Rating: [[5]]".\n\n[Question]\n{question}\n\n[The Start of Assistant\'s Answer]\n{answer}\n'
+    "[The End of Assistant's Answer]"
+)
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
@@ -88,17 +89,30 @@ class Judge:
     workers: requests in flight at once.
   """
 
-  def __init__(self, *, url: str, model: str, api_key_env: str = "", timeout: float = 60.0,
-               retries: int = 3, backoff: float = 1.0, cache_path: str | None = None,
-               workers: int = 4):
+  def __init__(
+      self,
+      *,
+      url: str,
+      model: str,
+      api_key_env: str = "",
+      timeout: float = 60.0,
+      retries: int = 3,
+      backoff: float = 1.0,
+      cache_path: str | None = None,
+      workers: int = 4,
+  ):
     if not url or not model:
       raise ValueError("the judge needs both eval.judge.url and eval.judge.model")
     if api_key_env and not os.environ.get(api_key_env):
-      raise ValueError(f"eval.judge.api_key_env names the environment variable {api_key_env!r}, "
-                       "which is not set")
+      raise ValueError(
+          f"eval.judge.api_key_env names the environment variable {api_key_env!r}, "
+          "which is not set"
+      )
     if timeout <= 0 or retries < 0 or backoff < 0 or workers < 1:
-      raise ValueError(f"need timeout > 0, retries >= 0, backoff >= 0, workers >= 1; got "
-                       f"{timeout}, {retries}, {backoff}, {workers}")
+      raise ValueError(
+          f"need timeout > 0, retries >= 0, backoff >= 0, workers >= 1; got "
+          f"{timeout}, {retries}, {backoff}, {workers}"
+      )
     base = url.rstrip("/")
     self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
     self.model = model
@@ -117,18 +131,27 @@ class Judge:
     """HTTP requests sent so far (retries included)."""
 
   def _key(self, prompt: str) -> str:
-    return hashlib.sha256(json.dumps([self.url, self.model, SYSTEM_PROMPT, prompt]).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps([self.url, self.model, SYSTEM_PROMPT, prompt]).encode()
+    ).hexdigest()
 
   def _post(self, prompt: str) -> str:
-    body = {"model": self.model, "temperature": 0, "max_tokens": 2048, "n": 1,
-            "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                         {"role": "user", "content": prompt}]}
+    body = {
+        "model": self.model,
+        "temperature": 0,
+        "max_tokens": 2048,
+        "n": 1,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": prompt},
+        ],
+    }
     headers = {"Content-Type": "application/json"}
     if self._api_key_env:
       headers["Authorization"] = f"Bearer {os.environ.get(self._api_key_env, '')}"
-    request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
-                                     method="POST")
+    request = urllib.request.Request(
+        self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
     with self._lock:
       self.requests += 1
     with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -167,8 +190,10 @@ class Judge:
           with open(self.cache_path, "a") as f:
             f.write(json.dumps({"key": key, "judgment": judgment}) + "\n")
       return judgment
-    print(f"judge: no reply from {self.url} after {attempt + 1} attempt(s): {problem}",
-          file=sys.stderr)
+    print(
+        f"judge: no reply from {self.url} after {attempt + 1} attempt(s): {problem}",
+        file=sys.stderr,
+    )
     return None
 
   def judge(self, question: str, answer: str) -> Judgment:
@@ -179,12 +204,18 @@ class Judge:
     rating = parse_rating(judgment)
     return Judgment(rating, "rated" if rating is not None else "unrated")
 
-  def scores(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, float | int | None]:
+  def scores(
+      self, questions: Sequence[str], answers: Sequence[str]
+  ) -> dict[str, float | int | None]:
     """Mean rating of the rated answers (``judge_score``, None if none was rated) and the
     counts ``judge_rated``, ``judge_unrated``, ``judge_failed``."""
     with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
       verdicts = list(pool.map(self.judge, questions, answers))
     rated = [v.rating for v in verdicts if v.rating is not None]
-    return {"judge_score": sum(rated) / len(rated) if rated else None,
-            **{f"judge_{status}": sum(v.status == status for v in verdicts)
-               for status in ("rated", "unrated", "failed")}}
+    return {
+        "judge_score": sum(rated) / len(rated) if rated else None,
+        **{
+            f"judge_{status}": sum(v.status == status for v in verdicts)
+            for status in ("rated", "unrated", "failed")
+        },
+    }

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def overlap_at_progress(history: Sequence[dict], total_steps: int,
-                        fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)) -> dict[str, float]:
+def overlap_at_progress(
+    history: Sequence[dict], total_steps: int, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+) -> dict[str, float]:
   """Overlap of the mask in force at 25/50/75/100% of training with the first non-empty mask.
 
   Args:
@@ -40,8 +41,10 @@ def refresh_flip_rates(record: dict) -> list[float]:
     record: a refresh record with per-group ``locked``, ``freed``, ``protected`` counts
       (``epi_jax.mask_stats``).
   """
-  return [(lock + free) / (prot + free) if prot + free else 0.0
-          for lock, free, prot in zip(record["locked"], record["freed"], record["protected"])]
+  return [
+      (lock + free) / (prot + free) if prot + free else 0.0
+      for lock, free, prot in zip(record["locked"], record["freed"], record["protected"])
+  ]
 
 
 def flip_rates(history: Sequence[dict], group_names: Sequence[str]) -> dict:
@@ -61,7 +64,10 @@ def flip_rates(history: Sequence[dict], group_names: Sequence[str]) -> dict:
   for record in pairs:
     flips += np.add(record["locked"], record["freed"])
     union += np.add(record["protected"], record["freed"])
-  return {"per_group": {name: float(f / u) if u else None
-                        for name, f, u in zip(group_names, flips, union)},
-          "all": float(flips.sum() / union.sum()) if union.sum() else None,
-          "refreshes": len(pairs)}
+  return {
+      "per_group": {
+          name: float(f / u) if u else None for name, f, u in zip(group_names, flips, union)
+      },
+      "all": float(flips.sum() / union.sum()) if union.sum() else None,
+      "refreshes": len(pairs),
+  }

@@ -44,8 +44,10 @@ def _multiple_choice(examples, outputs, judge):
   of log-likelihood / option length in characters), ``ConfigurableTask.process_results``."""
   del judge
   acc = [int(np.argmax(ll)) == e.answer for e, ll in zip(examples, outputs)]
-  norm = [int(np.argmax(ll / np.array([float(len(c)) for c in e.choices]))) == e.answer
-          for e, ll in zip(examples, outputs)]
+  norm = [
+      int(np.argmax(ll / np.array([float(len(c)) for c in e.choices]))) == e.answer
+      for e, ll in zip(examples, outputs)
+  ]
   return {"acc": _mean(acc), "acc_norm": _mean(norm)}
 
 
@@ -96,8 +98,9 @@ def headline_key(metric: str, result: Mapping) -> str:
   return m.headline if m.proxy is None or m.headline in result else m.proxy
 
 
-def headline_row(results: Mapping[str, Mapping], metrics: Mapping[str, str]
-                 ) -> dict[str, float | None]:
+def headline_row(
+    results: Mapping[str, Mapping], metrics: Mapping[str, str]
+) -> dict[str, float | None]:
   """Task -> its headline number (None when it could not be measured, e.g. no judge reply)."""
   return {task: result[headline_key(metrics[task], result)] for task, result in results.items()}
 
@@ -125,5 +128,9 @@ def avg_norm_score(results: Mapping[str, Mapping], metrics: Mapping[str, str]) -
     if key != m.headline:
       proxy.append(task)
   value = sum(normalized.values()) / len(normalized) if normalized else None
-  return {"avg_norm_score": value, "normalized": normalized, "proxy_tasks": proxy,
-          "missing_tasks": missing}
+  return {
+      "avg_norm_score": value,
+      "normalized": normalized,
+      "proxy_tasks": proxy,
+      "missing_tasks": missing,
+  }

@@ -29,7 +29,7 @@ import epi_jax
 class Entries(NamedTuple):
   """Sampled parameter entries."""
 
-  leaf: np.ndarray   # shape=(N,), int32: position of the entry's leaf in jax.tree.leaves
+  leaf: np.ndarray  # shape=(N,), int32: position of the entry's leaf in jax.tree.leaves
   index: np.ndarray  # shape=(N, D), int32: its index in that leaf (D = max leaf ndim, 0-padded)
   group: np.ndarray  # shape=(N,), int32: its normalization group (epi_jax.layer_groups)
 
@@ -63,8 +63,11 @@ def sample_entries(params, per_group: int, *, seed: int, layer_of: str = "block"
       leaf_ids.append(i)
       index.append(list(pos) + [0] * (width - len(pos)))
       group.append(g)
-  return Entries(np.asarray(leaf_ids, np.int32), np.asarray(index, np.int32).reshape(-1, width),
-                 np.asarray(group, np.int32))
+  return Entries(
+      np.asarray(leaf_ids, np.int32),
+      np.asarray(index, np.int32).reshape(-1, width),
+      np.asarray(group, np.int32),
+  )
 
 
 def values_at(tree, entries: Entries) -> np.ndarray:
@@ -97,8 +100,17 @@ def _lane_losses(params, aux, leaf, index, eps, *, loss_fn: Callable, chunk: int
   return jax.lax.map(one, (leaf, index, eps), batch_size=chunk)
 
 
-def perturbation_deltas(loss_fn: Callable, params, aux, entries: Entries, *, sigma: float,
-                        draws: int, seed: int, chunk: int) -> np.ndarray:
+def perturbation_deltas(
+    loss_fn: Callable,
+    params,
+    aux,
+    entries: Entries,
+    *,
+    sigma: float,
+    draws: int,
+    seed: int,
+    chunk: int,
+) -> np.ndarray:
   """delta_j (module docstring) of every entry, float64.
 
   Args:
@@ -119,13 +131,26 @@ def perturbation_deltas(loss_fn: Callable, params, aux, entries: Entries, *, sig
   lanes = 1 + len(signed)
   pad = -lanes % chunk
   leaf = np.concatenate([[0], np.repeat(entries.leaf, 2 * draws), np.zeros(pad)])
-  index = np.concatenate([np.zeros((1, entries.index.shape[1])),
-                          np.repeat(entries.index, 2 * draws, axis=0),
-                          np.zeros((pad, entries.index.shape[1]))])
+  index = np.concatenate(
+      [
+          np.zeros((1, entries.index.shape[1])),
+          np.repeat(entries.index, 2 * draws, axis=0),
+          np.zeros((pad, entries.index.shape[1])),
+      ]
+  )
   steps = np.concatenate([[0.0], signed, np.zeros(pad)])
-  losses = np.asarray(_lane_losses(params, aux, jnp.asarray(leaf, jnp.int32),
-                                   jnp.asarray(index, jnp.int32), jnp.asarray(steps, jnp.float32),
-                                   loss_fn=loss_fn, chunk=chunk), np.float64)
+  losses = np.asarray(
+      _lane_losses(
+          params,
+          aux,
+          jnp.asarray(leaf, jnp.int32),
+          jnp.asarray(index, jnp.int32),
+          jnp.asarray(steps, jnp.float32),
+          loss_fn=loss_fn,
+          chunk=chunk,
+      ),
+      np.float64,
+  )
   moved = losses[1:lanes].reshape(n, draws, 2)
   return (moved.mean(axis=-1) - losses[0]).mean(axis=-1)
 
@@ -153,9 +178,19 @@ def spearman(x, y) -> float | None:
   return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
 
 
-def importance_vs_perturbation(loss_fn: Callable, params, aux, sensitivity, *, per_group: int,
-                               draws: int, sigma_rel: float, seed: int, layer_of: str,
-                               chunk: int) -> dict:
+def importance_vs_perturbation(
+    loss_fn: Callable,
+    params,
+    aux,
+    sensitivity,
+    *,
+    per_group: int,
+    draws: int,
+    sigma_rel: float,
+    seed: int,
+    layer_of: str,
+    chunk: int,
+) -> dict:
   """Pearson r and Spearman rho between S and delta on entries sampled per group.
 
   Args:
@@ -170,14 +205,21 @@ def importance_vs_perturbation(loss_fn: Callable, params, aux, sensitivity, *, p
     ``pearson``, ``spearman`` (None if S or delta is constant), ``n`` entries, ``sigma``.
   """
   if len(jax.tree.leaves(sensitivity)) != len(jax.tree.leaves(params)):
-    raise ValueError("sensitivity must be shaped like params: "
-                     f"{len(jax.tree.leaves(sensitivity))} leaves vs {len(jax.tree.leaves(params))}")
+    raise ValueError(
+        "sensitivity must be shaped like params: "
+        f"{len(jax.tree.leaves(sensitivity))} leaves vs {len(jax.tree.leaves(params))}"
+    )
   entries = sample_entries(params, per_group, seed=seed, layer_of=layer_of)
   floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
   square = sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in floats)
   sigma = sigma_rel * float(np.sqrt(square / sum(x.size for x in floats)))
-  delta = perturbation_deltas(loss_fn, params, aux, entries, sigma=sigma, draws=draws,
-                              seed=seed + 1, chunk=chunk)
+  delta = perturbation_deltas(
+      loss_fn, params, aux, entries, sigma=sigma, draws=draws, seed=seed + 1, chunk=chunk
+  )
   s = values_at(sensitivity, entries)
-  return {"pearson": pearson(s, delta), "spearman": spearman(s, delta), "n": len(delta),
-          "sigma": sigma}
+  return {
+      "pearson": pearson(s, delta),
+      "spearman": spearman(s, delta),
+      "n": len(delta),
+      "sigma": sigma,
+  }

@@ -21,9 +21,11 @@ from epi_jax.eval.heldout import batch_gradients
 @jax.jit
 def _ema_sq(s, g, beta):
   """S <- beta * S + (1 - beta) * g * g, skipping non-finite entries (as EPI does)."""
+
   def one(s, g):
     new = beta * s + (1 - beta) * jnp.square(g.astype(jnp.float32))
     return jnp.where(jnp.isfinite(new), new, s)
+
   return jax.tree.map(one, s, g)
 
 
@@ -32,15 +34,17 @@ def task_importance(model, batches: Iterable[dict], *, beta: float, num_micro: i
   s = None
   for batch in batches:
     g = batch_gradients(model, batch, num_micro)
-    s = _ema_sq(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), g) if s is None else s,
-                g, jnp.float32(beta))
+    s = _ema_sq(
+        jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), g) if s is None else s,
+        g,
+        jnp.float32(beta),
+    )
   if s is None:
     raise ValueError("task_importance needs at least one batch")
   return s
 
 
-_top_p_mask = jax.jit(epi_jax.top_p_mask,
-                      static_argnames=("p", "normalize", "budget", "layer_of"))
+_top_p_mask = jax.jit(epi_jax.top_p_mask, static_argnames=("p", "normalize", "budget", "layer_of"))
 
 
 @jax.jit
@@ -66,15 +70,25 @@ def pairwise_jaccard(masks: Mapping[str, object]) -> dict:
   """
   names = list(masks)
   inter, union = (jax.device_get(x) for x in _pair_counts([masks[t] for t in names]))
-  pairs = {f"{names[i]}/{names[j]}": (float(inter[i, j]) / float(union[i, j])
-                                       if union[i, j] > 0 else None)
-           for i, j in itertools.combinations(range(len(names)), 2)}
+  pairs = {
+      f"{names[i]}/{names[j]}": float(inter[i, j]) / float(union[i, j]) if union[i, j] > 0 else None
+      for i, j in itertools.combinations(range(len(names)), 2)
+  }
   defined = [v for v in pairs.values() if v is not None]
   return {"pairs": pairs, "average": sum(defined) / len(defined) if defined else None}
 
 
-def task_overlap(model, task_batches: Mapping[str, Iterable[dict]], *, p: float, beta: float,
-                 normalize: str, budget: str, layer_of: str, num_micro: int) -> dict:
+def task_overlap(
+    model,
+    task_batches: Mapping[str, Iterable[dict]],
+    *,
+    p: float,
+    beta: float,
+    normalize: str,
+    budget: str,
+    layer_of: str,
+    num_micro: int,
+) -> dict:
   """`pairwise_jaccard` of the tasks' own top-p importance masks.
 
   Args:
@@ -83,7 +97,14 @@ def task_overlap(model, task_batches: Mapping[str, Iterable[dict]], *, p: float,
     p, beta, normalize, budget, layer_of: as the run's EPI (``epi_jax.epi``).
     num_micro: micro-batches per batch.
   """
-  masks = {t: _top_p_mask(task_importance(model, b, beta=beta, num_micro=num_micro), p,
-                          normalize=normalize, budget=budget, layer_of=layer_of)
-           for t, b in task_batches.items()}
+  masks = {
+      t: _top_p_mask(
+          task_importance(model, b, beta=beta, num_micro=num_micro),
+          p,
+          normalize=normalize,
+          budget=budget,
+          layer_of=layer_of,
+      )
+      for t, b in task_batches.items()
+  }
   return pairwise_jaccard(masks)

@@ -55,8 +55,7 @@ def _row_loss(model: nnx.Module, row: dict[str, jax.Array]) -> tuple[jax.Array, 
   return total / jnp.maximum(count, 1.0), count
 
 
-def example_losses(model: nnx.Module, batch: dict[str, jax.Array]
-                   ) -> tuple[jax.Array, jax.Array]:
+def example_losses(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Per-example losses [B] and response-token counts [B] of `batch` (train.step's keys)."""
   return jax.vmap(lambda row: _row_loss(model, row))({k: batch[k] for k in BATCH_KEYS})
 
@@ -76,7 +75,9 @@ def _squared_grad_sums(graphdef, params, rest, batch, chunks):
     valid = (counts > 0).astype(jnp.float32)
     sums = jax.tree.map(
         lambda s, g: s + jnp.tensordot(valid, jnp.square(g.astype(jnp.float32)), axes=1),
-        sums, grads)
+        sums,
+        grads,
+    )
     return sums, jnp.sum(valid)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -84,8 +85,12 @@ def _squared_grad_sums(graphdef, params, rest, batch, chunks):
   return sums, jnp.sum(valid)
 
 
-def fisher_diagonal(model: nnx.Module, batches: Iterable[dict[str, jax.Array]], *,
-                    examples_per_chunk: int | None = None):
+def fisher_diagonal(
+    model: nnx.Module,
+    batches: Iterable[dict[str, jax.Array]],
+    *,
+    examples_per_chunk: int | None = None,
+):
   """The diagonal empirical Fisher of the model's ``nnx.Param`` over `batches`.
 
   F = (1 / N) sum_n g_n * g_n over the N examples (rows) with response tokens, g_n the
@@ -107,8 +112,10 @@ def fisher_diagonal(model: nnx.Module, batches: Iterable[dict[str, jax.Array]], 
     rows = batch["input_ids"].shape[0]
     chunk = examples_per_chunk or rows
     if chunk < 1 or rows % chunk:
-      raise ValueError(f"examples_per_chunk={examples_per_chunk} does not divide the {rows} "
-                       f"rows of batch {i}")
+      raise ValueError(
+          f"examples_per_chunk={examples_per_chunk} does not divide the {rows} "
+          f"rows of batch {i}"
+      )
     sums, valid = _squared_grad_sums(graphdef, params, rest, batch, rows // chunk)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     examples = examples + valid
@@ -124,8 +131,12 @@ def _f32(tree):
 def init(params) -> EWCState:
   """The state before any consolidation: F = 0, so the penalty is 0."""
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-  return EWCState(fisher=zeros, anchor=jax.tree.map(jnp.copy, _f32(params)),
-                  constant=jnp.zeros((), jnp.float32), consolidations=jnp.zeros((), jnp.int32))
+  return EWCState(
+      fisher=zeros,
+      anchor=jax.tree.map(jnp.copy, _f32(params)),
+      constant=jnp.zeros((), jnp.float32),
+      consolidations=jnp.zeros((), jnp.int32),
+  )
 
 
 def consolidate(state: EWCState, params, fisher, *, gamma: float | None = None) -> EWCState:
@@ -152,13 +163,20 @@ def consolidate(state: EWCState, params, fisher, *, gamma: float | None = None) 
 
   def mean(f_old, a_old, f_new, t_new, f_sum):
     positive = f_sum > 0
-    return jnp.where(positive, (f_old * a_old + f_new * t_new) / jnp.where(positive, f_sum, 1.0),
-                     t_new)
+    return jnp.where(
+        positive, (f_old * a_old + f_new * t_new) / jnp.where(positive, f_sum, 1.0), t_new
+    )
 
   anchor = jax.tree.map(mean, state.fisher, state.anchor, fisher, theta, summed)
   left_over = jax.tree.map(
       lambda f_old, a_old, f_new, t_new, a: jnp.sum(f_old * jnp.square(a_old - a))
-      + jnp.sum(f_new * jnp.square(t_new - a)), state.fisher, state.anchor, fisher, theta, anchor)
+      + jnp.sum(f_new * jnp.square(t_new - a)),
+      state.fisher,
+      state.anchor,
+      fisher,
+      theta,
+      anchor,
+  )
   return EWCState(summed, anchor, state.constant + sum(jax.tree.leaves(left_over)), count)
 
 
@@ -170,8 +188,12 @@ def penalty(params, state: EWCState, *, lam: float) -> jax.Array:
   """
   if not lam >= 0:
     raise ValueError(f"lam={lam!r} must be >= 0")
-  terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
-                       params, state.fisher, state.anchor)
+  terms = jax.tree.map(
+      lambda p, f, a: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
+      params,
+      state.fisher,
+      state.anchor,
+  )
   return 0.5 * lam * (sum(jax.tree.leaves(terms)) + state.constant)
 
 
@@ -191,9 +213,14 @@ def penalty_gradient(lam: float) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("ewc.penalty_gradient needs params in update()")
     updates = jax.tree.map(
-        lambda g, p, f, a: (g.astype(jnp.float32)
-                            + lam * f * (p.astype(jnp.float32) - a)).astype(g.dtype),
-        updates, params, state.fisher, state.anchor)
+        lambda g, p, f, a: (g.astype(jnp.float32) + lam * f * (p.astype(jnp.float32) - a)).astype(
+            g.dtype
+        ),
+        updates,
+        params,
+        state.fisher,
+        state.anchor,
+    )
     return updates, state
 
   return optax.GradientTransformation(init, update_fn)
@@ -218,5 +245,9 @@ def memory_bytes(model: nnx.Module, *, examples_per_chunk: int) -> EWCMemory:
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   count = sum(math.prod(p.shape) for p in params)
   grads = sum(math.prod(p.shape) * jnp.dtype(p.dtype).itemsize for p in params)
-  return EWCMemory(fisher=4 * count, anchor=4 * count,
-                   fisher_pass=examples_per_chunk * grads + 4 * count, base_parameters=count)
+  return EWCMemory(
+      fisher=4 * count,
+      anchor=4 * count,
+      fisher_pass=examples_per_chunk * grads + 4 * count,
+      base_parameters=count,
+  )

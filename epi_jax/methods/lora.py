@@ -120,7 +120,7 @@ class _Target(NamedTuple):
     return math.prod(self.shape[self.lead + ax] for ax in self.layout[0])
 
   def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    lead = self.shape[:self.lead]
+    lead = self.shape[: self.lead]
     return (*lead, self.fan_in, rank), (*lead, rank, self.fan_out)
 
 
@@ -144,11 +144,12 @@ def _targets(model: Decoder, config: LoraConfig) -> list[_Target]:
     layout = hf[0][1]
     lead = len(shape) - sum(len(group) for group in layout)
     if lead != int(stacked):
-      raise ValueError(f"LoRA target {'/'.join(map(str, path))} has shape {shape}: expected "
-                       f"{'one leading layer axis' if stacked else 'no leading axis'}")
+      raise ValueError(
+          f"LoRA target {'/'.join(map(str, path))} has shape {shape}: expected "
+          f"{'one leading layer axis' if stacked else 'no leading axis'}"
+      )
     logical = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
-    found.append(_Target(tuple(path), shape, lead, layout, tuple(n for n, _ in hf),
-                         tuple(logical)))
+    found.append(_Target(tuple(path), shape, lead, layout, tuple(n for n, _ in hf), tuple(logical)))
   if not found:
     raise ValueError(f"no LoRA target {config.targets} among the model's parameters")
   return found
@@ -171,8 +172,11 @@ def _check(adapters, targets: list[_Target], config: LoraConfig) -> None:
   show = lambda key: "/".join(map(str, key))
   problems = [f"missing {show(k)}" for k in want if k not in flat]
   problems += [f"unexpected {show(k)}" for k in flat if k not in want]
-  problems += [f"{show(k)}: shape {tuple(np.shape(flat[k]))}, expected {s}"
-               for k, s in want.items() if k in flat and tuple(np.shape(flat[k])) != s]
+  problems += [
+      f"{show(k)}: shape {tuple(np.shape(flat[k]))}, expected {s}"
+      for k, s in want.items()
+      if k in flat and tuple(np.shape(flat[k])) != s
+  ]
   if problems:
     raise ValueError("adapters do not match the model and LoraConfig:\n  " + "\n  ".join(problems))
 
@@ -180,13 +184,19 @@ def _check(adapters, targets: list[_Target], config: LoraConfig) -> None:
 def _to_kernel_layout(ab: jax.Array, target: _Target) -> jax.Array:
   """a @ b [*lead, in, out] rearranged to the kernel's own axes."""
   order = target.layout[1] + target.layout[0]  # kernel axes of ab's (in..., out...) dims
-  lead = target.shape[:target.lead]
+  lead = target.shape[: target.lead]
   x = ab.reshape(*lead, *(target.shape[target.lead + ax] for ax in order))
   return x.transpose(*range(target.lead), *(target.lead + i for i in np.argsort(order)))
 
 
-def _with_adapters(model: Decoder, adapters: dict, config: LoraConfig, *,
-                   dropout_key: jax.Array | None, freeze: bool) -> Decoder:
+def _with_adapters(
+    model: Decoder,
+    adapters: dict,
+    config: LoraConfig,
+    *,
+    dropout_key: jax.Array | None,
+    freeze: bool,
+) -> Decoder:
   targets = _targets(model, config)
   _check(adapters, targets, config)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -197,19 +207,22 @@ def _with_adapters(model: Decoder, adapters: dict, config: LoraConfig, *,
     a, b = _pair(adapters, target)
     a = a.astype(jnp.float32)
     if dropout_key is not None and config.dropout > 0:
-      keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - config.dropout,
-                                  a.shape[:-1])
+      keep = jax.random.bernoulli(
+          jax.random.fold_in(dropout_key, i), 1 - config.dropout, a.shape[:-1]
+      )
       a = jnp.where(keep[..., None], a / (1 - config.dropout), 0.0)
     ab = jnp.matmul(a, b.astype(jnp.float32)) * config.scale
     kernel = flat[target.path]
     w = kernel.get_value()
-    flat[target.path] = kernel.replace((w.astype(jnp.float32) + _to_kernel_layout(ab, target)
-                                        ).astype(w.dtype))
+    flat[target.path] = kernel.replace(
+        (w.astype(jnp.float32) + _to_kernel_layout(ab, target)).astype(w.dtype)
+    )
   return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())), rest)
 
 
-def adapted(model: Decoder, adapters: dict, config: LoraConfig, *,
-            dropout_key: jax.Array | None = None) -> Decoder:
+def adapted(
+    model: Decoder, adapters: dict, config: LoraConfig, *, dropout_key: jax.Array | None = None
+) -> Decoder:
   """The model with every target kernel W replaced by W + (alpha / r) a @ b, for training.
 
   All base weights pass through `jax.lax.stop_gradient`: only `adapters` get gradients.
@@ -241,7 +254,7 @@ def adapter_axis_names(model: Decoder, config: LoraConfig) -> dict:
   like its output axis, the layer axis like the kernel's, the rank axis None."""
   names = {}
   for t in _targets(model, config):
-    lead = t.names[:t.lead]
+    lead = t.names[: t.lead]
     in_name, out_name = t.names[t.lead + t.layout[1][0]], t.names[t.lead + t.layout[0][0]]
     names[(*t.path, "a")] = (*lead, in_name, None)
     names[(*t.path, "b")] = (*lead, None, out_name)
@@ -254,13 +267,22 @@ def adapter_shardings(model: Decoder, config: LoraConfig, mesh: Mesh) -> dict:
   shapes = {}
   for t in _targets(model, config):
     shapes[(*t.path, "a")], shapes[(*t.path, "b")] = t.adapter_shapes(config.rank)
-  return traverse_util.unflatten_dict({
-      key: NamedSharding(mesh, logical_spec(names, shapes[key], mesh))
-      for key, names in flat.items()})
+  return traverse_util.unflatten_dict(
+      {
+          key: NamedSharding(mesh, logical_spec(names, shapes[key], mesh))
+          for key, names in flat.items()
+      }
+  )
 
 
-def init_adapters(model: Decoder, config: LoraConfig, *, key: jax.Array,
-                  dtype=jnp.float32, mesh: Mesh | None = None) -> dict:
+def init_adapters(
+    model: Decoder,
+    config: LoraConfig,
+    *,
+    key: jax.Array,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+) -> dict:
   """Fresh adapters as PEFT initializes them: a ~ U(-1/sqrt(in), 1/sqrt(in)), b = 0.
 
   Args:
@@ -277,8 +299,9 @@ def init_adapters(model: Decoder, config: LoraConfig, *, key: jax.Array,
     for i, t in enumerate(targets):
       a_shape, b_shape = t.adapter_shapes(config.rank)
       bound = 1.0 / math.sqrt(t.fan_in)
-      flat[(*t.path, "a")] = jax.random.uniform(jax.random.fold_in(key, i), a_shape, dtype,
-                                                -bound, bound)
+      flat[(*t.path, "a")] = jax.random.uniform(
+          jax.random.fold_in(key, i), a_shape, dtype, -bound, bound
+      )
       flat[(*t.path, "b")] = jnp.zeros(b_shape, dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -289,8 +312,10 @@ def init_adapters(model: Decoder, config: LoraConfig, *, key: jax.Array,
 def _peft_modules(family: str) -> dict[str, str]:
   """PEFT module name of each target (`q_proj`, ...) -> its short name (`q`, ...)."""
   names = NameMap(family)
-  return {names.to_hf("layers/0/" + "/".join(sub))[0].split(".")[-2]: short
-          for short, sub in TARGETS.items()}
+  return {
+      names.to_hf("layers/0/" + "/".join(sub))[0].split(".")[-2]: short
+      for short, sub in TARGETS.items()
+  }
 
 
 def _peft_names(hf_name: str) -> tuple[str, str]:
@@ -299,32 +324,66 @@ def _peft_names(hf_name: str) -> tuple[str, str]:
   return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
 
-def peft_config(model: Decoder, config: LoraConfig, *,
-                base_model_name_or_path: str | None = None) -> dict:
+def peft_config(
+    model: Decoder, config: LoraConfig, *, base_model_name_or_path: str | None = None
+) -> dict:
   """The adapter_config.json that peft 0.21.2's `PeftModel.save_pretrained` writes for the
   same adapter: every LoraConfig field, defaults for what this module does not use."""
   return {
-      "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
-      "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "bias": "none",
-      "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
-      "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-      "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
-      "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-      "lora_alpha": config.alpha, "lora_bias": False, "lora_dropout": config.dropout,
-      "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-      "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
-      "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": config.rank,
-      "rank_pattern": {}, "revision": None,
-      "target_modules": sorted(m for m, short in _peft_modules(model.config.family).items()
-                               if short in config.targets),
+      "alora_invocation_tokens": None,
+      "alpha_pattern": {},
+      "arrow_config": None,
+      "auto_mapping": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "bias": "none",
+      "corda_config": None,
+      "ensure_weight_tying": False,
+      "eva_config": None,
+      "exclude_modules": None,
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "kasa_config": None,
+      "layer_replication": None,
+      "layers_pattern": None,
+      "layers_to_transform": None,
+      "loftq_config": {},
+      "lora_alpha": config.alpha,
+      "lora_bias": False,
+      "lora_dropout": config.dropout,
+      "lora_ga_config": None,
+      "megatron_config": None,
+      "megatron_core": "megatron.core",
+      "modules_to_save": None,
+      "monteclora_config": None,
+      "peft_type": "LORA",
+      "peft_version": PEFT_VERSION,
+      "qalora_group_size": 16,
+      "r": config.rank,
+      "rank_pattern": {},
+      "revision": None,
+      "target_modules": sorted(
+          m for m, short in _peft_modules(model.config.family).items() if short in config.targets
+      ),
       "target_parameters": None,
-      "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None,
-      "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
+      "task_type": "CAUSAL_LM",
+      "trainable_token_indices": None,
+      "use_bdlora": None,
+      "use_dora": False,
+      "use_qalora": False,
+      "use_rslora": False,
+      "velora_config": None,
   }
 
 
-def save_adapter(model: Decoder, adapters: dict, config: LoraConfig, path: str | os.PathLike,
-                 *, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: Decoder,
+    adapters: dict,
+    config: LoraConfig,
+    path: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> None:
   """Writes adapter_config.json and adapter_model.safetensors in PEFT's format to `path`.
 
   Tensors are per block (a scanned model's stacked adapters are split), lora_A [r, in] and
@@ -345,20 +404,35 @@ def save_adapter(model: Decoder, adapters: dict, config: LoraConfig, path: str |
       tensors[name_b] = np.ascontiguousarray(b_i.T)
   save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(peft_config(model, config, base_model_name_or_path=base_model_name_or_path), f,
-              indent=2, sort_keys=True)
+    json.dump(
+        peft_config(model, config, base_model_name_or_path=base_model_name_or_path),
+        f,
+        indent=2,
+        sort_keys=True,
+    )
 
 
 # adapter_config.json values load_adapter accepts besides the ones it reads.
-_SUPPORTED = {"peft_type": "LORA", "bias": "none", "use_rslora": False, "use_dora": False,
-              "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {},
-              "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None,
-              "layer_replication": None, "target_parameters": None,
-              "trainable_token_indices": None}
+_SUPPORTED = {
+    "peft_type": "LORA",
+    "bias": "none",
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
 
 
-def load_adapter(model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32,
-                 mesh: Mesh | None = None) -> tuple[dict, LoraConfig]:
+def load_adapter(
+    model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None
+) -> tuple[dict, LoraConfig]:
   """Reads a PEFT LoRA adapter folder (as `save_adapter` or peft write it) for `model`.
 
   Returns:
@@ -372,17 +446,25 @@ def load_adapter(model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32,
   path = os.fspath(path)
   with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
     raw = json.load(f)
-  problems = [f"{CONFIG_FILE}: {k}={raw[k]!r} is not supported (only {v!r})"
-              for k, v in _SUPPORTED.items() if k in raw and raw[k] not in (v, None)]
+  problems = [
+      f"{CONFIG_FILE}: {k}={raw[k]!r} is not supported (only {v!r})"
+      for k, v in _SUPPORTED.items()
+      if k in raw and raw[k] not in (v, None)
+  ]
   modules, known = raw.get("target_modules"), _peft_modules(model.config.family)
   if not isinstance(modules, list) or not modules or not set(modules) <= set(known):
-    problems.append(f"{CONFIG_FILE}: target_modules={modules!r} must be a non-empty list "
-                    f"among {sorted(known)}")
+    problems.append(
+        f"{CONFIG_FILE}: target_modules={modules!r} must be a non-empty list "
+        f"among {sorted(known)}"
+    )
   else:
     try:
-      config = LoraConfig(rank=raw.get("r"), alpha=raw.get("lora_alpha"),
-                          dropout=raw.get("lora_dropout") or 0.0,
-                          targets=tuple(t for t in TARGETS if t in {known[m] for m in modules}))
+      config = LoraConfig(
+          rank=raw.get("r"),
+          alpha=raw.get("lora_alpha"),
+          dropout=raw.get("lora_dropout") or 0.0,
+          targets=tuple(t for t in TARGETS if t in {known[m] for m in modules}),
+      )
     except ValueError as e:
       problems.append(f"{CONFIG_FILE}: {e}")
   if problems:
@@ -393,8 +475,9 @@ def load_adapter(model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32,
     for t in _targets(model, config):
       slices = {"a": [], "b": []}
       for hf_name in t.hf_names:
-        for kind, name, want in zip("ab", _peft_names(hf_name),
-                                    ((config.rank, t.fan_in), (t.fan_out, config.rank))):
+        for kind, name, want in zip(
+            "ab", _peft_names(hf_name), ((config.rank, t.fan_in), (t.fan_out, config.rank))
+        ):
           seen.add(name)
           if name not in shapes:
             missing.append(name)
@@ -408,8 +491,9 @@ def load_adapter(model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32,
   unexpected = sorted(set(shapes) - seen)
   if problems or missing or unexpected or mismatched:
     raise CheckpointMismatchError(path, missing, unexpected, mismatched, problems=problems)
-  shardings = (traverse_util.flatten_dict(adapter_shardings(model, config, mesh))
-               if mesh is not None else {})
+  shardings = (
+      traverse_util.flatten_dict(adapter_shardings(model, config, mesh)) if mesh is not None else {}
+  )
   adapters = {k: jax.device_put(v.astype(dtype), shardings.get(k)) for k, v in flat.items()}
   return traverse_util.unflatten_dict(adapters), config
 
@@ -427,8 +511,13 @@ class LoraMemory(NamedTuple):
 
   @property
   def total(self) -> int:
-    return (self.adapters + self.adapter_grads + self.adapter_adam + self.effective_weights
-            + self.effective_weight_grads)
+    return (
+        self.adapters
+        + self.adapter_grads
+        + self.adapter_adam
+        + self.effective_weights
+        + self.effective_weight_grads
+    )
 
   @property
   def per_base_parameter(self) -> float:
@@ -452,11 +541,14 @@ def memory_bytes(model: Decoder, config: LoraConfig, *, dtype=jnp.float32) -> Lo
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   count = sum(math.prod(s) for t in targets for s in t.adapter_shapes(config.rank))
   itemsize = jnp.dtype(dtype).itemsize
-  kernel_bytes = [math.prod(t.shape) * jnp.dtype(params[t.path].dtype).itemsize
-                  for t in targets]
+  kernel_bytes = [math.prod(t.shape) * jnp.dtype(params[t.path].dtype).itemsize for t in targets]
   scanned = targets[0].lead > 0
   return LoraMemory(
-      adapter_parameters=count, adapters=count * itemsize, adapter_grads=count * itemsize,
-      adapter_adam=2 * count * itemsize, effective_weights=sum(kernel_bytes),
+      adapter_parameters=count,
+      adapters=count * itemsize,
+      adapter_grads=count * itemsize,
+      adapter_adam=2 * count * itemsize,
+      effective_weights=sum(kernel_bytes),
       effective_weight_grads=sum(kernel_bytes) if scanned else max(kernel_bytes),
-      base_parameters=sum(math.prod(v.shape) for v in params.values()))
+      base_parameters=sum(math.prod(v.shape) for v in params.values()),
+  )

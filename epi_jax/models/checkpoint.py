@@ -47,243 +47,275 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint cannot be loaded; lists every problem of the file (architecture, metadata),
-    every tensor of an unsupported type, and every missing, unexpected and mis-shaped tensor."""
+  """A checkpoint cannot be loaded; lists every problem of the file (architecture, metadata),
+  every tensor of an unsupported type, and every missing, unexpected and mis-shaped tensor."""
 
-    def __init__(self, path: str, missing=(), unexpected=(), mismatched=(), *,
-                 unsupported=(), problems=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(
-            mismatched)
-        self.unsupported, self.problems = list(unsupported), list(problems)
-        lines = [f"checkpoint {path} does not match the model:"]
-        for title, names in (("problems", self.problems), ("unsupported type", self.unsupported),
-                             ("missing", self.missing), ("unexpected", self.unexpected),
-                             ("wrong shape", self.mismatched)):
-            if names:
-                lines.append(f"  {title} ({len(names)}):")
-                lines.extend(f"    {name}" for name in names)
-        super().__init__("\n".join(lines))
+  def __init__(
+      self, path: str, missing=(), unexpected=(), mismatched=(), *, unsupported=(), problems=()
+  ):
+    self.missing, self.unexpected, self.mismatched = (
+        list(missing),
+        list(unexpected),
+        list(mismatched),
+    )
+    self.unsupported, self.problems = list(unsupported), list(problems)
+    lines = [f"checkpoint {path} does not match the model:"]
+    for title, names in (
+        ("problems", self.problems),
+        ("unsupported type", self.unsupported),
+        ("missing", self.missing),
+        ("unexpected", self.unexpected),
+        ("wrong shape", self.mismatched),
+    ):
+      if names:
+        lines.append(f"  {title} ({len(names)}):")
+        lines.extend(f"    {name}" for name in names)
+    super().__init__("\n".join(lines))
 
 
 class TensorSource(Protocol):
-    """A checkpoint's tensors under Hugging Face names, in the Hugging Face layout."""
+  """A checkpoint's tensors under Hugging Face names, in the Hugging Face layout."""
 
-    path: str
-    config: ModelConfig | None  # None when `problems` prevent building one
-    problems: list[str]  # what is wrong with the checkpoint as a whole
-    unsupported: list[str]  # tensors that cannot be read
-    shapes: dict[str, tuple[int, ...]]  # name -> shape, of every tensor
+  path: str
+  config: ModelConfig | None  # None when `problems` prevent building one
+  problems: list[str]  # what is wrong with the checkpoint as a whole
+  unsupported: list[str]  # tensors that cannot be read
+  shapes: dict[str, tuple[int, ...]]  # name -> shape, of every tensor
 
-    def label(self, name: str) -> str:
-        """How error messages name tensor `name`."""
+  def label(self, name: str) -> str:
+    """How error messages name tensor `name`."""
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor `name`."""
+  def read(self, name: str) -> np.ndarray:
+    """Tensor `name`."""
 
 
 class SafetensorsSource:
-    """A Hugging Face folder: config.json and model.safetensors, or shards listed in the index."""
+  """A Hugging Face folder: config.json and model.safetensors, or shards listed in the index."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.config = ModelConfig.from_hf(path)
-        self.problems: list[str] = []
-        self.unsupported: list[str] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._files: dict[str, str] = {}
-        for file in _shard_files(path):
-            with safe_open(file, framework="np") as f:
-                for name in f.keys():
-                    self._files[name] = file
-                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+  def __init__(self, path: str):
+    self.path = path
+    self.config = ModelConfig.from_hf(path)
+    self.problems: list[str] = []
+    self.unsupported: list[str] = []
+    self.shapes: dict[str, tuple[int, ...]] = {}
+    self._files: dict[str, str] = {}
+    for file in _shard_files(path):
+      with safe_open(file, framework="np") as f:
+        for name in f.keys():
+          self._files[name] = file
+          self.shapes[name] = tuple(f.get_slice(name).get_shape())
 
-    def label(self, name: str) -> str:
-        return name
+  def label(self, name: str) -> str:
+    return name
 
-    def read(self, name: str) -> np.ndarray:
-        with safe_open(self._files[name], framework="np") as f:
-            return f.get_tensor(name)
+  def read(self, name: str) -> np.ndarray:
+    with safe_open(self._files[name], framework="np") as f:
+      return f.get_tensor(name)
 
 
 def _shard_files(path: str) -> list[str]:
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-        files = [SINGLE_FILE]
-    else:
-        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    return [os.path.join(path, f) for f in files]
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index, encoding="utf-8") as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(path, SINGLE_FILE)):
+    files = [SINGLE_FILE]
+  else:
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors files in {path}")
+  return [os.path.join(path, f) for f in files]
 
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
-    """The tensor source of a Hugging Face folder, a .gguf file, or an alias (registry.ALIASES)."""
-    path = resolve_checkpoint(path)
-    return GGUFSource(path) if is_gguf(path) else SafetensorsSource(path)
+  """The tensor source of a Hugging Face folder, a .gguf file, or an alias (registry.ALIASES)."""
+  path = resolve_checkpoint(path)
+  return GGUFSource(path) if is_gguf(path) else SafetensorsSource(path)
 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a checkpoint (folder, .gguf file or alias), read without its tensors."""
-    path = resolve_checkpoint(path)
-    return _config(GGUFSource(path)) if is_gguf(path) else ModelConfig.from_hf(path)
+  """The ModelConfig of a checkpoint (folder, .gguf file or alias), read without its tensors."""
+  path = resolve_checkpoint(path)
+  return _config(GGUFSource(path)) if is_gguf(path) else ModelConfig.from_hf(path)
 
 
 def _config(source: TensorSource) -> ModelConfig:
-    if source.config is None:
-        raise CheckpointMismatchError(source.path, unsupported=source.unsupported,
-                                      problems=source.problems)
-    return source.config
+  if source.config is None:
+    raise CheckpointMismatchError(
+        source.path, unsupported=source.unsupported, problems=source.problems
+    )
+  return source.config
 
 
 Slots = dict[tuple, list[tuple[str, int | None]]]
 
 
 def _slots(leaves: dict[tuple, nnx.Variable], config: ModelConfig) -> Slots:
-    """Each parameter's per-block paths (those of the unscanned model, "layers/3/attn/q") with
-    their index along its stacked layer axis; an unstacked parameter has one path and None."""
-    slots: Slots = {}
-    for path in leaves:
-        parts = [str(p) for p in path]
-        if config.scan_layers and parts[0] == "layers":
-            slots[path] = [("/".join(["layers", str(i), *parts[1:]]), i)
-                           for i in range(config.num_layers)]
-        else:
-            slots[path] = [("/".join(parts), None)]
-    return slots
+  """Each parameter's per-block paths (those of the unscanned model, "layers/3/attn/q") with
+  their index along its stacked layer axis; an unstacked parameter has one path and None."""
+  slots: Slots = {}
+  for path in leaves:
+    parts = [str(p) for p in path]
+    if config.scan_layers and parts[0] == "layers":
+      slots[path] = [
+          ("/".join(["layers", str(i), *parts[1:]]), i) for i in range(config.num_layers)
+      ]
+    else:
+      slots[path] = [("/".join(parts), None)]
+  return slots
 
 
-def _match(source: TensorSource, leaves: dict[tuple, nnx.Variable], slots: Slots,
-           names: NameMap) -> dict[str, tuple[str, Layout]]:
-    """Per-block path -> (tensor name, layout) of every parameter slice.
+def _match(
+    source: TensorSource, leaves: dict[tuple, nnx.Variable], slots: Slots, names: NameMap
+) -> dict[str, tuple[str, Layout]]:
+  """Per-block path -> (tensor name, layout) of every parameter slice.
 
-    Raises:
-      CheckpointMismatchError: naming every problem of the source at once.
-    """
-    where = {ours: (path, layer) for path, parts in slots.items() for ours, layer in parts}
-    plan: dict[str, tuple[str, Layout]] = {}
-    unexpected, mismatched = [], []
-    for name, got in source.shapes.items():
-        hit = names.to_ours(name)
-        if hit is None or hit[0] not in where:
-            if not IGNORED.match(name):
-                unexpected.append(source.label(name))
-            continue
-        ours, layout = hit
-        path, layer = where[ours]
-        shape = leaves[path].shape if layer is None else leaves[path].shape[1:]
-        plan[ours] = (name, layout)
-        if got != (want := hf_shape(layout, shape)):
-            mismatched.append(f"{source.label(name)}: shape {got}, expected {want}")
-    missing = [source.label(names.to_hf(ours)[0]) for ours in where if ours not in plan]
-    if missing or unexpected or mismatched or source.unsupported or source.problems:
-        raise CheckpointMismatchError(source.path, missing, unexpected, mismatched,
-                                      unsupported=source.unsupported, problems=source.problems)
-    return plan
+  Raises:
+    CheckpointMismatchError: naming every problem of the source at once.
+  """
+  where = {ours: (path, layer) for path, parts in slots.items() for ours, layer in parts}
+  plan: dict[str, tuple[str, Layout]] = {}
+  unexpected, mismatched = [], []
+  for name, got in source.shapes.items():
+    hit = names.to_ours(name)
+    if hit is None or hit[0] not in where:
+      if not IGNORED.match(name):
+        unexpected.append(source.label(name))
+      continue
+    ours, layout = hit
+    path, layer = where[ours]
+    shape = leaves[path].shape if layer is None else leaves[path].shape[1:]
+    plan[ours] = (name, layout)
+    if got != (want := hf_shape(layout, shape)):
+      mismatched.append(f"{source.label(name)}: shape {got}, expected {want}")
+  missing = [source.label(names.to_hf(ours)[0]) for ours in where if ours not in plan]
+  if missing or unexpected or mismatched or source.unsupported or source.problems:
+    raise CheckpointMismatchError(
+        source.path,
+        missing,
+        unexpected,
+        mismatched,
+        unsupported=source.unsupported,
+        problems=source.problems,
+    )
+  return plan
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                    scan_layers: bool = False, remat: str = "none") -> tuple[Decoder, ModelConfig]:
-    """Reads a llama, mistral, qwen2 or gemma2 checkpoint: a Hugging Face folder or a GGUF file.
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    scan_layers: bool = False,
+    remat: str = "none",
+) -> tuple[Decoder, ModelConfig]:
+  """Reads a llama, mistral, qwen2 or gemma2 checkpoint: a Hugging Face folder or a GGUF file.
 
-    Args:
-      path: a folder with config.json and model.safetensors (or shards + index), a llama.cpp
-        `.gguf` file (any tensor type `gguf.quants` dequantizes), or an alias such as
-        "smollm2-135m-instruct" (`registry.ALIASES`).
-      dtype: parameter and activation dtype (float32 or bfloat16).
-      mesh: place each parameter on this mesh by its logical axes; None: the default device.
-      scan_layers, remat: the ModelConfig switches of the same names.
+  Args:
+    path: a folder with config.json and model.safetensors (or shards + index), a llama.cpp
+      `.gguf` file (any tensor type `gguf.quants` dequantizes), or an alias such as
+      "smollm2-135m-instruct" (`registry.ALIASES`).
+    dtype: parameter and activation dtype (float32 or bfloat16).
+    mesh: place each parameter on this mesh by its logical axes; None: the default device.
+    scan_layers, remat: the ModelConfig switches of the same names.
 
-    Returns:
-      (model, config).
+  Returns:
+    (model, config).
 
-    Raises:
-      CheckpointMismatchError: naming every problem: unsupported architecture or metadata,
-        tensors of unsupported types, missing, unexpected and mis-shaped tensors.
-    """
-    source = open_checkpoint(path)
-    config = dataclasses.replace(_config(source), scan_layers=scan_layers, remat=remat)
-    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    leaves = dict(nnx.to_flat_state(state))
-    slots = _slots(leaves, config)
-    plan = _match(source, leaves, slots, NameMap(config.family))
-    loaded = []
-    for path_, variable in leaves.items():
-        host = np.empty(variable.shape, dtype)
-        for ours, layer in slots[path_]:
-            index = ... if layer is None else layer
-            name, layout = plan[ours]
-            host[index] = from_hf_layout(source.read(name), layout, host[index].shape)
-        sharding = variable_sharding(variable, mesh) if mesh is not None else None
-        loaded.append((path_, variable.replace(jax.device_put(host, sharding))))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
+  Raises:
+    CheckpointMismatchError: naming every problem: unsupported architecture or metadata,
+      tensors of unsupported types, missing, unexpected and mis-shaped tensors.
+  """
+  source = open_checkpoint(path)
+  config = dataclasses.replace(_config(source), scan_layers=scan_layers, remat=remat)
+  abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves = dict(nnx.to_flat_state(state))
+  slots = _slots(leaves, config)
+  plan = _match(source, leaves, slots, NameMap(config.family))
+  loaded = []
+  for path_, variable in leaves.items():
+    host = np.empty(variable.shape, dtype)
+    for ours, layer in slots[path_]:
+      index = ... if layer is None else layer
+      name, layout = plan[ours]
+      host[index] = from_hf_layout(source.read(name), layout, host[index].shape)
+    sharding = variable_sharding(variable, mesh) if mesh is not None else None
+    loaded.append((path_, variable.replace(jax.device_put(host, sharding))))
+  return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
 
 
 def _host_slices(leaves: dict[tuple, nnx.Variable], slots: Slots):
-    """(per-block path, numpy value) of every parameter slice, in `slots` order; gathers one
-    parameter at a time."""
-    for path, variable in leaves.items():
-        value = np.asarray(jax.device_get(variable.get_value()))
-        for ours, layer in slots[path]:
-            yield ours, value if layer is None else value[layer]
+  """(per-block path, numpy value) of every parameter slice, in `slots` order; gathers one
+  parameter at a time."""
+  for path, variable in leaves.items():
+    value = np.asarray(jax.device_get(variable.get_value()))
+    for ours, layer in slots[path]:
+      yield ours, value if layer is None else value[layer]
 
 
-def save_pretrained(model: Decoder, config: ModelConfig, path: str | os.PathLike, *,
-                    max_shard_bytes: int = 5 * 10**9, tokenizer=None) -> None:
-    """Writes config.json and safetensors (shards + index above `max_shard_bytes`) to `path`.
+def save_pretrained(
+    model: Decoder,
+    config: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 10**9,
+    tokenizer=None,
+) -> None:
+  """Writes config.json and safetensors (shards + index above `max_shard_bytes`) to `path`.
 
-    The folder loads unchanged with transformers' `AutoModelForCausalLM.from_pretrained`,
-    whatever the model was loaded from; stacked (scanned) parameters are written per block.
-    Only one shard and one parameter at a time are gathered on the host. `tokenizer` (a
-    transformers tokenizer), if given, is saved beside the weights.
-    """
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    names = NameMap(config.family)
-    leaves = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    slots = _slots(leaves, model.config)
-    shards: list[list[str]] = [[]]  # per-block paths of each file
-    size = total = 0
-    for path_, variable in leaves.items():
-        nbytes = variable.size * variable.dtype.itemsize // len(slots[path_])
-        for ours, _ in slots[path_]:
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(ours)
-            size += nbytes
-            total += nbytes
-    files = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    weight_map: dict[str, str] = {}
-    slices = _host_slices(leaves, slots)
-    for file, shard in zip(files, shards):
-        tensors = {}
-        for ours, value in itertools.islice(slices, len(shard)):
-            name, layout = names.to_hf(ours)
-            tensors[name] = to_hf_layout(value, layout)
-            weight_map[name] = file
-        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+  The folder loads unchanged with transformers' `AutoModelForCausalLM.from_pretrained`,
+  whatever the model was loaded from; stacked (scanned) parameters are written per block.
+  Only one shard and one parameter at a time are gathered on the host. `tokenizer` (a
+  transformers tokenizer), if given, is saved beside the weights.
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config.to_hf(), f, indent=2)
+  names = NameMap(config.family)
+  leaves = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  slots = _slots(leaves, model.config)
+  shards: list[list[str]] = [[]]  # per-block paths of each file
+  size = total = 0
+  for path_, variable in leaves.items():
+    nbytes = variable.size * variable.dtype.itemsize // len(slots[path_])
+    for ours, _ in slots[path_]:
+      if shards[-1] and size + nbytes > max_shard_bytes:
+        shards.append([])
+        size = 0
+      shards[-1].append(ours)
+      size += nbytes
+      total += nbytes
+  files = (
+      [SINGLE_FILE]
+      if len(shards) == 1
+      else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+  )
+  weight_map: dict[str, str] = {}
+  slices = _host_slices(leaves, slots)
+  for file, shard in zip(files, shards):
+    tensors = {}
+    for ours, value in itertools.islice(slices, len(shard)):
+      name, layout = names.to_hf(ours)
+      tensors[name] = to_hf_layout(value, layout)
+      weight_map[name] = file
+    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+  if len(shards) > 1:
+    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's transformers tokenizer: from a folder's tokenizer files (None when it has
-    none), or from a .gguf file's metadata (`gguf.load_tokenizer`), chat template included."""
-    path = resolve_checkpoint(path)
-    if is_gguf(path):
-        return gguf_tokenizer(path)
-    if not any(os.path.exists(os.path.join(path, n)) for n in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer  # imported lazily: transformers is slow to import
+  """The checkpoint's transformers tokenizer: from a folder's tokenizer files (None when it has
+  none), or from a .gguf file's metadata (`gguf.load_tokenizer`), chat template included."""
+  path = resolve_checkpoint(path)
+  if is_gguf(path):
+    return gguf_tokenizer(path)
+  if not any(os.path.exists(os.path.join(path, n)) for n in _TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer  # imported lazily: transformers is slow to import
 
-    return AutoTokenizer.from_pretrained(path)
+  return AutoTokenizer.from_pretrained(path)

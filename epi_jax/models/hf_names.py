@@ -64,49 +64,49 @@ IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
 def _pattern(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+  return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 
 class NameMap:
-    """Both directions of one family's table."""
+  """Both directions of one family's table."""
 
-    def __init__(self, family: str):
-        self._rows = [(_pattern(hf), hf, ours, layout) for hf, ours, layout in TABLES[family]]
-        self._ours = [(_pattern(ours), hf, layout) for _, hf, ours, layout in self._rows]
+  def __init__(self, family: str):
+    self._rows = [(_pattern(hf), hf, ours, layout) for hf, ours, layout in TABLES[family]]
+    self._ours = [(_pattern(ours), hf, layout) for _, hf, ours, layout in self._rows]
 
-    def to_ours(self, hf_name: str) -> tuple[str, Layout] | None:
-        """(parameter path, layout) of a Hugging Face name, None when no row matches."""
-        for pattern, _, ours, layout in self._rows:
-            if m := pattern.match(hf_name):
-                return ours.replace("{i}", m.group(1)) if m.groups() else ours, layout
-        return None
+  def to_ours(self, hf_name: str) -> tuple[str, Layout] | None:
+    """(parameter path, layout) of a Hugging Face name, None when no row matches."""
+    for pattern, _, ours, layout in self._rows:
+      if m := pattern.match(hf_name):
+        return ours.replace("{i}", m.group(1)) if m.groups() else ours, layout
+    return None
 
-    def to_hf(self, path: str) -> tuple[str, Layout]:
-        """(Hugging Face name, layout) of a parameter path."""
-        for pattern, hf, layout in self._ours:
-            if m := pattern.match(path):
-                return hf.replace("{i}", m.group(1)) if m.groups() else hf, layout
-        raise KeyError(f"no Hugging Face name for parameter {path!r}")
+  def to_hf(self, path: str) -> tuple[str, Layout]:
+    """(Hugging Face name, layout) of a parameter path."""
+    for pattern, hf, layout in self._ours:
+      if m := pattern.match(path):
+        return hf.replace("{i}", m.group(1)) if m.groups() else hf, layout
+    raise KeyError(f"no Hugging Face name for parameter {path!r}")
 
 
 def hf_shape(layout: Layout, shape: Sequence[int]) -> tuple[int, ...]:
-    """The Hugging Face shape of a parameter of `shape`."""
-    if layout is None:
-        return tuple(shape)
-    return tuple(math.prod(shape[a] for a in group) for group in layout)
+  """The Hugging Face shape of a parameter of `shape`."""
+  if layout is None:
+    return tuple(shape)
+  return tuple(math.prod(shape[a] for a in group) for group in layout)
 
 
 def from_hf_layout(x: np.ndarray, layout: Layout, shape: Sequence[int]) -> np.ndarray:
-    """A Hugging Face tensor rearranged to our parameter `shape`."""
-    if layout is None:
-        return x
-    order = [a for group in layout for a in group]
-    return x.reshape([shape[a] for a in order]).transpose(np.argsort(order))
+  """A Hugging Face tensor rearranged to our parameter `shape`."""
+  if layout is None:
+    return x
+  order = [a for group in layout for a in group]
+  return x.reshape([shape[a] for a in order]).transpose(np.argsort(order))
 
 
 def to_hf_layout(x: np.ndarray, layout: Layout) -> np.ndarray:
-    """Our parameter rearranged to the Hugging Face layout."""
-    if layout is None:
-        return x
-    order = [a for group in layout for a in group]
-    return np.ascontiguousarray(x.transpose(order).reshape(hf_shape(layout, x.shape)))
+  """Our parameter rearranged to the Hugging Face layout."""
+  if layout is None:
+    return x
+  order = [a for group in layout for a in group]
+  return np.ascontiguousarray(x.transpose(order).reshape(hf_shape(layout, x.shape)))

@@ -58,13 +58,24 @@ def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ())
   for config, tables in preset.configs:
     backbone = os.path.splitext(os.path.basename(config))[0]
     base = os.path.join(out, backbone) if len(preset.configs) > 1 else out
-    jobs += [Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), extra)
-             for seed in range(seeds) for e in grid.entries(preset, tables)]
+    jobs += [
+        Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), extra)
+        for seed in range(seeds)
+        for e in grid.entries(preset, tables)
+    ]
   order = {job: i for i, job in enumerate(jobs)}
+
   def rank(job: Job) -> tuple:
     tables = set(job.entry.tables)
-    tier = (0 if job.entry.name in FIRST else 1 if "Table 1" in tables
-            else 2 if tables & {"Fig. 6", "Table 10"} else 3)
+    tier = (
+        0
+        if job.entry.name in FIRST
+        else 1
+        if "Table 1" in tables
+        else 2
+        if tables & {"Fig. 6", "Table 10"}
+        else 3
+    )
     return tier, job.seed, order[job]
 
   return sorted(jobs, key=rank)
@@ -106,10 +117,12 @@ class Progress:
         self.failed.append(job.run_dir)
       left = self.total - self.done
       eta = np.mean(self.durations) * left / self.jobs
-      print(f"[{self.done}/{self.total}] {job.entry.name} seed {job.seed} "
-            f"{'done' if ok else 'FAILED'} in {seconds:.0f} s; elapsed "
-            f"{(time.perf_counter() - self.start) / 60:.1f} min, about {eta / 60:.0f} min left",
-            flush=True)
+      print(
+          f"[{self.done}/{self.total}] {job.entry.name} seed {job.seed} "
+          f"{'done' if ok else 'FAILED'} in {seconds:.0f} s; elapsed "
+          f"{(time.perf_counter() - self.start) / 60:.1f} min, about {eta / 60:.0f} min left",
+          flush=True,
+      )
 
 
 def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
@@ -124,11 +137,15 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
   with open(log, "a") as f:
     f.write(" ".join(command + (["--resume"] if resume else [])) + "\n")
     f.flush()
-    code = subprocess.run(command + (["--resume"] if resume else []), cwd=ROOT, stdout=f,
-                          stderr=subprocess.STDOUT, env=env).returncode
+    code = subprocess.run(
+        command + (["--resume"] if resume else []),
+        cwd=ROOT,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        env=env,
+    ).returncode
   if code:
-    print(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}",
-          file=sys.stderr)
+    print(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}", file=sys.stderr)
   progress.finished(job, time.perf_counter() - start, code == 0)
 
 
@@ -153,15 +170,20 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
   seeds = {name: len(ms["avg_norm_score"]) for name, ms in per_run.items()}
   table, counts = compare.comparison(paper.claims(preset.h_sweep, preset.interval), values, seeds)
   runs_time = sum(load_run(j.run_dir).summary["wall_time_s"] for j in done)
-  header = (f"## Replication: preset `{preset.name}`\n\n{preset.description}. "
-            f"{len(done)} of {len(jobs)} runs finished; this sitting took {elapsed / 60:.1f} min, "
-            f"the finished runs' own wall times add up to {runs_time / 60:.1f} min.\n\n")
+  header = (
+      f"## Replication: preset `{preset.name}`\n\n{preset.description}. "
+      f"{len(done)} of {len(jobs)} runs finished; this sitting took {elapsed / 60:.1f} min, "
+      f"the finished runs' own wall times add up to {runs_time / 60:.1f} min.\n\n"
+  )
   with open(os.path.join(out, "comparison.json"), "w") as f:
     json.dump({"values": values, "seeds": seeds, "verdicts": counts}, f, indent=1)
-  return write_report([j.run_dir for j in done], os.path.join(out, "report"),
-                      labels={j.run_dir: j.entry.name for j in done},
-                      title=f"EPI replication, preset {preset.name}",
-                      extra_markdown=header + table)
+  return write_report(
+      [j.run_dir for j in done],
+      os.path.join(out, "report"),
+      labels={j.run_dir: j.entry.name for j in done},
+      title=f"EPI replication, preset {preset.name}",
+      extra_markdown=header + table,
+  )
 
 
 def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
@@ -186,18 +208,30 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m epi_jax.replicate",
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m epi_jax.replicate", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--preset", required=True, choices=sorted(grid.PRESETS))
   parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
   parser.add_argument("--out", required=True, help="directory of the runs and the report")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override of every run's config, e.g. data.files.gsm8k=FILE")
+  parser.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="override of every run's config, e.g. data.files.gsm8k=FILE",
+  )
   parser.add_argument("--jobs", type=int, default=1, help="trainer processes at once")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="print the commands and check every config, train nothing")
-  parser.add_argument("--report-only", action="store_true",
-                      help="write the report of the finished runs, train nothing")
+  parser.add_argument(
+      "--dry-run",
+      action="store_true",
+      help="print the commands and check every config, train nothing",
+  )
+  parser.add_argument(
+      "--report-only",
+      action="store_true",
+      help="write the report of the finished runs, train nothing",
+  )
   args = parser.parse_args(argv)
   if args.seeds < 1 or args.jobs < 1:
     parser.error("--seeds and --jobs must be >= 1")
@@ -205,10 +239,12 @@ def main(argv=None) -> int:
   jobs = plan(preset, args.seeds, args.out, tuple(args.set))
   if args.dry_run or preset.name == "paper":
     if preset.name == "paper":
-      print("# One command per run, each on one 8-GPU host (mesh fsdp=8, docs/trainer.md "
-            "'Multi-host'); add --set model.checkpoint=<HF folder of the backbone> (and "
-            "data.files.<task>=<file> without hub access). Rerunning a command with --resume "
-            "continues it.")
+      print(
+          "# One command per run, each on one 8-GPU host (mesh fsdp=8, docs/trainer.md "
+          "'Multi-host'); add --set model.checkpoint=<HF folder of the backbone> (and "
+          "data.files.<task>=<file> without hub access). Rerunning a command with --resume "
+          "continues it."
+      )
     for job in jobs:
       print(" ".join(job.command()))
     print(f"# {len(jobs)} runs; checking each config:")
@@ -222,9 +258,12 @@ def main(argv=None) -> int:
       print(f"error: {error}", file=sys.stderr)
       return 2
     todo = [j for j in jobs if states[j] != "done"]
-    print(f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "
-          f"{sum(states[j] == 'partial' for j in todo)} to resume, "
-          f"{sum(states[j] == 'new' for j in todo)} to start", flush=True)
+    print(
+        f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "
+        f"{sum(states[j] == 'partial' for j in todo)} to resume, "
+        f"{sum(states[j] == 'new' for j in todo)} to start",
+        flush=True,
+    )
     progress = Progress(len(jobs), len(jobs) - len(todo), args.jobs)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       list(pool.map(lambda j: _train(j, states[j] == "partial", args.out, progress), todo))

@@ -25,8 +25,9 @@ def _paper(x: float | None) -> str:
   return "—" if x is None else f"{x:g}"
 
 
-def comparison(claims: list[Claim], values: Mapping[str, Mapping[str, Stats]],
-               seeds: Mapping[str, int]) -> tuple[str, dict[str, int]]:
+def comparison(
+    claims: list[Claim], values: Mapping[str, Mapping[str, Stats]], seeds: Mapping[str, int]
+) -> tuple[str, dict[str, int]]:
   """Markdown tables, one per paper table, and the count of each verdict.
 
   Args:
@@ -34,23 +35,33 @@ def comparison(claims: list[Claim], values: Mapping[str, Mapping[str, Stats]],
     values: run name -> metric -> our (mean, std over seeds).
     seeds: run name -> number of finished seeds.
   """
-  lines = ["## The paper beside ours", "",
-           "Each row is one direction the paper reports (LLaMA-3-8B numbers), with our mean ± std "
-           "over seeds; a direction agrees or disagrees when the difference of the means exceeds "
-           "the larger std, else it is within noise.", ""]
+  lines = [
+      "## The paper beside ours",
+      "",
+      "Each row is one direction the paper reports (LLaMA-3-8B numbers), with our mean ± std "
+      "over seeds; a direction agrees or disagrees when the difference of the means exceeds "
+      "the larger std, else it is within noise.",
+      "",
+  ]
   counts: dict[str, int] = {}
   table = None
   for claim in claims:
     if claim.table != table:
       table = claim.table
-      lines += ["", f"### {table}", "",
-                "| paper says | paper | ours (higher side) | ours (lower side) | seeds | verdict |",
-                "| --- | --- | --- | --- | --- | --- |"]
+      lines += [
+          "",
+          f"### {table}",
+          "",
+          "| paper says | paper | ours (higher side) | ours (lower side) | seeds | verdict |",
+          "| --- | --- | --- | --- | --- | --- |",
+      ]
     (high, ours_high), (low, ours_low) = _side(claim.high, values), _side(claim.low, values)
     v = verdict(ours_high, ours_low)
     counts[v] = counts.get(v, 0) + 1
     n = min(seeds.get(s[0], 0) for s in (claim.high, claim.low) if not isinstance(s, float))
-    lines.append(f"| {high} > {low} | {_paper(claim.paper[0])} > {_paper(claim.paper[1])} | "
-                 f"{_fmt(ours_high)} | {_fmt(ours_low)} | {n} | {v} |")
+    lines.append(
+        f"| {high} > {low} | {_paper(claim.paper[0])} > {_paper(claim.paper[1])} | "
+        f"{_fmt(ours_high)} | {_fmt(ours_low)} | {n} | {v} |"
+    )
   lines += ["", "Verdicts: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), ""]
   return "\n".join(lines), counts

@@ -37,31 +37,63 @@ class Preset:
       raise ValueError(f"preset {self.name}: p and interval must be in their sweeps")
 
 
-ALL_TABLES = ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7",
-              "Table 9", "Fig. 6", "Table 10", "Table 11", "Table 12", "Table 13", "Table 14",
-              "Table 15")
+ALL_TABLES = (
+    "Table 1",
+    "Table 2",
+    "Table 3",
+    "Table 4",
+    "Table 5",
+    "Table 6",
+    "Table 7",
+    "Table 9",
+    "Fig. 6",
+    "Table 10",
+    "Table 11",
+    "Table 12",
+    "Table 13",
+    "Table 14",
+    "Table 15",
+)
 MAIN = ("Table 1", "Table 6", "Table 7", "Table 9")  # the methods' comparison and its analyses
 MASK_ANALYSES = ("gradient_conflict", "flip_rate", "task_overlap", "perturbation")
 
 PRESETS = {
     "cpu": Preset(
-        name="cpu", configs=(("configs/replicate/cpu.yaml", ALL_TABLES),), p=0.01, interval=50,
-        p_sweep=(0.005, 0.01, 0.02, 0.05, 0.2), h_sweep=(10, 50, 100, 200),
+        name="cpu",
+        configs=(("configs/replicate/cpu.yaml", ALL_TABLES),),
+        p=0.01,
+        interval=50,
+        p_sweep=(0.005, 0.01, 0.02, 0.05, 0.2),
+        h_sweep=(10, 50, 100, 200),
         analyses=MASK_ANALYSES,
-        description="the tiny decoder on the five embedded tasks (minutes per run)"),
+        description="the tiny decoder on the five embedded tasks (minutes per run)",
+    ),
     "smollm2": Preset(
-        name="smollm2", configs=(("configs/replicate/smollm2.yaml", ("Table 1", "Table 6")),),
-        p=0.01, interval=4, p_sweep=(0.01,), h_sweep=(4,), analyses=(),
-        description="SmolLM2-135M-Instruct on GSM8K, CodeAlpaca, LogiQA, Alpaca (local files)"),
+        name="smollm2",
+        configs=(("configs/replicate/smollm2.yaml", ("Table 1", "Table 6")),),
+        p=0.01,
+        interval=4,
+        p_sweep=(0.01,),
+        h_sweep=(4,),
+        analyses=(),
+        description="SmolLM2-135M-Instruct on GSM8K, CodeAlpaca, LogiQA, Alpaca (local files)",
+    ),
     "paper": Preset(
         # Table 1 on all four backbones, the ablations on LLaMA-3 and Gemma-2 (as the paper).
-        name="paper", configs=(("configs/paper/llama3_8b.yaml", ALL_TABLES),
-                               ("configs/paper/gemma2_9b.yaml", ALL_TABLES),
-                               ("configs/paper/mistral_7b.yaml", MAIN),
-                               ("configs/paper/qwen2_7b.yaml", MAIN)),
-        p=0.01, interval=500, p_sweep=(0.005, 0.01, 0.02, 0.05), h_sweep=(100, 500, 1000, 2000),
+        name="paper",
+        configs=(
+            ("configs/paper/llama3_8b.yaml", ALL_TABLES),
+            ("configs/paper/gemma2_9b.yaml", ALL_TABLES),
+            ("configs/paper/mistral_7b.yaml", MAIN),
+            ("configs/paper/qwen2_7b.yaml", MAIN),
+        ),
+        p=0.01,
+        interval=500,
+        p_sweep=(0.005, 0.01, 0.02, 0.05),
+        h_sweep=(100, 500, 1000, 2000),
         analyses=MASK_ANALYSES,
-        description="the paper's four backbones on eight 80 GB GPUs (Section 3.3)"),
+        description="the paper's four backbones on eight 80 GB GPUs (Section 3.3)",
+    ),
 }
 
 
@@ -74,31 +106,72 @@ def _sets(base: dict, **changes) -> tuple[str, ...]:
 def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]:
   """The runs of `preset` that `tables` need, each once (a run several tables use is one run)."""
   p, h = preset.p, preset.interval
-  epi = {"method.type": "epi", "method.p": p, "method.beta": 0.99, "method.interval": h,
-         "method.normalize": "layer_minmax", "method.budget": "global",
-         "method.grouping": "given"}
+  epi = {
+      "method.type": "epi",
+      "method.p": p,
+      "method.beta": 0.99,
+      "method.interval": h,
+      "method.normalize": "layer_minmax",
+      "method.budget": "global",
+      "method.grouping": "given",
+  }
   # The paper's static baseline (CPI-FT) ranks the probes' raw displacements (Table 2's
   # "Static Mask"; "+ Layer Norm" is the variant).
-  static = {"method.type": "static", "method.p": p, "method.normalize": "none",
-            "method.budget": "global", "method.grouping": "given"}
+  static = {
+      "method.type": "static",
+      "method.p": p,
+      "method.normalize": "none",
+      "method.budget": "global",
+      "method.grouping": "given",
+  }
   analyses = "[" + ",".join(("continual",) + preset.analyses) + "]"
   # Table 7's methods also measure the gradient conflict.
-  tgc = ({"eval.analyses": "[continual,gradient_conflict]"}
-         if "gradient_conflict" in preset.analyses else {})
+  tgc = (
+      {"eval.analyses": "[continual,gradient_conflict]"}
+      if "gradient_conflict" in preset.analyses
+      else {}
+  )
   multistage = {"method.type": "multistage"}
   grid = [
-      Entry("epi", ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7",
-                    "Table 9", "Fig. 6", "Table 11", "Table 12", "Table 13", "Table 14",
-                    "Table 15"), _sets(epi, eval__analyses=analyses)),
-      Entry("full", ("Table 1", "Table 6", "Table 7", "Table 9"),
-            _sets({"method.type": "full"} | tgc)),
+      Entry(
+          "epi",
+          (
+              "Table 1",
+              "Table 2",
+              "Table 3",
+              "Table 4",
+              "Table 5",
+              "Table 6",
+              "Table 7",
+              "Table 9",
+              "Fig. 6",
+              "Table 11",
+              "Table 12",
+              "Table 13",
+              "Table 14",
+              "Table 15",
+          ),
+          _sets(epi, eval__analyses=analyses),
+      ),
+      Entry(
+          "full", ("Table 1", "Table 6", "Table 7", "Table 9"), _sets({"method.type": "full"} | tgc)
+      ),
       Entry("sequential", ("Table 1",), _sets(multistage, method__grouping="given")),
-      Entry("multistage_random", ("Table 1", "Table 6", "Table 7"),
-            _sets(multistage | tgc, method__grouping="random")),
-      Entry("multistage_heuristic", ("Table 1", "Table 6", "Table 7"),
-            _sets(multistage | tgc, method__grouping="heuristic")),
-      Entry("static", ("Table 1", "Table 2", "Table 6", "Table 7", "Table 9", "Fig. 6",
-                       "Table 10", "Table 14"), _sets(static | tgc)),
+      Entry(
+          "multistage_random",
+          ("Table 1", "Table 6", "Table 7"),
+          _sets(multistage | tgc, method__grouping="random"),
+      ),
+      Entry(
+          "multistage_heuristic",
+          ("Table 1", "Table 6", "Table 7"),
+          _sets(multistage | tgc, method__grouping="heuristic"),
+      ),
+      Entry(
+          "static",
+          ("Table 1", "Table 2", "Table 6", "Table 7", "Table 9", "Fig. 6", "Table 10", "Table 14"),
+          _sets(static | tgc),
+      ),
       Entry("lora", ("Table 1",), _sets({"method.type": "lora", "method.grouping": "given"})),
       Entry("ewc", ("Table 1",), _sets({"method.type": "ewc", "method.grouping": "given"})),
       Entry("static_layer_norm", ("Table 2",), _sets(static, method__normalize="layer_minmax")),
@@ -108,8 +181,11 @@ def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]
       Entry("epi_beta0", ("Table 4",), _sets(epi, method__beta=0.0)),
       Entry("epi_beta0.9", ("Table 4",), _sets(epi, method__beta=0.9)),
   ]
-  grid += [Entry(f"epi_H{x}", ("Table 5",), _sets(epi, method__interval=x))
-           for x in preset.h_sweep if x != h]
+  grid += [
+      Entry(f"epi_H{x}", ("Table 5",), _sets(epi, method__interval=x))
+      for x in preset.h_sweep
+      if x != h
+  ]
   for x in preset.p_sweep:
     if x != p:
       grid.append(Entry(f"epi_p{x:g}", ("Fig. 6", "Table 14"), _sets(epi, method__p=x)))

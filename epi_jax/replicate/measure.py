@@ -20,8 +20,11 @@ def _get(tree: Mapping, *keys):
 
 def _block_flip(per_group: Mapping[str, float | None] | None, pick) -> float | None:
   """The flip rate of the lowest (pick=min) or highest (pick=max) transformer block."""
-  blocks = {int(m.group(1)): v for name, v in (per_group or {}).items()
-            if (m := re.fullmatch(r"block/(\d+)", name)) and v is not None}
+  blocks = {
+      int(m.group(1)): v
+      for name, v in (per_group or {}).items()
+      if (m := re.fullmatch(r"block/(\d+)", name)) and v is not None
+  }
   return blocks[pick(blocks)] if blocks else None
 
 

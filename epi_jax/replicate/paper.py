@@ -43,8 +43,13 @@ class Claim:
   paper: tuple[float | None, float | None]
 
 
-def _scores(table: str, pairs: list[tuple[str, str]], paper: dict[str, float | None],
-            metric: str = "avg_norm_score", lower_is_better: bool = False) -> list[Claim]:
+def _scores(
+    table: str,
+    pairs: list[tuple[str, str]],
+    paper: dict[str, float | None],
+    metric: str = "avg_norm_score",
+    lower_is_better: bool = False,
+) -> list[Claim]:
   """Claims `a` better than `b` for each pair; lower_is_better flips the inequality."""
   out = []
   for a, b in pairs:
@@ -53,17 +58,35 @@ def _scores(table: str, pairs: list[tuple[str, str]], paper: dict[str, float | N
   return out
 
 
-_T1 = {"full": 7.32, "multistage_random": 7.44, "multistage_heuristic": 7.48, "static": 7.68,
-       "epi": 7.98}
+_T1 = {
+    "full": 7.32,
+    "multistage_random": 7.44,
+    "multistage_heuristic": 7.48,
+    "static": 7.68,
+    "epi": 7.98,
+}
 _T6 = {"multistage_random": 7.94, "multistage_heuristic": 7.42, "static": 5.14, "epi": 4.66}
-_T7 = {"full": 0.358, "multistage_random": 0.262, "multistage_heuristic": 0.234,
-       "static": 0.138, "epi": 0.108}
+_T7 = {
+    "full": 0.358,
+    "multistage_random": 0.262,
+    "multistage_heuristic": 0.234,
+    "static": 0.138,
+    "epi": 0.108,
+}
 _T2 = {"static": 7.68, "static_layer_norm": 7.82, "epi_global_raw": 7.83, "epi": 7.98}
 _T3 = {"epi_per_layer": 7.82, "epi_global_raw": 7.71, "epi": 7.98}
 _T4 = {"epi_beta0": 7.81, "epi_beta0.9": 7.90, "epi": 7.98}
 _T10 = {"static_p0.005": 7.59, "static": 7.68, "static_p0.02": 7.42, "static_p0.05": 7.12}
-_T14 = {"static_p0.005": 8.2, "static": 8.3, "static_p0.02": 7.9, "static_p0.05": 7.6,
-        "epi_p0.005": 8.4, "epi": 8.6, "epi_p0.02": 8.4, "epi_p0.05": 8.2}
+_T14 = {
+    "static_p0.005": 8.2,
+    "static": 8.3,
+    "static_p0.02": 7.9,
+    "static_p0.05": 7.6,
+    "epi_p0.005": 8.4,
+    "epi": 8.6,
+    "epi_p0.02": 8.4,
+    "epi_p0.05": 8.2,
+}
 PAPER_H = (100, 500, 1000, 2000)
 _T5 = (7.92, 7.98, 7.95, 7.89)
 PAPER_P = (0.005, 0.01, 0.02, 0.05)
@@ -72,35 +95,68 @@ PAPER_P = (0.005, 0.01, 0.02, 0.05)
 def claims(h_sweep: tuple[int, ...], interval: int) -> list[Claim]:
   """Every claim; Table 5's H values are the preset's sweep, matched to the paper's by rank."""
   methods = ["epi", "static", "multistage_heuristic", "multistage_random", "full"]
-  out = _scores("Table 1", [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]], _T1)
+  out = _scores("Table 1", [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]], _T1)
   # One stage has nothing to forget: FR of the full mixture is 0 by definition here.
-  out += _scores("Table 6", [(a, b) for i, a in enumerate(methods[:4]) for b in methods[i + 1:4]],
-                 _T6, "forgetting", lower_is_better=True)
-  out += _scores("Table 7", [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]],
-                 _T7, "tgc", lower_is_better=True)
-  out += _scores("Table 2", [("static_layer_norm", "static"), ("epi_global_raw", "static"),
-                             ("epi", "static_layer_norm"), ("epi", "epi_global_raw")], _T2)
+  out += _scores(
+      "Table 6",
+      [(a, b) for i, a in enumerate(methods[:4]) for b in methods[i + 1 : 4]],
+      _T6,
+      "forgetting",
+      lower_is_better=True,
+  )
+  out += _scores(
+      "Table 7",
+      [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]],
+      _T7,
+      "tgc",
+      lower_is_better=True,
+  )
+  out += _scores(
+      "Table 2",
+      [
+          ("static_layer_norm", "static"),
+          ("epi_global_raw", "static"),
+          ("epi", "static_layer_norm"),
+          ("epi", "epi_global_raw"),
+      ],
+      _T2,
+  )
   out += _scores("Table 3", [("epi", "epi_per_layer"), ("epi", "epi_global_raw")], _T3)
-  out += _scores("Table 4", [("epi", "epi_beta0.9"), ("epi_beta0.9", "epi_beta0"),
-                             ("epi", "epi_beta0")], _T4)
+  out += _scores(
+      "Table 4", [("epi", "epi_beta0.9"), ("epi_beta0.9", "epi_beta0"), ("epi", "epi_beta0")], _T4
+  )
   names = {h: "epi" if h == interval else f"epi_H{h}" for h in h_sweep}
   if len(h_sweep) == len(PAPER_H):
     paper = {names[h]: v for h, v in zip(sorted(h_sweep), _T5)}
     out += _scores("Table 5", [("epi", n) for n in paper if n != "epi"], paper)
-  out += _scores("Fig. 6", [("epi", f"epi_p{p:g}") for p in PAPER_P if p != 0.01],
-                 {"epi": 7.98} | {f"epi_p{p:g}": None for p in PAPER_P})
-  out += _scores("Table 10", [("static", "static_p0.005"), ("static", "static_p0.02"),
-                              ("static_p0.02", "static_p0.05")], _T10)
-  out += _scores("Table 14", [(f"epi_p{p:g}" if p != 0.01 else "epi",
-                               f"static_p{p:g}" if p != 0.01 else "static") for p in PAPER_P],
-                 _T14, "last_task")
+  out += _scores(
+      "Fig. 6",
+      [("epi", f"epi_p{p:g}") for p in PAPER_P if p != 0.01],
+      {"epi": 7.98} | {f"epi_p{p:g}": None for p in PAPER_P},
+  )
+  out += _scores(
+      "Table 10",
+      [("static", "static_p0.005"), ("static", "static_p0.02"), ("static_p0.02", "static_p0.05")],
+      _T10,
+  )
+  out += _scores(
+      "Table 14",
+      [
+          (f"epi_p{p:g}" if p != 0.01 else "epi", f"static_p{p:g}" if p != 0.01 else "static")
+          for p in PAPER_P
+      ],
+      _T14,
+      "last_task",
+  )
   out += [
       Claim("Table 11", ("epi", "overlap_25"), ("epi", "overlap_100"), (78.3, 44.7)),
       Claim("Table 12", ("epi", "flip_highest"), ("epi", "flip_lowest"), (41.2, 12.3)),
       Claim("Table 13", 0.5, ("epi", "task_jaccard"), (0.5, (0.31 + 0.42 + 0.28) / 3)),
   ]
-  out += [Claim("Table 15", ("epi", f"spearman_{point}"), 0.0, (rho, 0.0))
-          for point, rho in (("early", 0.68), ("middle", 0.71), ("late", 0.69))]
+  out += [
+      Claim("Table 15", ("epi", f"spearman_{point}"), 0.0, (rho, 0.0))
+      for point, rho in (("early", 0.68), ("middle", 0.71), ("late", 0.69))
+  ]
   return out
 
 

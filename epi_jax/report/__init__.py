@@ -6,8 +6,25 @@
 """
 
 from epi_jax.report.document import write_report
-from epi_jax.report.runs import (LEARNED, Run, RunError, aggregate, group_runs, load_run,
-                                 run_metrics, stats)
+from epi_jax.report.runs import (
+    LEARNED,
+    Run,
+    RunError,
+    aggregate,
+    group_runs,
+    load_run,
+    run_metrics,
+    stats,
+)
 
-__all__ = ["LEARNED", "Run", "RunError", "aggregate", "group_runs", "load_run", "run_metrics",
-           "stats", "write_report"]
+__all__ = [
+    "LEARNED",
+    "Run",
+    "RunError",
+    "aggregate",
+    "group_runs",
+    "load_run",
+    "run_metrics",
+    "stats",
+    "write_report",
+]

@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.report",
       description="Write report.md, report.json and PNG plots of finished runs; runs that "
-                  "differ only by seed are grouped (mean ± std).")
+      "differ only by seed are grouped (mean ± std).",
+  )
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
   parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
   parser.add_argument("--title", default="EPI runs", help="the report's heading")

@@ -69,6 +69,7 @@ def _flag(value: bool | None) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   def line(cells):
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
   return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in rows])
 
 
@@ -80,55 +81,92 @@ def _tasks(metrics: Sequence[Mapping], key: str) -> list[str]:
   return list(dict.fromkeys(t for m in metrics for t in m[key]))
 
 
-def _tables(groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict],
-            per_run: Mapping[str, dict]) -> list[str]:
+def _tables(
+    groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict], per_run: Mapping[str, dict]
+) -> list[str]:
   """The markdown sections with the group and per-run tables."""
   tasks = _tasks(list(per_run.values()), "final_accuracy")
   learned_tasks = _tasks(list(per_run.values()), "learned")
 
   def task_cells(agg, key, names):
-    return [_stat(agg[key][t], TASK_DECIMALS, agg["n"]) if t in agg[key] else "n/a"
-            for t in names]
+    return [_stat(agg[key][t], TASK_DECIMALS, agg["n"]) if t in agg[key] else "n/a" for t in names]
 
   def run_cells(m, key, names):
     return [_number(m[key].get(t), TASK_DECIMALS) for t in names]
 
-  group_rows = [[label, a["method"], a["n"]]
-                + [_stat(a[key], d, a["n"]) for key, _, d in SCALARS] + [_flag(a["all_learned"])]
-                for label, a in aggregates.items()]
+  group_rows = [
+      [label, a["method"], a["n"]]
+      + [_stat(a[key], d, a["n"]) for key, _, d in SCALARS]
+      + [_flag(a["all_learned"])]
+      for label, a in aggregates.items()
+  ]
   run_rows = [[r.run_dir, label, *r.seeds] for label, members in groups.items() for r in members]
   return [
-      "## Groups", "",
-      _table(["group", "method", "runs"] + [title for _, title, _ in SCALARS]
-             + [f"every task ≥ {LEARNED} (all runs)"], group_rows), "",
-      "## Final accuracy per task (mean ± std)", "",
-      _table(["group"] + tasks, [[label] + task_cells(a, "final_accuracy", tasks)
-                                 for label, a in aggregates.items()]), "",
-      "## Learned: score right after each task's own stage (mean ± std)", "",
+      "## Groups",
+      "",
+      _table(
+          ["group", "method", "runs"]
+          + [title for _, title, _ in SCALARS]
+          + [f"every task ≥ {LEARNED} (all runs)"],
+          group_rows,
+      ),
+      "",
+      "## Final accuracy per task (mean ± std)",
+      "",
+      _table(
+          ["group"] + tasks,
+          [[label] + task_cells(a, "final_accuracy", tasks) for label, a in aggregates.items()],
+      ),
+      "",
+      "## Learned: score right after each task's own stage (mean ± std)",
+      "",
       f"Forgetting is only meaningful for a task that was learned; a task counts as learned "
-      f"when this score is ≥ {LEARNED}.", "",
-      _table(["group"] + learned_tasks + [f"every task ≥ {LEARNED} (all runs)"],
-             [[label] + task_cells(a, "learned", learned_tasks) + [_flag(a["all_learned"])]
-              for label, a in aggregates.items()]), "",
-      "## Runs", "",
-      _table(["run", "group", "data.seed", "train.seed"] + tasks
-             + [title for _, title, _ in SCALARS],
-             [row + run_cells(per_run[row[0]], "final_accuracy", tasks)
+      f"when this score is ≥ {LEARNED}.",
+      "",
+      _table(
+          ["group"] + learned_tasks + [f"every task ≥ {LEARNED} (all runs)"],
+          [
+              [label] + task_cells(a, "learned", learned_tasks) + [_flag(a["all_learned"])]
+              for label, a in aggregates.items()
+          ],
+      ),
+      "",
+      "## Runs",
+      "",
+      _table(
+          ["run", "group", "data.seed", "train.seed"] + tasks + [title for _, title, _ in SCALARS],
+          [
+              row
+              + run_cells(per_run[row[0]], "final_accuracy", tasks)
               + [_number(per_run[row[0]][key], d) for key, _, d in SCALARS]
-              for row in run_rows]), "",
-      "## Learned per run", "",
-      _table(["run", "group"] + learned_tasks + [f"every task ≥ {LEARNED}"],
-             [row[:2] + run_cells(per_run[row[0]], "learned", learned_tasks)
-              + [_flag(per_run[row[0]]["all_learned"])] for row in run_rows]), "",
+              for row in run_rows
+          ],
+      ),
+      "",
+      "## Learned per run",
+      "",
+      _table(
+          ["run", "group"] + learned_tasks + [f"every task ≥ {LEARNED}"],
+          [
+              row[:2]
+              + run_cells(per_run[row[0]], "learned", learned_tasks)
+              + [_flag(per_run[row[0]]["all_learned"])]
+              for row in run_rows
+          ],
+      ),
+      "",
   ]
 
 
-def _plots(groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict],
-           plot_dir: str) -> list[str]:
+def _plots(
+    groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict], plot_dir: str
+) -> list[str]:
   """Draws every plot the runs have data for; the markdown that shows them or says why not."""
   runs = [(label, r) for label, members in groups.items() for r in members]
-  names = {r.run_dir: f"{i:02d}_{_slug(label)}_s{r.seeds[0]}-{r.seeds[1]}"
-           for i, (label, r) in enumerate(runs)}
+  names = {
+      r.run_dir: f"{i:02d}_{_slug(label)}_s{r.seeds[0]}-{r.seeds[1]}"
+      for i, (label, r) in enumerate(runs)
+  }
 
   def image(title: str, path: str) -> str:
     return f"![{title}]({os.path.basename(plot_dir)}/{os.path.basename(path)})"
@@ -140,48 +178,89 @@ def _plots(groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict],
         without.append(r.run_dir)
         continue
       caption = f"{label}, seed {r.seeds[0]}/{r.seeds[1]}"
-      lines += [f"{caption} (`{r.run_dir}`):", "",
-                image(f"{title}: {caption}",
-                      draw(r, caption, os.path.join(plot_dir, f"{kind}_{names[r.run_dir]}.png"))),
-                ""]
+      lines += [
+          f"{caption} (`{r.run_dir}`):",
+          "",
+          image(
+              f"{title}: {caption}",
+              draw(r, caption, os.path.join(plot_dir, f"{kind}_{names[r.run_dir]}.png")),
+          ),
+          "",
+      ]
     if without:
       lines += [f"Absent for {', '.join(f'`{d}`' for d in without)}: {why}", ""]
     return [f"### {title}", ""] + lines
 
-  out = ["## Plots", "", "### Method comparison", "",
-         image("method comparison", plots.method_bars(
-             aggregates, os.path.join(plot_dir, "methods.png"))), ""]
-  with_loss = {label: members for label, members in groups.items()
-               if all(m.kind("train") for m in members)}
+  out = [
+      "## Plots",
+      "",
+      "### Method comparison",
+      "",
+      image(
+          "method comparison", plots.method_bars(aggregates, os.path.join(plot_dir, "methods.png"))
+      ),
+      "",
+  ]
+  with_loss = {
+      label: members for label, members in groups.items() if all(m.kind("train") for m in members)
+  }
   out += ["### Loss curves", ""]
   if with_loss:
-    out += [image("loss curves", plots.loss_curves(
-        with_loss, os.path.join(plot_dir, "loss.png"))), ""]
+    out += [
+        image("loss curves", plots.loss_curves(with_loss, os.path.join(plot_dir, "loss.png"))),
+        "",
+    ]
   missing = [label for label in groups if label not in with_loss]
   if missing:
-    out += [f"Absent for {', '.join(missing)}: a run of the group has no `train` records in "
-            "metrics.jsonl.", ""]
+    out += [
+        f"Absent for {', '.join(missing)}: a run of the group has no `train` records in "
+        "metrics.jsonl.",
+        "",
+    ]
   masked = [(label, r) for label, r in runs if r.summary["mask_history"]]
   out += ["### Mask overlap with the first mask", ""]
-  out += [image("mask overlap", plots.mask_overlap(
-      masked, os.path.join(plot_dir, "mask_overlap.png"))), ""] if masked else [
-      "Absent: no run refreshed a mask (summary.json `mask_history` is empty in every run; "
-      "only epi refreshes its mask, static keeps one fixed mask).", ""]
+  out += (
+      [
+          image(
+              "mask overlap", plots.mask_overlap(masked, os.path.join(plot_dir, "mask_overlap.png"))
+          ),
+          "",
+      ]
+      if masked
+      else [
+          "Absent: no run refreshed a mask (summary.json `mask_history` is empty in every run; "
+          "only epi refreshes its mask, static keeps one fixed mask).",
+          "",
+      ]
+  )
   out += per_run("accuracy", "Accuracy matrices", lambda r: True, plots.accuracy_matrix, "")
-  out += per_run("flip_rate", "Flip rate per layer group and refresh",
-                 lambda r: bool(r.summary["mask_history"][1:]), plots.flip_rate_heatmap,
-                 "fewer than two mask refreshes (a flip rate compares a refresh with the one "
-                 "before it; only epi refreshes).")
-  out += per_run("protected", "Protected entries per layer group",
-                 lambda r: any(sum(h["protected"]) for h in r.summary["mask_history"]),
-                 plots.protected_share,
-                 "no refresh with protected entries in summary.json `mask_history` (only epi "
-                 "records per-group counts).")
+  out += per_run(
+      "flip_rate",
+      "Flip rate per layer group and refresh",
+      lambda r: bool(r.summary["mask_history"][1:]),
+      plots.flip_rate_heatmap,
+      "fewer than two mask refreshes (a flip rate compares a refresh with the one "
+      "before it; only epi refreshes).",
+  )
+  out += per_run(
+      "protected",
+      "Protected entries per layer group",
+      lambda r: any(sum(h["protected"]) for h in r.summary["mask_history"]),
+      plots.protected_share,
+      "no refresh with protected entries in summary.json `mask_history` (only epi "
+      "records per-group counts).",
+  )
   return out
 
 
-def write_report(run_dirs: Sequence[str], out_dir: str, *, labels: Mapping[str, str] | None = None,
-                 title: str = "EPI runs", extra_markdown: str = "") -> str:
+def write_report(
+    run_dirs: Sequence[str],
+    out_dir: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    title: str = "EPI runs",
+    extra_markdown: str = "",
+) -> str:
   """Writes ``out_dir/report.md``, ``out_dir/report.json`` and ``out_dir/plots/*.png``.
 
   Args:
@@ -202,9 +281,13 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, labels: Mapping[str, 
   per_run = {r.run_dir: run_metrics(r) for members in groups.values() for r in members}
   plot_dir = os.path.join(out_dir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
-  lines = [f"# {title}", "",
-           f"{len(runs)} runs in {len(groups)} groups: runs whose configs differ only in "
-           "`data.seed` and `train.seed` form one group; mean ± std over a group's runs.", ""]
+  lines = [
+      f"# {title}",
+      "",
+      f"{len(runs)} runs in {len(groups)} groups: runs whose configs differ only in "
+      "`data.seed` and `train.seed` form one group; mean ± std over a group's runs.",
+      "",
+  ]
   lines += _tables(groups, aggregates, per_run)
   lines += _plots(groups, aggregates, plot_dir)
   lines += ["## Sources of the numbers", "", SOURCES]

@@ -50,8 +50,11 @@ def group_names(run: Run) -> list[str]:
   analysis recorded them, else numbered."""
   per_group = (run.summary.get("analyses", {}).get("flip_rate") or {}).get("per_group")
   count = len(run.summary["mask_history"][0]["protected"])
-  return list(per_group) if per_group and len(per_group) == count else [
-      f"group {i}" for i in range(count)]
+  return (
+      list(per_group)
+      if per_group and len(per_group) == count
+      else [f"group {i}" for i in range(count)]
+  )
 
 
 def flip_rate_rows(run: Run) -> tuple[list[int], list[list[float]]]:
@@ -68,19 +71,29 @@ def accuracy_matrix(run: Run, title: str, path: str) -> str:
   """Heatmap of the accuracy matrix: rows after each stage, columns tasks, values in cells."""
   rows = run.summary["accuracy_matrix"]
   tasks = list(rows[0]["accuracy"])
-  values = np.array([[np.nan if r["accuracy"][t] is None else r["accuracy"][t] for t in tasks]
-                     for r in rows], dtype=float)
+  values = np.array(
+      [[np.nan if r["accuracy"][t] is None else r["accuracy"][t] for t in tasks] for r in rows],
+      dtype=float,
+  )
   fig = Figure(figsize=(1.3 * len(tasks) + 3, 0.5 * len(rows) + 1.8), layout="constrained")
   ax = fig.subplots()
   top = max(1.0, float(np.nanmax(values))) if np.isfinite(values).any() else 1.0
   image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
   fig.colorbar(image, ax=ax, fraction=0.04)
   for (i, j), v in np.ndenumerate(values):
-    ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center",
-            color="black" if v > 0.6 * top else "white", fontsize=9)
+    ax.text(
+        j,
+        i,
+        "n/a" if np.isnan(v) else f"{v:.3f}",
+        ha="center",
+        va="center",
+        color="black" if v > 0.6 * top else "white",
+        fontsize=9,
+    )
   ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-  ax.set_yticks(range(len(rows)), [f"{r['after_stage']}: {', '.join(r['trained'])}"[:40]
-                                   for r in rows])
+  ax.set_yticks(
+      range(len(rows)), [f"{r['after_stage']}: {', '.join(r['trained'])}"[:40] for r in rows]
+  )
   ax.set_xlabel("task")
   ax.set_ylabel("after stage (trained)")
   ax.set_title(_wrap(title, 80), fontsize=10)
@@ -93,8 +106,11 @@ def loss_curves(groups: Mapping[str, Sequence[Run]], path: str) -> str:
   for ax, (label, runs) in zip(axes, groups.items()):
     for run in runs:
       train = run.kind("train")
-      ax.plot([r["step"] for r in train], [r["loss"] for r in train],
-              label=f"seed {run.seeds[0]}/{run.seeds[1]}")
+      ax.plot(
+          [r["step"] for r in train],
+          [r["loss"] for r in train],
+          label=f"seed {run.seeds[0]}/{run.seeds[1]}",
+      )
     for step in stage_ends(runs[0])[:-1]:
       ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     ax.set_title(_wrap(label), fontsize=9)
@@ -110,8 +126,12 @@ def mask_overlap(runs: Sequence[tuple[str, Run]], path: str) -> str:
   ax = fig.subplots()
   for label, run in runs:
     history = run.summary["mask_history"]
-    ax.plot([r["step"] for r in history], [r["overlap_first"] for r in history], marker=".",
-            label=_wrap(f"{label} (seed {run.seeds[0]}/{run.seeds[1]})"))
+    ax.plot(
+        [r["step"] for r in history],
+        [r["overlap_first"] for r in history],
+        marker=".",
+        label=_wrap(f"{label} (seed {run.seeds[0]}/{run.seeds[1]})"),
+    )
   ax.set_ylim(0, 1.05)
   ax.set_xlabel("step")
   ax.set_ylabel("Jaccard overlap with the first mask")
@@ -123,11 +143,18 @@ def flip_rate_heatmap(run: Run, title: str, path: str) -> str:
   """Per layer group and refresh: the fraction of the group's mask union that flipped."""
   steps, rates = flip_rate_rows(run)
   names = group_names(run)
-  fig = Figure(figsize=(min(14, 4.5 + 0.4 * len(steps)), 1 + 0.35 * len(names)),
-               layout="constrained")
+  fig = Figure(
+      figsize=(min(14, 4.5 + 0.4 * len(steps)), 1 + 0.35 * len(names)), layout="constrained"
+  )
   ax = fig.subplots()
-  image = ax.imshow(np.array(rates, dtype=float).T, cmap="magma", vmin=0.0, vmax=1.0,
-                    aspect="auto", interpolation="nearest")
+  image = ax.imshow(
+      np.array(rates, dtype=float).T,
+      cmap="magma",
+      vmin=0.0,
+      vmax=1.0,
+      aspect="auto",
+      interpolation="nearest",
+  )
   fig.colorbar(image, ax=ax, fraction=0.04, label="flip rate")
   ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 12)).astype(int))
   ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
@@ -160,13 +187,19 @@ def method_bars(aggregates: Mapping[str, Mapping], path: str) -> str:
   lines = max(label.count("\n") + 1 for label in labels)
   fig = Figure(figsize=(11, 1.2 + (0.15 * lines + 0.25) * len(labels)), layout="constrained")
   axes = fig.subplots(1, 2, sharey=True)
-  for ax, key, name in ((axes[0], "mean_final_accuracy", "mean final accuracy"),
-                        (axes[1], "avg_norm_score", "Avg. Norm. Score (0-10)")):
+  for ax, key, name in (
+      (axes[0], "mean_final_accuracy", "mean final accuracy"),
+      (axes[1], "avg_norm_score", "Avg. Norm. Score (0-10)"),
+  ):
     means = [a[key]["mean"] for a in aggregates.values()]
     stds = [a[key]["std"] for a in aggregates.values()]
-    ax.barh(range(len(labels)), [np.nan if m is None else m for m in means],
-            xerr=[0.0 if s is None else s for s in stds], capsize=4,
-            color=[f"C{i % 10}" for i in range(len(labels))])
+    ax.barh(
+        range(len(labels)),
+        [np.nan if m is None else m for m in means],
+        xerr=[0.0 if s is None else s for s in stds],
+        capsize=4,
+        color=[f"C{i % 10}" for i in range(len(labels))],
+    )
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel(name)
     ax.set_title(f"{name}, mean ± std over seeds", fontsize=10)

@@ -21,8 +21,16 @@ SEED_KEYS = ("run_dir", "data.seed", "train.seed")
 """Config keys in which runs of one group may differ."""
 LABEL_KEYS = 3
 """A derived group label names at most this many config keys."""
-SUMMARY_KEYS = ("method", "stages", "accuracy_matrix", "final_accuracy", "avg_norm_score",
-                "forgetting_ratio", "mask_history", "wall_time_s")
+SUMMARY_KEYS = (
+    "method",
+    "stages",
+    "accuracy_matrix",
+    "final_accuracy",
+    "avg_norm_score",
+    "forgetting_ratio",
+    "mask_history",
+    "wall_time_s",
+)
 """The summary.json entries the report reads."""
 
 
@@ -33,6 +41,7 @@ class RunError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One finished run as it is on disk."""
+
   run_dir: str
   """The directory it was read from."""
   config: dict
@@ -92,11 +101,13 @@ def load_run(run_dir: str) -> Run:
   """
   if not os.path.isdir(run_dir):
     raise RunError(f"{run_dir}: not a directory")
-  paths = {name: os.path.join(run_dir, name)
-           for name in ("config.yaml", "summary.json", "metrics.jsonl")}
+  paths = {
+      name: os.path.join(run_dir, name) for name in ("config.yaml", "summary.json", "metrics.jsonl")
+  }
   if not os.path.exists(paths["summary.json"]):
-    raise RunError(f"{run_dir}: no summary.json: the run has not finished (or is not a run "
-                   "directory)")
+    raise RunError(
+        f"{run_dir}: no summary.json: the run has not finished (or is not a run " "directory)"
+    )
   for path in paths.values():
     if not os.path.exists(path):
       raise RunError(f"{path}: missing")
@@ -115,8 +126,9 @@ def load_run(run_dir: str) -> Run:
   missing = [key for key in SUMMARY_KEYS if key not in summary]
   if missing:
     raise RunError(f"{paths['summary.json']}: missing {', '.join(missing)}")
-  return Run(run_dir=run_dir, config=config, summary=summary,
-             records=_read_records(paths["metrics.jsonl"]))
+  return Run(
+      run_dir=run_dir, config=config, summary=summary, records=_read_records(paths["metrics.jsonl"])
+  )
 
 
 def _flat(config: Mapping, prefix: str = "") -> dict:
@@ -152,16 +164,20 @@ def _derived_labels(configs: Sequence[dict]) -> list[str]:
       common[key] = Counter(values).most_common(1)[0][0]
   labels = []
   for number, f in enumerate(flats, 1):
-    parts = [f"{k.removeprefix('method.')}={_text(f.get(k))}" for k, mode in common.items()
-             if _text(f.get(k)) != mode]
+    parts = [
+        f"{k.removeprefix('method.')}={_text(f.get(k))}"
+        for k, mode in common.items()
+        if _text(f.get(k)) != mode
+    ]
     if len(parts) > LABEL_KEYS:
       parts = parts[:LABEL_KEYS] + [f"+{len(parts) - LABEL_KEYS} keys (group {number})"]
     labels.append(", ".join([str(f["method.type"])] + parts))
   return labels
 
 
-def group_runs(runs: Iterable[Run], labels: Mapping[str, str] | None = None
-               ) -> dict[str, list[Run]]:
+def group_runs(
+    runs: Iterable[Run], labels: Mapping[str, str] | None = None
+) -> dict[str, list[Run]]:
   """Runs whose configs differ only in data.seed, train.seed and run_dir, by group label.
 
   Args:
@@ -186,8 +202,10 @@ def group_runs(runs: Iterable[Run], labels: Mapping[str, str] | None = None
   for ((_, given), members), fallback in zip(groups.items(), derived):
     label = fallback if given is None else given
     if label in out:
-      raise ValueError(f"labels: {label!r} names runs of different configs: "
-                       f"{out[label][0].run_dir} and {members[0].run_dir}")
+      raise ValueError(
+          f"labels: {label!r} names runs of different configs: "
+          f"{out[label][0].run_dir} and {members[0].run_dir}"
+      )
     out[label] = members
   return out
 
@@ -227,11 +245,11 @@ def run_metrics(run: Run) -> dict:
       "avg_norm_score": s["avg_norm_score"]["avg_norm_score"],
       "acc": continual.get("acc"),
       "bwt": continual.get("bwt"),
-      "forgetting_ratio_mean": _mean(v for t, v in s["forgetting_ratio"].items()
-                                     if t not in last),
+      "forgetting_ratio_mean": _mean(v for t, v in s["forgetting_ratio"].items() if t not in last),
       "learned": learned,
-      "all_learned": (None if None in learned.values()
-                      else all(v >= LEARNED for v in learned.values())),
+      "all_learned": (
+          None if None in learned.values() else all(v >= LEARNED for v in learned.values())
+      ),
       "protected_fraction": s.get("protected_fraction"),
       "wall_time_s": s["wall_time_s"],
   }
@@ -257,8 +275,12 @@ def aggregate(runs: Sequence[Run]) -> dict:
   if not runs:
     raise ValueError("aggregate: no runs")
   per_run = [run_metrics(r) for r in runs]
-  out = {"n": len(runs), "run_dirs": [r.run_dir for r in runs],
-         "seeds": [list(r.seeds) for r in runs], "method": runs[0].method}
+  out = {
+      "n": len(runs),
+      "run_dirs": [r.run_dir for r in runs],
+      "seeds": [list(r.seeds) for r in runs],
+      "method": runs[0].method,
+  }
   for key, first in per_run[0].items():
     if key == "all_learned":
       flags = [m[key] for m in per_run]

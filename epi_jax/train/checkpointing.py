@@ -41,7 +41,8 @@ class RunCheckpoints:
   def __init__(self, run_dir: str, *, keep: int):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+    )
 
   def latest_step(self) -> int | None:
     """Step of the newest finished checkpoint (orbax only lists finalized ones)."""
@@ -54,8 +55,10 @@ class RunCheckpoints:
 
   def save(self, step: int, state, record: RunRecord, masks: dict | None) -> None:
     """Writes checkpoint `step`; `masks` (the full mask history) is skipped when empty."""
-    items = {"state": ocp.args.StandardSave(state),
-             "meta": ocp.args.JsonSave(dataclasses.asdict(record))}
+    items = {
+        "state": ocp.args.StandardSave(state),
+        "meta": ocp.args.JsonSave(dataclasses.asdict(record)),
+    }
     if masks:
       items["masks"] = ocp.args.StandardSave(masks)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -80,8 +83,10 @@ def params_sha256(params) -> str:
   """SHA-256 over every parameter's path, dtype, shape and bytes: equal iff bit-identical.
   With several processes every one must call it (parameters are gathered from all of them)."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
-                           key=lambda item: jax.tree_util.keystr(item[0])):
+  for path, leaf in sorted(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      key=lambda item: jax.tree_util.keystr(item[0]),
+  ):
     array = host_array(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())

@@ -6,16 +6,28 @@ import sys
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="train.py",
-                                   description="Train a decoder on a task stream (docs/trainer.md).")
+  parser = argparse.ArgumentParser(
+      prog="train.py", description="Train a decoder on a task stream (docs/trainer.md)."
+  )
   parser.add_argument("--config", required=True, help="YAML config file")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="dotted override, e.g. --set method.p=0.02 (repeatable)")
+  parser.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="dotted override, e.g. --set method.p=0.02 (repeatable)",
+  )
   parser.add_argument("--run-dir", help="output directory (default: run_dir of the config)")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue from the latest complete checkpoint of the run directory")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="check the config, print the parameter count and memory plan, exit")
+  parser.add_argument(
+      "--resume",
+      action="store_true",
+      help="continue from the latest complete checkpoint of the run directory",
+  )
+  parser.add_argument(
+      "--dry-run",
+      action="store_true",
+      help="check the config, print the parameter count and memory plan, exit",
+  )
   args = parser.parse_args(argv)
 
   from epi_jax.train.loading import ConfigError, load_config
@@ -41,4 +53,3 @@ def main(argv=None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0
-

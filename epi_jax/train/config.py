@@ -18,8 +18,9 @@ def bounded(default, **bounds):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-  preset: Literal["tiny", "smollm2_135m", "llama3_8b", "llama3_1_8b", "mistral_7b", "qwen2_7b",
-                  "gemma2_9b"] = "tiny"
+  preset: Literal[
+      "tiny", "smollm2_135m", "llama3_8b", "llama3_1_8b", "mistral_7b", "qwen2_7b", "gemma2_9b"
+  ] = "tiny"
   """A classmethod of epi_jax.models.ModelConfig: the paper's backbones or the CPU model."""
   family: Literal["llama", "mistral", "qwen2", "gemma2"] = "llama"
   """Family of the tiny preset (the large presets fix their own)."""
@@ -48,8 +49,9 @@ class ModelSection:
 class DataSection:
   source: Literal["synthetic", "hf"] = "synthetic"
   """synthetic: the embedded tasks (byte tokenizer); hf: the paper's datasets via load_chats."""
-  tasks: list[str] = dataclasses.field(default_factory=lambda: [
-      "arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"])
+  tasks: list[str] = dataclasses.field(
+      default_factory=lambda: ["arithmetic", "string_code", "logic_choice", "rewrite", "dialogue"]
+  )
   """Task names in the paper's order (synthetic: TASK_NAMES; hf: DATASET_NAMES)."""
   files: dict[str, str] = dataclasses.field(default_factory=dict)
   """hf only: task -> local .jsonl/.json/.parquet file in the hub schema (missing: the hub)."""
@@ -75,7 +77,8 @@ class LoraSection:
   dropout: float = bounded(0.0, ge=0.0, lt=1.0)
   """Probability of dropping an input feature of the LoRA path while training."""
   targets: list[str] = dataclasses.field(
-      default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+      default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
+  )
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
   save_merged: bool = True
   """At the end, also write the merged model (W + alpha/r a@b) to `<run_dir>/merged` as a
@@ -214,8 +217,9 @@ class EvalSection:
   """Prompts (or multiple-choice option rows) per generation (likelihood) call."""
   judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
   """The LLM judge; replies are cached in `<run_dir>/judge_cache.jsonl`."""
-  analyses: list[Literal["continual", "gradient_conflict", "flip_rate", "task_overlap",
-                         "perturbation"]] = dataclasses.field(default_factory=lambda: ["continual"])
+  analyses: list[
+      Literal["continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation"]
+  ] = dataclasses.field(default_factory=lambda: ["continual"])
   """Analyses to run (docs/evaluation.md, "Analyses"): continual (ACC, BWT, FWT,
   max-forgetting; one evaluation before training), gradient_conflict (TGC at stage ends),
   flip_rate (per-group mask flips, epi), task_overlap (Jaccard of per-task top-p masks at
@@ -257,6 +261,15 @@ class Config:
 
 
 # Keys whose change does not alter the trained parameters: a resume may change them.
-RESUME_FREE = ("run_dir", "checkpoint.every", "checkpoint.keep", "log.every", "log.tensorboard",
-               "log.progress", "eval.judge.api_key_env", "eval.judge.timeout",
-               "eval.judge.retries", "eval.judge.workers")
+RESUME_FREE = (
+    "run_dir",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "log.every",
+    "log.tensorboard",
+    "log.progress",
+    "eval.judge.api_key_env",
+    "eval.judge.timeout",
+    "eval.judge.retries",
+    "eval.judge.workers",
+)

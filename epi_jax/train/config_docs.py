@@ -42,14 +42,20 @@ def field_docs(cls: type) -> dict[str, str]:
   body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
   docs = {}
   for node, after in zip(body, body[1:]):
-    if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-        and isinstance(after.value.value, str)):
+    if (
+        isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+        and isinstance(after.value.value, str)
+    ):
       docs[node.target.id] = " ".join(after.value.value.split())
   missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
   if missing:
-    raise ValueError(f"{cls.__module__}.{cls.__qualname__}: no docstring under the field(s) "
-                     f"{', '.join(missing)}")
+    raise ValueError(
+        f"{cls.__module__}.{cls.__qualname__}: no docstring under the field(s) "
+        f"{', '.join(missing)}"
+    )
   return docs
 
 
@@ -104,8 +110,10 @@ def _tables(cls: type, prefix: str, title: str, doc: str) -> list[str]:
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if key in _REGISTRY_CHOICES:
       kind = typing.Literal[_REGISTRY_CHOICES[key]]
-    rows.append(f"| `{key}` | `{_type_name(kind)}` | `{_yaml(default)}` | "
-                f"{_allowed(kind, f.metadata)} | {_cell(docs[f.name])} |")
+    rows.append(
+        f"| `{key}` | `{_type_name(kind)}` | `{_yaml(default)}` | "
+        f"{_allowed(kind, f.metadata)} | {_cell(docs[f.name])} |"
+    )
   head = [f"### {title}", ""] + ([_cell(doc), ""] if doc else [])
   table = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
   return (head + table + rows + [""] if rows else []) + nested
@@ -120,8 +128,10 @@ def _span(document: str, where: str) -> tuple[int, int]:
   """Start and end offsets of the text between the markers of `document`."""
   starts, ends = document.count(START), document.count(END)
   if starts != 1 or ends != 1 or document.index(START) > document.index(END):
-    raise ValueError(f"{where}: needs one line {START} followed by one line {END}; "
-                     f"found {starts} start and {ends} end marker(s)")
+    raise ValueError(
+        f"{where}: needs one line {START} followed by one line {END}; "
+        f"found {starts} start and {ends} end marker(s)"
+    )
   return document.index(START) + len(START), document.index(END)
 
 
@@ -139,8 +149,11 @@ def splice(document: str, table: str, where: str = "document") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--write", metavar="PATH",
-                      help="rewrite the table between the markers of PATH (else print it)")
+  parser.add_argument(
+      "--write",
+      metavar="PATH",
+      help="rewrite the table between the markers of PATH (else print it)",
+  )
   args = parser.parse_args(argv)
   table = render()
   if not args.write:

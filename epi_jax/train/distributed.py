@@ -32,9 +32,11 @@ def initialize_from_env(environ: Mapping[str, str] = os.environ) -> bool:
       raise ValueError(f"{name}={value!r}: expected a non-negative integer")
     return int(value) if value else None
 
-  jax.distributed.initialize(coordinator_address=environ.get("JAX_COORDINATOR_ADDRESS") or None,
-                             num_processes=number("JAX_NUM_PROCESSES"),
-                             process_id=number("JAX_PROCESS_ID"))
+  jax.distributed.initialize(
+      coordinator_address=environ.get("JAX_COORDINATOR_ADDRESS") or None,
+      num_processes=number("JAX_NUM_PROCESSES"),
+      process_id=number("JAX_PROCESS_ID"),
+  )
   return True
 
 

@@ -41,17 +41,21 @@ def _check_value(value: Any, kind: Any, key: str, problems: list[str]) -> Any:
     if not isinstance(value, dict):
       problems.append(f"{key}: must be a mapping, got {value!r}")
       return value
-    return {_check_value(k, args[0], key, problems): _check_value(v, args[1], f"{key}.{k}", problems)
-            for k, v in value.items()}
+    return {
+        _check_value(k, args[0], key, problems): _check_value(v, args[1], f"{key}.{k}", problems)
+        for k, v in value.items()
+    }
   if kind is float and isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
     try:
       return float(value)
     except ValueError:
       pass
-  ok = {bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str)}[kind]
+  ok = {
+      bool: lambda v: isinstance(v, bool),
+      int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+      float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+      str: lambda v: isinstance(v, str),
+  }[kind]
   if not ok(value):
     problems.append(f"{key}: must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -59,10 +63,18 @@ def _check_value(value: Any, kind: Any, key: str, problems: list[str]) -> Any:
 
 
 def _check_range(value: Any, bounds: dict, key: str, problems: list[str]) -> None:
-  tests = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
-           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
-  failed = [f"{sign} {bound}" for name, bound in bounds.items()
-            for test, sign in [tests[name]] if not test(value, bound)]
+  tests = {
+      "ge": (lambda v, b: v >= b, ">="),
+      "gt": (lambda v, b: v > b, ">"),
+      "le": (lambda v, b: v <= b, "<="),
+      "lt": (lambda v, b: v < b, "<"),
+  }
+  failed = [
+      f"{sign} {bound}"
+      for name, bound in bounds.items()
+      for test, sign in [tests[name]]
+      if not test(value, bound)
+  ]
   if failed:
     problems.append(f"{key}: must be {' and '.join(failed)}, got {value!r}")
 
@@ -72,8 +84,10 @@ def _build(cls, raw: dict, prefix: str, problems: list[str]):
   hints = typing.get_type_hints(cls)
   for name in raw:
     if name not in fields:
-      problems.append(f"{prefix}{name}: unknown key; known keys of "
-                      f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+      problems.append(
+          f"{prefix}{name}: unknown key; known keys of "
+          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}"
+      )
   values = {}
   for name, f in fields.items():
     if name not in raw:
@@ -101,23 +115,30 @@ def _cross_checks(config: Config) -> list[str]:
   problems = []
   m, o = config.method, config.optim
   if o.micro_batch_size and o.batch_size % o.micro_batch_size:
-    problems.append(f"optim.micro_batch_size: must divide optim.batch_size={o.batch_size}, "
-                    f"got {o.micro_batch_size}")
+    problems.append(
+        f"optim.micro_batch_size: must divide optim.batch_size={o.batch_size}, "
+        f"got {o.micro_batch_size}"
+    )
   if config.model.preset == "tiny" and config.model.hidden_size % config.model.num_heads:
-    problems.append(f"model.num_heads: must divide model.hidden_size="
-                    f"{config.model.hidden_size}, got {config.model.num_heads}")
+    problems.append(
+        f"model.num_heads: must divide model.hidden_size="
+        f"{config.model.hidden_size}, got {config.model.num_heads}"
+    )
   if m.grouping == "given" and m.stages:
     listed = [t for stage in m.stages for t in stage]
     unknown = sorted(set(listed) - set(config.data.tasks))
     if unknown or sorted(listed) != sorted(set(config.data.tasks)):
-      problems.append(f"method.stages: must use every task of data.tasks exactly once, "
-                      f"got {m.stages}")
+      problems.append(
+          f"method.stages: must use every task of data.tasks exactly once, " f"got {m.stages}"
+      )
   if m.grouping == "random" and m.num_stages > len(config.data.tasks):
-    problems.append(f"method.num_stages: must be <= the {len(config.data.tasks)} tasks, "
-                    f"got {m.num_stages}")
+    problems.append(
+        f"method.num_stages: must be <= the {len(config.data.tasks)} tasks, " f"got {m.num_stages}"
+    )
   if m.type not in METHODS:
-    return problems + [f"method.type: unknown method {m.type!r}, expected one of "
-                       f"{', '.join(METHODS)}"]
+    return problems + [
+        f"method.type: unknown method {m.type!r}, expected one of " f"{', '.join(METHODS)}"
+    ]
   return problems + make_method(config).problems() + _analyses_problems(config)
 
 
@@ -130,12 +151,16 @@ def _analyses_problems(config: Config) -> list[str]:
   served = METHODS[config.method.type].analyses
   unserved = [n for n in names if n not in served]
   if unserved:
-    problems.append(f"eval.analyses: method.type={config.method.type} cannot serve "
-                    f"{', '.join(unserved)} (it serves {', '.join(served)})")
+    problems.append(
+        f"eval.analyses: method.type={config.method.type} cannot serve "
+        f"{', '.join(unserved)} (it serves {', '.join(served)})"
+    )
   pairwise = [n for n in ("gradient_conflict", "task_overlap") if n in names]
   if pairwise and len(config.data.tasks) < 2:
-    problems.append(f"eval.analyses: {', '.join(pairwise)} compare tasks in pairs: "
-                    f"data.tasks needs at least 2, got {len(config.data.tasks)}")
+    problems.append(
+        f"eval.analyses: {', '.join(pairwise)} compare tasks in pairs: "
+        f"data.tasks needs at least 2, got {len(config.data.tasks)}"
+    )
   if "task_overlap" in names and config.method.p == 0:
     problems.append("eval.analyses: task_overlap selects top-p masks: method.p must be > 0")
   return problems
@@ -188,5 +213,8 @@ def resume_conflicts(saved: dict, current: Config) -> list[str]:
   those that cannot change the training (RESUME_FREE)."""
   old, new = _flatten(saved), _flatten(to_dict(current))
   keys = sorted(set(old) | set(new))
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-          if k not in RESUME_FREE and old.get(k) != new.get(k)]
+  return [
+      f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+      for k in keys
+      if k not in RESUME_FREE and old.get(k) != new.get(k)
+  ]

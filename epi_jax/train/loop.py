@@ -42,8 +42,10 @@ from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
 def _packed_masks(opt_state) -> dict:
   """The current protection mask by path, packed as the optimizer state holds it (gathered
   from all processes: every process must call it)."""
-  return {jax.tree_util.keystr(path): host_array(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(packed_mask(opt_state))[0]}
+  return {
+      jax.tree_util.keystr(path): host_array(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(packed_mask(opt_state))[0]
+  }
 
 
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapter", "merged")
@@ -68,8 +70,10 @@ def _resume_step(ckpt: RunCheckpoints, run_dir: str, config: Config) -> int:
     raise ConfigError(f"--resume: no complete checkpoint in {run_dir}/checkpoints")
   conflicts = resume_conflicts(ckpt.record(latest).config, config)
   if conflicts:
-    raise ConfigError(f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
-                      "keys that change training:\n  " + "\n  ".join(conflicts))
+    raise ConfigError(
+        f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
+        "keys that change training:\n  " + "\n  ".join(conflicts)
+    )
   _drop_records_after(os.path.join(run_dir, "metrics.jsonl"), latest)
   return latest
 
@@ -89,9 +93,15 @@ def _judge(config: Config, run_dir: str) -> Judge | None:
   j = config.eval.judge
   if not j.url:
     return None
-  return Judge(url=j.url, model=j.model, api_key_env=j.api_key_env, timeout=j.timeout,
-               retries=j.retries, workers=j.workers,
-               cache_path=os.path.join(run_dir, "judge_cache.jsonl"))
+  return Judge(
+      url=j.url,
+      model=j.model,
+      api_key_env=j.api_key_env,
+      timeout=j.timeout,
+      retries=j.retries,
+      workers=j.workers,
+      cache_path=os.path.join(run_dir, "judge_cache.jsonl"),
+  )
 
 
 def init_state(model: nnx.Module, tx, mesh, *, wrt: nnx.filterlib.Filter = nnx.Param):
@@ -113,12 +123,16 @@ def _summary(method, stages, record: RunRecord, module, optimizer, *, wall_time:
       "method": method.config.method.type,
       "stages": stages,
       "steps": record.step,
-      "accuracy_matrix": [{"after_stage": k, "trained": stages[k], "accuracy": row}
-                          for k, row in enumerate(record.matrix)],
+      "accuracy_matrix": [
+          {"after_stage": k, "trained": stages[k], "accuracy": row}
+          for k, row in enumerate(record.matrix)
+      ],
       "final_accuracy": record.matrix[-1],
       "eval_metrics": [{"after_stage": k, **m} for k, m in enumerate(record.eval_metrics)],
-      "avg_norm_score": {key: record.eval_metrics[-1][key] for key in (
-          "avg_norm_score", "normalized", "proxy_tasks", "missing_tasks")},
+      "avg_norm_score": {
+          key: record.eval_metrics[-1][key]
+          for key in ("avg_norm_score", "normalized", "proxy_tasks", "missing_tasks")
+      },
       "forgetting_ratio": forgetting_ratios(record.matrix, stages),
       "mask_history": record.mask_history,
       "wall_time_s": wall_time,
@@ -153,41 +167,75 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   total = bounds[-1]
   mesh = build_mesh(config.mesh)
   num_micro = config.optim.batch_size // (config.optim.micro_batch_size or config.optim.batch_size)
-  run = Run(config=config, task_data=task_data, stages=stages, total_steps=total, mesh=mesh,
-            num_micro=num_micro, resuming=bool(start_step))
+  run = Run(
+      config=config,
+      task_data=task_data,
+      stages=stages,
+      total_steps=total,
+      mesh=mesh,
+      num_micro=num_micro,
+      resuming=bool(start_step),
+  )
 
   model = build_model(config.model, seed=config.train.seed, mesh=mesh)
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param), config.method.layer_of).names
   trainable = method.trainable(model, run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
-  step_fn = make_train_step(graphdef, num_micro, wrt=trainable.wrt, logs=method.step_logs,
-                            shardings=like_params(state, mesh))
+  step_fn = make_train_step(
+      graphdef,
+      num_micro,
+      wrt=trainable.wrt,
+      logs=method.step_logs,
+      shardings=like_params(state, mesh),
+  )
   del model, trainable
 
   record = RunRecord(seed={"data": config.data.seed, "init": config.train.seed})
   masks: dict | None = {} if config.checkpoint.mask_history == "full" else None
   if start_step:
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     state, record, masks = ckpt.restore(start_step, abstract, with_masks=masks is not None)
   step = record.step
 
   schedule = learning_rate(config, total)
   iterators = stage_iterators(config, stages, task_data)
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
-  analyses = RunAnalyses(config, stages=stages, bounds=bounds, task_data=task_data,
-                         group_names=group_names, mesh=mesh, writer=writer, record=record)
+  analyses = RunAnalyses(
+      config,
+      stages=stages,
+      bounds=bounds,
+      task_data=task_data,
+      group_names=group_names,
+      mesh=mesh,
+      writer=writer,
+      record=record,
+  )
 
   def run_eval(module):
-    return evaluate(method.eval_model(module), task_data.encoder, task_data.evaluation,
-                    task_data.metrics, max_new_tokens=config.eval.max_new_tokens,
-                    batch_size=config.eval.batch_size, judge=judge)
+    return evaluate(
+        method.eval_model(module),
+        task_data.encoder,
+        task_data.evaluation,
+        task_data.metrics,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+        judge=judge,
+    )
 
   if not step:
-    analyses.before_training(nnx.merge(graphdef, state)[0],
-                             lambda module: headline_row(run_eval(module), task_data.metrics))
-  progress = tqdm(total=total, initial=step, disable=not config.log.progress,
-                  desc=config.method.type, dynamic_ncols=True)
+    analyses.before_training(
+        nnx.merge(graphdef, state)[0],
+        lambda module: headline_row(run_eval(module), task_data.metrics),
+    )
+  progress = tqdm(
+      total=total,
+      initial=step,
+      disable=not config.log.progress,
+      desc=config.method.type,
+      dynamic_ncols=True,
+  )
   if record.mask_history:
     protected = record.mask_history[-1]["protected_fraction"]
   else:  # a fixed mask (static) protects from the first step
@@ -223,13 +271,29 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
         jax.block_until_ready(state)  # the whole step, not just its loss, for tokens/s
         now = time.perf_counter()
         loss = float(out["loss"])
-        extra = {key: v for key, v in out.items()
-                 if key not in ("loss", "tokens", "refreshed", "refresh")}
-        writer.write("train", step, {"loss": loss, "lr": float(schedule(step - 1)),
-                                     "tokens_per_s": tokens / (now - tick), "stage": k,
-                                     "protected_fraction": protected} | extra)
-        progress.set_postfix(stage=k, loss=f"{loss:.3f}", tok_s=f"{tokens / (now - tick):.0f}",
-                             protected=f"{protected:.4f}")
+        extra = {
+            key: v
+            for key, v in out.items()
+            if key not in ("loss", "tokens", "refreshed", "refresh")
+        }
+        writer.write(
+            "train",
+            step,
+            {
+                "loss": loss,
+                "lr": float(schedule(step - 1)),
+                "tokens_per_s": tokens / (now - tick),
+                "stage": k,
+                "protected_fraction": protected,
+            }
+            | extra,
+        )
+        progress.set_postfix(
+            stage=k,
+            loss=f"{loss:.3f}",
+            tok_s=f"{tokens / (now - tick):.0f}",
+            protected=f"{protected:.4f}",
+        )
         tokens, tick = 0.0, now
       progress.update(1)
       tick += analyses.after_step(step, graphdef, state)  # analysis time is not training time
@@ -239,13 +303,22 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     eval_start = time.perf_counter()
     results = run_eval(module)
     row = headline_row(results, task_data.metrics)
-    scores = {"results": results, **avg_norm_score(results, task_data.metrics),
-              "eval_time_s": time.perf_counter() - eval_start}
+    scores = {
+        "results": results,
+        **avg_norm_score(results, task_data.metrics),
+        "eval_time_s": time.perf_counter() - eval_start,
+    }
     writer.write("eval", step, {"stage": k} | row)
-    writer.write("eval_metrics", step, {
-        "stage": k, "avg_norm_score": scores["avg_norm_score"],
-        "eval_time_s": scores["eval_time_s"]} | {
-            f"{task}/{name}": value for task, r in results.items() for name, value in r.items()})
+    writer.write(
+        "eval_metrics",
+        step,
+        {
+            "stage": k,
+            "avg_norm_score": scores["avg_norm_score"],
+            "eval_time_s": scores["eval_time_s"],
+        }
+        | {f"{task}/{name}": value for task, r in results.items() for name, value in r.items()},
+    )
     record.matrix.append(row)
     record.eval_metrics.append(scores)
     analyses.after_stage(k, step, method.eval_model(module))
@@ -258,8 +331,14 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   progress.close()
 
   module, optimizer = nnx.merge(graphdef, state)
-  summary = _summary(method, stages, record, module, optimizer,
-                     wall_time=earlier_wall + time.perf_counter() - session_start)
+  summary = _summary(
+      method,
+      stages,
+      record,
+      module,
+      optimizer,
+      wall_time=earlier_wall + time.perf_counter() - session_start,
+  )
   summary["analyses"] = analyses.summary(record)
   method.export(module, run_dir)
   if writes_files():

@@ -18,7 +18,7 @@ from epi_jax.train.methods.lora import LoRA
 from epi_jax.train.model import abstract_model, model_config
 from epi_jax.train.optimizer import inner_optimizer
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 SENSITIVITY_OPTIONS = (("grad_sq", "float32"), ("grad_sq", "bfloat16"), ("adam_nu", "float32"))
 
 
@@ -32,8 +32,9 @@ def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
   for v in jax.tree.leaves(params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
     spec = logical_spec(names, v.shape, mesh)
-    split = math.prod(mesh.shape[a] for part in spec if part
-                      for a in ((part,) if isinstance(part, str) else part))
+    split = math.prod(
+        mesh.shape[a] for part in spec if part for a in ((part,) if isinstance(part, str) else part)
+    )
     total += math.prod(v.shape)
     held += math.prod(v.shape) / split
   return total, held / total
@@ -55,9 +56,11 @@ def activation_bytes(config: Config) -> float:
   linear = s * rows * h * (10 + 24 / t) * scale
   scores = s * rows * h * 5 * a * s / (h * t) * scale
   logits = 2 * rows * s * c.vocab_size / t * 4
-  kept = {"none": c.num_layers * (linear + scores),
-          "dots": c.num_layers * linear,
-          "block": c.num_layers * 2 * s * rows * h * scale + linear + scores}[c.remat]
+  kept = {
+      "none": c.num_layers * (linear + scores),
+      "dots": c.num_layers * linear,
+      "block": c.num_layers * 2 * s * rows * h * scale + linear + scores,
+  }[c.remat]
   return kept + logits
 
 
@@ -77,7 +80,8 @@ def memory_plan(config: Config) -> dict:
       "params_gib": per_device(params),
       "grads_gib": per_device(params),
       "adam_moments_gib": per_device(  # mu and nu; the scalar counters are negligible
-          [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params)) if leaf.ndim]),
+          [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params)) if leaf.ndim]
+      ),
       "activations_gib": activation_bytes(config) / GIB,
       "epi": {},
   }
@@ -105,15 +109,20 @@ def _method_memory(config: Config, model, plan: dict, fraction: float) -> dict:
   fisher = ewc.memory_bytes(model, examples_per_chunk=chunk)
   kept = fisher.fisher + fisher.anchor
   return {
-      "lora": {"extra_bytes_per_param": low_rank.per_base_parameter,
-               "extra_gib": low_rank.total * fraction / GIB,
-               # the base needs no gradient and no Adam moments
-               "total_gib": plan["params_gib"] + plan["activations_gib"]
-               + low_rank.total * fraction / GIB},
-      "ewc": {"extra_bytes_per_param": fisher.per_base_parameter,
-              "extra_gib": kept * fraction / GIB,
-              "fisher_pass_gib": fisher.fisher_pass * fraction / GIB,
-              "total_gib": plan["total_without_epi_gib"] + kept * fraction / GIB},
+      "lora": {
+          "extra_bytes_per_param": low_rank.per_base_parameter,
+          "extra_gib": low_rank.total * fraction / GIB,
+          # the base needs no gradient and no Adam moments
+          "total_gib": (
+              plan["params_gib"] + plan["activations_gib"] + low_rank.total * fraction / GIB
+          ),
+      },
+      "ewc": {
+          "extra_bytes_per_param": fisher.per_base_parameter,
+          "extra_gib": kept * fraction / GIB,
+          "fisher_pass_gib": fisher.fisher_pass * fraction / GIB,
+          "total_gib": plan["total_without_epi_gib"] + kept * fraction / GIB,
+      },
   }
 
 
@@ -122,26 +131,32 @@ def format_plan(plan: dict, config: Config) -> str:
   m = plan["mesh"]
   n = plan["parameters"]
   size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-  lines = [f"model {config.model.preset} ({config.model.dtype}): {n:,} parameters ({size})",
-           f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
-           f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
-           f"{config.data.seq_len} tokens",
-           "per-device memory (GiB):",
-           f"  params            {plan['params_gib']:9.2f}",
-           f"  grads             {plan['grads_gib']:9.2f}",
-           f"  Adam mu + nu      {plan['adam_moments_gib']:9.2f}",
-           f"  activations (est) {plan['activations_gib']:9.2f}   (remat={config.model.remat})",
-           f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
-           "  EPI sensitivity option   sensitivity   mask   total"]
+  lines = [
+      f"model {config.model.preset} ({config.model.dtype}): {n:,} parameters ({size})",
+      f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
+      f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
+      f"{config.data.seq_len} tokens",
+      "per-device memory (GiB):",
+      f"  params            {plan['params_gib']:9.2f}",
+      f"  grads             {plan['grads_gib']:9.2f}",
+      f"  Adam mu + nu      {plan['adam_moments_gib']:9.2f}",
+      f"  activations (est) {plan['activations_gib']:9.2f}   (remat={config.model.remat})",
+      f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
+      "  EPI sensitivity option   sensitivity   mask   total",
+  ]
   for name, option in plan["epi"].items():
-    lines.append(f"  {name:24s} {option['sensitivity_gib']:11.2f} {option['mask_gib']:6.2f} "
-                 f"{option['total_gib']:7.2f}")
+    lines.append(
+        f"  {name:24s} {option['sensitivity_gib']:11.2f} {option['mask_gib']:6.2f} "
+        f"{option['total_gib']:7.2f}"
+    )
   lora_plan, ewc_plan = plan["methods"]["lora"], plan["methods"]["ewc"]
-  lines += ["  other methods            extra   bytes/param   total",
-            f"  {f'lora (rank {config.method.lora.rank})':24s} {lora_plan['extra_gib']:5.2f} "
-            f"{lora_plan['extra_bytes_per_param']:13.2f} {lora_plan['total_gib']:7.2f}   "
-            "(no base grads or Adam moments)",
-            f"  {'ewc (Fisher + anchor)':24s} {ewc_plan['extra_gib']:5.2f} "
-            f"{ewc_plan['extra_bytes_per_param']:13.2f} {ewc_plan['total_gib']:7.2f}   "
-            f"(+{ewc_plan['fisher_pass_gib']:.2f} while computing F)"]
+  lines += [
+      "  other methods            extra   bytes/param   total",
+      f"  {f'lora (rank {config.method.lora.rank})':24s} {lora_plan['extra_gib']:5.2f} "
+      f"{lora_plan['extra_bytes_per_param']:13.2f} {lora_plan['total_gib']:7.2f}   "
+      "(no base grads or Adam moments)",
+      f"  {'ewc (Fisher + anchor)':24s} {ewc_plan['extra_gib']:5.2f} "
+      f"{ewc_plan['extra_bytes_per_param']:13.2f} {ewc_plan['total_gib']:7.2f}   "
+      f"(+{ewc_plan['fisher_pass_gib']:.2f} while computing F)",
+  ]
   return "\n".join(lines)

@@ -13,8 +13,9 @@ from epi_jax.train.config import ModelSection
 
 def model_config(section: ModelSection) -> ModelConfig:
   """The architecture of `section` with its layer scanning and rematerialization switches."""
-  return dataclasses.replace(_architecture(section), scan_layers=section.scan_layers,
-                             remat=section.remat)
+  return dataclasses.replace(
+      _architecture(section), scan_layers=section.scan_layers, remat=section.remat
+  )
 
 
 def _architecture(section: ModelSection) -> ModelConfig:
@@ -24,19 +25,28 @@ def _architecture(section: ModelSection) -> ModelConfig:
     return checkpoint_config(section.checkpoint)
   if section.preset != "tiny":
     return getattr(ModelConfig, section.preset)()
-  return ModelConfig.tiny(section.family, hidden_size=section.hidden_size,
-                          intermediate_size=section.intermediate_size,
-                          num_layers=section.num_layers, num_heads=section.num_heads,
-                          num_kv_heads=max(1, section.num_heads // 2),
-                          head_dim=section.hidden_size // section.num_heads)
+  return ModelConfig.tiny(
+      section.family,
+      hidden_size=section.hidden_size,
+      intermediate_size=section.intermediate_size,
+      num_layers=section.num_layers,
+      num_heads=section.num_heads,
+      num_kv_heads=max(1, section.num_heads // 2),
+      head_dim=section.hidden_size // section.num_heads,
+  )
 
 
 def build_model(section: ModelSection, *, seed: int, mesh=None) -> Decoder:
   """The checkpoint's weights, or a random initialization from `seed`, placed on `mesh`."""
   dtype = jnp.dtype(section.dtype)
   if section.checkpoint:
-    model, _ = from_pretrained(section.checkpoint, dtype=dtype, mesh=mesh,
-                               scan_layers=section.scan_layers, remat=section.remat)
+    model, _ = from_pretrained(
+        section.checkpoint,
+        dtype=dtype,
+        mesh=mesh,
+        scan_layers=section.scan_layers,
+        remat=section.remat,
+    )
     return model
   model = Decoder(model_config(section), dtype=dtype, rngs=nnx.Rngs(seed))
   return model if mesh is None else shard_model(model, mesh)

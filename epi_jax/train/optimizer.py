@@ -12,13 +12,18 @@ def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
   """Linear warm-up over `optim.warmup_ratio` of all steps, then cosine decay to the end."""
   o = config.optim
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.lr, warmup_steps=round(o.warmup_ratio * total_steps),
-      decay_steps=max(total_steps, 1), end_value=o.lr * o.end_lr_ratio)
+      init_value=0.0,
+      peak_value=o.lr,
+      warmup_steps=round(o.warmup_ratio * total_steps),
+      decay_steps=max(total_steps, 1),
+      end_value=o.lr * o.end_lr_ratio,
+  )
 
 
 def inner_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
   """Gradient clipping (if any) then AdamW on the schedule."""
   o = config.optim
-  adamw = optax.adamw(learning_rate(config, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                      weight_decay=o.weight_decay)
+  adamw = optax.adamw(
+      learning_rate(config, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay
+  )
   return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw

@@ -50,6 +50,9 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.
   mesh puts them."""
   if mesh is None:
     return {k: jax.numpy.asarray(v) for k, v in batch.items()}
-  return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.shape),
-                                          lambda index, v=v: v[index])
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_callback(
+          v.shape, batch_sharding(mesh, v.shape), lambda index, v=v: v[index]
+      )
+      for k, v in batch.items()
+  }

@@ -18,8 +18,9 @@ def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
   """Summed cross-entropy over response tokens and their count; logits[:, t] predict
   input_ids[:, t + 1], weighted by loss_mask[:, t + 1]. Packed rows attend within their
   segments only (a padded row is one segment)."""
-  logits = model(batch["input_ids"], segment_ids=batch["segment_ids"],
-                 positions=batch["positions"])  # (B, T, V)
+  logits = model(
+      batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+  )  # (B, T, V)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
   weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
   return jnp.sum(ce * weight), jnp.sum(weight)
@@ -28,12 +29,18 @@ def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
 def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
   """The batch [B, T] dealt into `num_micro` micro-batches [num_micro, B / num_micro, T]: row j
   goes to micro-batch j % num_micro, so each stays spread over the batch shards."""
-  return {k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1)
-          for k in BATCH_KEYS}
+  return {
+      k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1) for k in BATCH_KEYS
+  }
 
 
-def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int, *,
-                        wrt: nnx.filterlib.Filter = nnx.Param):
+def mean_loss_and_grads(
+    model: nnx.Module,
+    batch: dict[str, jax.Array],
+    num_micro: int,
+    *,
+    wrt: nnx.filterlib.Filter = nnx.Param,
+):
   """(gradients, mean loss, token count) of the response-token loss of `batch` w.r.t. the
   model's variables selected by `wrt`, computed by a scan over `num_micro` micro-batches.
 
@@ -56,16 +63,21 @@ def mean_loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], num_micr
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   (grads, total, count), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro))
+      accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro)
+  )
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
   return grads, total / count, count
 
 
-def make_train_step(graphdef: nnx.GraphDef, num_micro: int, *,
-                    wrt: nnx.filterlib.Filter = nnx.Param,
-                    logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None,
-                    shardings: Any = None) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    num_micro: int,
+    *,
+    wrt: nnx.filterlib.Filter = nnx.Param,
+    logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None,
+    shardings: Any = None,
+) -> Callable:
   """`step(state, batch) -> (state, out)` on the split (model, optimizer) state.
 
   One optimizer update of the variables `wrt` selects (the optimizer's own `wrt`) with the

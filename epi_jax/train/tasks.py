@@ -9,12 +9,13 @@ import epi_jax.data as data
 from epi_jax.models import load_tokenizer
 from epi_jax.train.config import Config
 
+
 @dataclasses.dataclass(frozen=True)
 class TaskData:
   """Everything the loop needs from the data layer."""
 
   encoder: data.ChatEncoder
-  train: dict[str, list[data.Encoded]]      # task -> tokenized training examples
+  train: dict[str, list[data.Encoded]]  # task -> tokenized training examples
   evaluation: dict[str, list[data.EvalExample]]  # task -> held-out examples
   metrics: dict[str, str]  # task -> its metric (a key of epi_jax.eval.METRICS)
 
@@ -37,12 +38,17 @@ def load_tasks(config: Config) -> TaskData:
     splits = {}
     for t in d.tasks:
       examples = data.load_examples(t, d.files.get(t))
-      splits[t] = ([e.turns for e in examples[:d.n_train]],
-                   examples[d.n_train:d.n_train + d.n_eval])
+      splits[t] = (
+          [e.turns for e in examples[: d.n_train]],
+          examples[d.n_train : d.n_train + d.n_eval],
+      )
     metrics = {t: data.DATASET_METRICS[t] for t in d.tasks}
-  return TaskData(encoder=encoder,
-                  train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
-                  evaluation={t: ev for t, (_, ev) in splits.items()}, metrics=metrics)
+  return TaskData(
+      encoder=encoder,
+      train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
+      evaluation={t: ev for t, (_, ev) in splits.items()},
+      metrics=metrics,
+  )
 
 
 def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData) -> list[int]:
@@ -53,10 +59,17 @@ def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData
   return [max(1, math.ceil(config.train.epochs * n / config.optim.batch_size)) for n in sizes]
 
 
-def stage_iterators(config: Config, stages: list[list[str]], task_data: TaskData
-                    ) -> list[data.BatchIterator]:
+def stage_iterators(
+    config: Config, stages: list[list[str]], task_data: TaskData
+) -> list[data.BatchIterator]:
   """One resumable batch iterator per stage."""
   d = config.data
   return data.stage_iterators(
-      task_data.train, stages, batch_size=config.optim.batch_size, seq_len=d.seq_len,
-      pad_id=task_data.encoder.pad_id, seed=d.seed, pack=d.pack)
+      task_data.train,
+      stages,
+      batch_size=config.optim.batch_size,
+      seq_len=d.seq_len,
+      pad_id=task_data.encoder.pad_id,
+      seed=d.seed,
+      pack=d.pack,
+  )

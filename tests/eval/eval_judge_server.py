@@ -7,9 +7,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def completion(content: str) -> bytes:
-  return json.dumps({"id": "x", "object": "chat.completion", "choices": [
-      {"index": 0, "message": {"role": "assistant", "content": content},
-       "finish_reason": "stop"}]}).encode()
+  return json.dumps(
+      {
+          "id": "x",
+          "object": "chat.completion",
+          "choices": [
+              {
+                  "index": 0,
+                  "message": {"role": "assistant", "content": content},
+                  "finish_reason": "stop",
+              }
+          ],
+      }
+  ).encode()
 
 
 class JudgeServer:
@@ -24,6 +34,7 @@ class JudgeServer:
     server = self
 
     class Handler(BaseHTTPRequestHandler):
+
       def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with server.lock:

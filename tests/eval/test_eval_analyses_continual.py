@@ -12,15 +12,17 @@ def reference(before, R, stage_of):
   last = R.shape[0] - 1
   cols = np.arange(R.shape[1])
   old, new = s < last, s >= 1
-  running_max = np.maximum.accumulate(np.where(np.arange(last + 1)[:, None] >= s, R, -np.inf),
-                                      axis=0)
+  running_max = np.maximum.accumulate(
+      np.where(np.arange(last + 1)[:, None] >= s, R, -np.inf), axis=0
+  )
   return {
       "acc": R[last].mean(),
       "bwt": (R[last, old] - R[s[old], cols[old]]).mean(),
       "fwt": (R[s[new] - 1, cols[new]] - b[new]).mean(),
       "max_forgetting": (running_max[last - 1, old] - R[last, old]).mean(),
-      "forgetting_ratio_mean": ((R[s[old], cols[old]] - R[last, old])
-                                / R[s[old], cols[old]] * 100).mean(),
+      "forgetting_ratio_mean": (
+          ((R[s[old], cols[old]] - R[last, old]) / R[s[old], cols[old]] * 100).mean()
+      ),
   }
 
 
@@ -46,8 +48,11 @@ def test_matches_the_reference_on_random_matrices_with_grouped_stages(seed):
 def test_hand_computed_example():
   # a: 0.8 after its stage, then 0.9, then 0.5; b: 0.3 before training, 0.4 after stage 0.
   stages = [["a"], ["b"], ["c"]]
-  matrix = [{"a": 0.8, "b": 0.4, "c": 0.1}, {"a": 0.9, "b": 0.7, "c": 0.2},
-            {"a": 0.5, "b": 0.6, "c": 0.9}]
+  matrix = [
+      {"a": 0.8, "b": 0.4, "c": 0.1},
+      {"a": 0.9, "b": 0.7, "c": 0.2},
+      {"a": 0.5, "b": 0.6, "c": 0.9},
+  ]
   out = continual_summary({"a": 0.1, "b": 0.3, "c": 0.0}, matrix, stages)
   assert out["acc"] == pytest.approx((0.5 + 0.6 + 0.9) / 3)
   assert out["bwt"] == pytest.approx(((0.5 - 0.8) + (0.6 - 0.7)) / 2)

@@ -24,8 +24,10 @@ from reference_epi import entry_groups, jaccard, select_tree  # noqa: E402
 
 def test_flip_rates_of_real_refreshes_match_the_masks():
   rng = np.random.default_rng(0)
-  params = {"embed": jnp.ones((10, 4)), "layers": [{"w": jnp.ones((6, 5))},
-                                                   {"w": jnp.ones((6, 5))}]}
+  params = {
+      "embed": jnp.ones((10, 4)),
+      "layers": [{"w": jnp.ones((6, 5))}, {"w": jnp.ones((6, 5))}],
+  }
   groups = epi_jax.layer_groups(params)
   gid = entry_groups([x.shape for x in jax.tree.leaves(params)], groups.leaf_ids)
   tx = epi_jax.epi(optax.sgd(0.1), p=0.2, beta=0.5, interval=1)
@@ -34,10 +36,14 @@ def test_flip_rates_of_real_refreshes_match_the_masks():
   for step in range(1, 7):
     grads = jax.tree.map(lambda x: jnp.asarray(rng.lognormal(size=x.shape), jnp.float32), params)
     _, state = tx.update(grads, state, params)
-    history.append({k: np.asarray(v).tolist() for k, v in epi_jax.mask_stats(state).items()}
-                   | {"step": step})
-    masks.append(np.concatenate([np.asarray(m).ravel()
-                                 for m in jax.tree.leaves(epi_jax.protection_mask(state))]))
+    history.append(
+        {k: np.asarray(v).tolist() for k, v in epi_jax.mask_stats(state).items()} | {"step": step}
+    )
+    masks.append(
+        np.concatenate(
+            [np.asarray(m).ravel() for m in jax.tree.leaves(epi_jax.protection_mask(state))]
+        )
+    )
   flips = np.zeros(len(groups.names))
   union = np.zeros(len(groups.names))
   for r in range(1, len(masks)):
@@ -64,8 +70,10 @@ def test_flip_rate_of_a_group_never_protected_is_undefined():
 @pytest.mark.parametrize("seed", range(3))
 def test_pairwise_jaccard_matches_float64(seed):
   rng = np.random.default_rng(seed)
-  masks = {t: {"a": rng.random((9, 4)) < q, "b": [rng.random((5,)) < q]}
-           for t, q in (("x", 0.3), ("y", 0.5), ("z", 0.1), ("w", 0.6))}
+  masks = {
+      t: {"a": rng.random((9, 4)) < q, "b": [rng.random((5,)) < q]}
+      for t, q in (("x", 0.3), ("y", 0.5), ("z", 0.1), ("w", 0.6))
+  }
   out = pairwise_jaccard({t: jax.tree.map(jnp.asarray, m) for t, m in masks.items()})
   flat = {t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(m)]) for t, m in masks.items()}
   for a, b in itertools.combinations(flat, 2):
@@ -80,8 +88,9 @@ def task_batches(tasks, n):
   out = {}
   for t in tasks:
     train, _ = data.task_splits(t, seed=1, n_train=8 * n, n_eval=1)
-    it = data.BatchIterator(data.encode_chats(train, encoder), batch_size=8, seq_len=96,
-                            pad_id=encoder.pad_id, seed=0)
+    it = data.BatchIterator(
+        data.encode_chats(train, encoder), batch_size=8, seq_len=96, pad_id=encoder.pad_id, seed=0
+    )
     out[t] = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(n)]
   return out
 
@@ -102,12 +111,32 @@ def test_task_importance_and_overlap_of_a_tiny_decoder():
   params = nnx.state(model, nnx.Param)
   groups = epi_jax.layer_groups(params)
   for normalize, budget in (("layer_minmax", "global"), ("none", "per_layer")):
-    out = task_overlap(model, batches, p=0.05, beta=beta, normalize=normalize, budget=budget,
-                       layer_of="block", num_micro=2)
-    masks = {t: np.concatenate([m.ravel() for m in select_tree(
-        [np.asarray(x, np.float64) for x in jax.tree.leaves(s)], groups.leaf_ids,
-        len(groups.names), 0.05, normalize=normalize, budget=budget)[0]])
-             for t, s in importance.items()}
+    out = task_overlap(
+        model,
+        batches,
+        p=0.05,
+        beta=beta,
+        normalize=normalize,
+        budget=budget,
+        layer_of="block",
+        num_micro=2,
+    )
+    masks = {
+        t: np.concatenate(
+            [
+                m.ravel()
+                for m in select_tree(
+                    [np.asarray(x, np.float64) for x in jax.tree.leaves(s)],
+                    groups.leaf_ids,
+                    len(groups.names),
+                    0.05,
+                    normalize=normalize,
+                    budget=budget,
+                )[0]
+            ]
+        )
+        for t, s in importance.items()
+    }
     for a, b in itertools.combinations(masks, 2):
       assert out["pairs"][f"{a}/{b}"] == pytest.approx(jaccard(masks[a], masks[b]), abs=1e-12)
     assert 0 < out["average"] < 1

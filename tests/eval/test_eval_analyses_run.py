@@ -21,18 +21,24 @@ ALL = "eval.analyses=[" + ", ".join(ANALYSES) + "]"
 
 def test_the_config_lists_exactly_the_analyses_the_loop_runs():
   import typing
+
   hint = typing.get_type_hints(EvalSection)["analyses"]
   assert typing.get_args(typing.get_args(hint)[0]) == ANALYSES
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["eval.analyses=[tgc]"], "eval.analyses[0]: must be one of"),
-    (["eval.analyses=[flip_rate, flip_rate]"], "lists flip_rate more than once"),
-    (["method.type=multistage", "eval.analyses=[perturbation, flip_rate]"],
-     "method.type=multistage cannot serve perturbation, flip_rate"),
-    (["data.tasks=[rewrite]", "eval.analyses=[gradient_conflict]"], "at least 2, got 1"),
-    (["method.p=0.0", "eval.analyses=[task_overlap]"], "method.p must be > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.analyses=[tgc]"], "eval.analyses[0]: must be one of"),
+        (["eval.analyses=[flip_rate, flip_rate]"], "lists flip_rate more than once"),
+        (
+            ["method.type=multistage", "eval.analyses=[perturbation, flip_rate]"],
+            "method.type=multistage cannot serve perturbation, flip_rate",
+        ),
+        (["data.tasks=[rewrite]", "eval.analyses=[gradient_conflict]"], "at least 2, got 1"),
+        (["method.p=0.0", "eval.analyses=[task_overlap]"], "method.p must be > 0"),
+    ],
+)
 def test_bad_analyses_are_refused_by_name(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=r"eval\.analyses") as error:
     load_config(tiny_config_file(tmp_path), overrides)
@@ -75,8 +81,14 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
 
   with open(tmp_path / "full" / "metrics.jsonl") as f:
     kinds = {json.loads(line)["kind"] for line in f}
-  assert {"eval_before", "gradient_conflict", "task_overlap", "flip_rate", "perturbation",
-          "continual"} <= kinds
+  assert {
+      "eval_before",
+      "gradient_conflict",
+      "task_overlap",
+      "flip_rate",
+      "perturbation",
+      "continual",
+  } <= kinds
 
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")

@@ -21,17 +21,26 @@ KEY = "sk-e2e-fedcba9876543210"
 
 def records(name, i):
   return {
-      "gsm8k": {"question": f"Ann has {i} pens and buys 2. How many?",
-                "answer": f"{i}+2=<<{i}+2={i + 2}>>{i + 2}\n#### {i + 2}"},
+      "gsm8k": {
+          "question": f"Ann has {i} pens and buys 2. How many?",
+          "answer": f"{i}+2=<<{i}+2={i + 2}>>{i + 2}\n#### {i + 2}",
+      },
       "code_alpaca": {"instruction": f"Add {i} to x.", "input": "", "output": f"x = x + {i}"},
-      "logiqa": {"context": f"All cats purr. Tom is cat {i}.", "query": "Which follows?",
-                 "options": ["Tom barks", "Tom purrs", "Tom flies", "None"],
-                 "correct_option": i % 4},
+      "logiqa": {
+          "context": f"All cats purr. Tom is cat {i}.",
+          "query": "Which follows?",
+          "options": ["Tom barks", "Tom purrs", "Tom flies", "None"],
+          "correct_option": i % 4,
+      },
       "alpaca": {"instruction": f"Name color {i}.", "input": "", "output": "Blue."},
-      "ultrachat": {"messages": [{"role": "user", "content": f"Hi {i}!"},
-                                 {"role": "assistant", "content": "Hello."},
-                                 {"role": "user", "content": "Bye."},
-                                 {"role": "assistant", "content": "Goodbye."}]},
+      "ultrachat": {
+          "messages": [
+              {"role": "user", "content": f"Hi {i}!"},
+              {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye."},
+              {"role": "assistant", "content": "Goodbye."},
+          ]
+      },
   }[name]
 
 
@@ -45,18 +54,32 @@ def test_every_metric_lands_in_the_summary_and_the_key_in_no_file(tmp_path, monk
     files[name].write_text("".join(json.dumps(records(name, i)) + "\n" for i in range(9)))
   checkpoint = tmp_path / "tiny"
   config = ModelConfig.tiny("llama")
-  save_pretrained(Decoder(config, rngs=nnx.Rngs(0)), config, checkpoint,
-                  tokenizer=byte_level_tokenizer(CHATML))
+  save_pretrained(
+      Decoder(config, rngs=nnx.Rngs(0)), config, checkpoint, tokenizer=byte_level_tokenizer(CHATML)
+  )
   run_dir = tmp_path / "run"
   with JudgeServer() as server:
-    overrides = [f"model.checkpoint={checkpoint}", "data.source=hf", f"data.tasks={names}",
-                 f"data.files={json.dumps({k: str(v) for k, v in files.items()})}",
-                 "data.n_train=6", "data.n_eval=3", "data.seq_len=160", "method.interval=1",
-                 "method.p=0.05", "optim.batch_size=2", "train.steps_per_stage=1",
-                 "checkpoint.every=0", "eval.max_new_tokens=6", "eval.batch_size=8",
-                 f"eval.judge.url={server.url}", "eval.judge.model=judge",
-                 "eval.judge.api_key_env=EPI_TEST_JUDGE_KEY", "eval.judge.retries=1",
-                 "log.progress=false"]
+    overrides = [
+        f"model.checkpoint={checkpoint}",
+        "data.source=hf",
+        f"data.tasks={names}",
+        f"data.files={json.dumps({k: str(v) for k, v in files.items()})}",
+        "data.n_train=6",
+        "data.n_eval=3",
+        "data.seq_len=160",
+        "method.interval=1",
+        "method.p=0.05",
+        "optim.batch_size=2",
+        "train.steps_per_stage=1",
+        "checkpoint.every=0",
+        "eval.max_new_tokens=6",
+        "eval.batch_size=8",
+        f"eval.judge.url={server.url}",
+        "eval.judge.model=judge",
+        "eval.judge.api_key_env=EPI_TEST_JUDGE_KEY",
+        "eval.judge.retries=1",
+        "log.progress=false",
+    ]
     path = tmp_path / "c.yaml"
     path.write_text("")
     summary = train(load_config(str(path), overrides), run_dir=str(run_dir))
@@ -73,8 +96,14 @@ def test_every_metric_lands_in_the_summary_and_the_key_in_no_file(tmp_path, monk
   final = summary["eval_metrics"][-1]["results"]
   assert set(final["gsm8k"]) == {"exact_match_strict", "exact_match_flexible", "n"}
   assert set(final["logiqa"]) == {"acc", "acc_norm", "n"}
-  assert {"codebleu", "ngram_match", "weighted_ngram_match", "syntax_match", "dataflow_match",
-          "bleu"} <= set(final["code_alpaca"])
+  assert {
+      "codebleu",
+      "ngram_match",
+      "weighted_ngram_match",
+      "syntax_match",
+      "dataflow_match",
+      "bleu",
+  } <= set(final["code_alpaca"])
   for task in ("alpaca", "ultrachat"):
     assert final[task]["judge_score"] == 5.0 and final[task]["judge_rated"] == 3
   assert summary["final_accuracy"]["alpaca"] == 5.0

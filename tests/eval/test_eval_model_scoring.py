@@ -10,8 +10,13 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax.eval import METRICS, evaluate
-from epi_jax.eval.generation import (_batches, batch_rows, bucket, generate_texts,
-                                     option_loglikelihoods)
+from epi_jax.eval.generation import (
+    _batches,
+    batch_rows,
+    bucket,
+    generate_texts,
+    option_loglikelihoods,
+)
 from epi_jax.models import Decoder, ModelConfig
 from epi_jax.models.generate import _generate, generate
 
@@ -21,8 +26,9 @@ from data_tokenizers import CHATML, byte_level_tokenizer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model():
-  return Decoder(ModelConfig.tiny("llama", vocab_size=data.byte_tokenizer.VOCAB_SIZE),
-                 rngs=nnx.Rngs(0))
+  return Decoder(
+      ModelConfig.tiny("llama", vocab_size=data.byte_tokenizer.VOCAB_SIZE), rngs=nnx.Rngs(0)
+  )
 
 
 def logiqa_examples(seed, n):
@@ -33,8 +39,10 @@ def logiqa_examples(seed, n):
     passage = " ".join(rng.choice(words, size=rng.integers(3, 40)))
     options = tuple(" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(4))
     answer = int(rng.integers(4))
-    turns = [{"role": "user", "content": f"Passage: {passage}\nQuestion: which?\nAnswer:"},
-             {"role": "assistant", "content": options[answer]}]
+    turns = [
+        {"role": "user", "content": f"Passage: {passage}\nQuestion: which?\nAnswer:"},
+        {"role": "assistant", "content": options[answer]},
+    ]
     out.append(data.EvalExample(turns, options, answer))
   return out
 
@@ -61,7 +69,7 @@ def lm_eval_split(tokenizer, context, continuation):
     context, continuation = context[:-n], context[-n:] + continuation
   whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
   prompt = tokenizer(context, add_special_tokens=False)["input_ids"]
-  return np.asarray(prompt), np.asarray(whole[len(prompt):])
+  return np.asarray(prompt), np.asarray(whole[len(prompt) :])
 
 
 @pytest.mark.parametrize("encoder_kind", ["bytes", "chat_template"])
@@ -77,10 +85,13 @@ def test_option_loglikelihoods_match_float64_reference(model, encoder_kind):
     expected = []
     for option in example.choices:
       if encoder_kind == "bytes":
-        prompt, completion = encoder.encode_prompt(example.prompt), np.asarray(encoder.encode(option))
+        prompt, completion = encoder.encode_prompt(example.prompt), np.asarray(
+            encoder.encode(option)
+        )
       else:
-        context = encoder.tokenizer.apply_chat_template(example.prompt, tokenize=False,
-                                                        add_generation_prompt=True)
+        context = encoder.tokenizer.apply_chat_template(
+            example.prompt, tokenize=False, add_generation_prompt=True
+        )
         assert context.endswith("\n")  # the newline moves into the continuation
         prompt, completion = lm_eval_split(encoder.tokenizer, context, option)
       lengths.append(len(prompt) + len(completion))
@@ -91,45 +102,65 @@ def test_option_loglikelihoods_match_float64_reference(model, encoder_kind):
 
   scores = METRICS["multiple_choice"].score(examples, got, None)
   acc = np.mean([np.argmax(v) == e.answer for e, v in zip(examples, got)])
-  norm = np.mean([np.argmax(v / np.array([len(c) for c in e.choices])) == e.answer
-                  for e, v in zip(examples, got)])
+  norm = np.mean(
+      [
+          np.argmax(v / np.array([len(c) for c in e.choices])) == e.answer
+          for e, v in zip(examples, got)
+      ]
+  )
   assert scores == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(norm)}
 
 
 def test_bucketed_generation_equals_one_prompt_at_a_time(model):
   encoder = data.ByteTokenizer()
-  chats = [c for t in ("arithmetic", "dialogue")
-           for c in data.task_splits(t, seed=0, n_train=0, n_eval=2)[1]]
+  chats = [
+      c
+      for t in ("arithmetic", "dialogue")
+      for c in data.task_splits(t, seed=0, n_train=0, n_eval=2)[1]
+  ]
   prompts = [encoder.encode_prompt(chat[:-1]) for chat in chats]
   assert len({bucket(len(p)) for p in prompts}) >= 2
   texts = generate_texts(model, encoder, prompts, max_new_tokens=6, batch_size=3)
   for prompt, text in zip(prompts, texts):
-    alone = np.asarray(generate(model, prompt[None], max_new_tokens=6,
-                                eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id))[0]
+    alone = np.asarray(
+        generate(
+            model,
+            prompt[None],
+            max_new_tokens=6,
+            eos_token_id=encoder.eos_id,
+            pad_token_id=encoder.pad_id,
+        )
+    )[0]
     stop = np.flatnonzero(alone == encoder.eos_id)
-    assert text == encoder.decode(alone[:stop[0]] if stop.size else alone)
+    assert text == encoder.decode(alone[: stop[0]] if stop.size else alone)
 
 
 def test_evaluate_dispatches_by_metric_and_compiles_once_per_bucket(model):
   encoder = data.ByteTokenizer()
-  examples = {t: [data.EvalExample(c) for c in data.task_splits(t, seed=0, n_train=0, n_eval=4)[1]]
-              for t in ("arithmetic", "dialogue")}
+  examples = {
+      t: [data.EvalExample(c) for c in data.task_splits(t, seed=0, n_train=0, n_eval=4)[1]]
+      for t in ("arithmetic", "dialogue")
+  }
   examples["logiqa"] = logiqa_examples(2, 3)
   metrics = {"arithmetic": "exact_match", "dialogue": "judge", "logiqa": "multiple_choice"}
   before = _generate._cache_size()
   results = evaluate(model, encoder, examples, metrics, max_new_tokens=4, batch_size=8)
   compiled = _generate._cache_size() - before
-  prompts = [encoder.encode_prompt(e.prompt) for t in ("arithmetic", "dialogue") for e in examples[t]]
+  prompts = [
+      encoder.encode_prompt(e.prompt) for t in ("arithmetic", "dialogue") for e in examples[t]
+  ]
   lengths = [len(p) for p in prompts]
   shapes = {(length, batch_rows(len(index), 8)) for length, index in _batches(lengths, 8)}
   assert compiled == len(shapes) and len(shapes) < len(prompts)
-  other = Decoder(ModelConfig.tiny("llama", vocab_size=data.byte_tokenizer.VOCAB_SIZE),
-                  rngs=nnx.Rngs(1))
+  other = Decoder(
+      ModelConfig.tiny("llama", vocab_size=data.byte_tokenizer.VOCAB_SIZE), rngs=nnx.Rngs(1)
+  )
   evaluate(other, encoder, examples, metrics, max_new_tokens=4, batch_size=8)
   assert _generate._cache_size() - before == compiled  # a later stage compiles nothing new
   assert set(results["arithmetic"]) == {"exact_match", "n"}
   assert set(results["dialogue"]) == {"rougeL_proxy", "n"}
   assert set(results["logiqa"]) == {"acc", "acc_norm", "n"} and results["logiqa"]["n"] == 3
   with pytest.raises(ValueError, match="tasks without a known metric: {'arithmetic': 'bleu'}"):
-    evaluate(model, encoder, examples, metrics | {"arithmetic": "bleu"}, max_new_tokens=4,
-             batch_size=8)
+    evaluate(
+        model, encoder, examples, metrics | {"arithmetic": "bleu"}, max_new_tokens=4, batch_size=8
+    )

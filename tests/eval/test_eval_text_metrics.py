@@ -32,7 +32,8 @@ def test_rouge_l_equals_rouge_score():
     prediction = " ".join(rng.choice(words, size=rng.integers(1, 15)))
     reference = " ".join(rng.choice(words, size=rng.integers(1, 15)))
     assert rouge_l(prediction, reference) == pytest.approx(
-        scorer.score(reference, prediction)["rougeL"].fmeasure, abs=1e-12)
+        scorer.score(reference, prediction)["rougeL"].fmeasure, abs=1e-12
+    )
   assert rouge_tokens("It's 3:45 PM") == ["it", "s", "3", "45", "pm"]
 
 
@@ -59,23 +60,38 @@ def test_codebleu_equals_the_package():
   assert ours["bleu"] == ours["ngram_match"]
   assert 0 < ours["codebleu"] < 1
   assert code_scores([], []) == dict.fromkeys(
-      ("codebleu", "ngram_match", "weighted_ngram_match", "syntax_match", "dataflow_match", "bleu"))
+      ("codebleu", "ngram_match", "weighted_ngram_match", "syntax_match", "dataflow_match", "bleu")
+  )
   with pytest.raises(ValueError, match="1 predictions for 2 references"):
     code_scores(["x"], ["x", "y"])
 
 
 def test_avg_norm_score_rule():
-  metrics = {"gsm8k": "gsm8k", "code_alpaca": "codebleu", "logiqa": "multiple_choice",
-             "alpaca": "judge", "ultrachat": "judge", "arithmetic": "exact_match"}
-  results = {"gsm8k": {"exact_match_strict": 0.556, "exact_match_flexible": 0.6},
-             "code_alpaca": {"codebleu": 0.283},
-             "logiqa": {"acc": 0.608, "acc_norm": 0.5},
-             "alpaca": {"rougeL_proxy": 0.3, "judge_score": 7.8, "judge_rated": 3},
-             "ultrachat": {"rougeL_proxy": 0.2, "judge_score": 8.1},
-             "arithmetic": {"exact_match": 0.25}}
+  metrics = {
+      "gsm8k": "gsm8k",
+      "code_alpaca": "codebleu",
+      "logiqa": "multiple_choice",
+      "alpaca": "judge",
+      "ultrachat": "judge",
+      "arithmetic": "exact_match",
+  }
+  results = {
+      "gsm8k": {"exact_match_strict": 0.556, "exact_match_flexible": 0.6},
+      "code_alpaca": {"codebleu": 0.283},
+      "logiqa": {"acc": 0.608, "acc_norm": 0.5},
+      "alpaca": {"rougeL_proxy": 0.3, "judge_score": 7.8, "judge_rated": 3},
+      "ultrachat": {"rougeL_proxy": 0.2, "judge_score": 8.1},
+      "arithmetic": {"exact_match": 0.25},
+  }
   out = avg_norm_score(results, metrics)
-  expected = {"gsm8k": 5.56, "code_alpaca": 2.83, "logiqa": 6.08, "alpaca": 7.8, "ultrachat": 8.1,
-              "arithmetic": 2.5}
+  expected = {
+      "gsm8k": 5.56,
+      "code_alpaca": 2.83,
+      "logiqa": 6.08,
+      "alpaca": 7.8,
+      "ultrachat": 8.1,
+      "arithmetic": 2.5,
+  }
   assert out["normalized"] == pytest.approx(expected)
   assert out["avg_norm_score"] == pytest.approx(np.mean(list(expected.values())))
   assert out["proxy_tasks"] == [] and out["missing_tasks"] == []

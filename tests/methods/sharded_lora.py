@@ -16,8 +16,9 @@ from epi_jax.models import from_pretrained, make_mesh
 def main(base: str, adapter: str) -> dict:
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   ids = np.random.default_rng(0).integers(3, 300, (4, 10)).astype(np.int32)
-  forward = nnx.jit(lambda model, adapters, config: lora.adapted(model, adapters, config)(ids),
-                    static_argnums=2)
+  forward = nnx.jit(
+      lambda model, adapters, config: lora.adapted(model, adapters, config)(ids), static_argnums=2
+  )
   plain, _ = from_pretrained(base)
   adapters, config = lora.load_adapter(plain, adapter)
   want = np.asarray(forward(plain, adapters, config))
@@ -29,8 +30,10 @@ def main(base: str, adapter: str) -> dict:
     q = loaded["layers"]["attn"]["q"] if scan else loaded["layers"][0]["attn"]["q"]
     o = fresh["layers"]["attn"]["o"] if scan else fresh["layers"][0]["attn"]["o"]
     report[f"scan={scan}"] = {
-        "q_a_spec": list(q["a"].sharding.spec), "q_b_spec": list(q["b"].sharding.spec),
-        "o_a_spec": list(o["a"].sharding.spec), "o_b_spec": list(o["b"].sharding.spec),
+        "q_a_spec": list(q["a"].sharding.spec),
+        "q_b_spec": list(q["b"].sharding.spec),
+        "o_a_spec": list(o["a"].sharding.spec),
+        "o_b_spec": list(o["b"].sharding.spec),
         "max_abs_diff": float(np.abs(np.asarray(forward(model, loaded, config)) - want).max()),
     }
   return report

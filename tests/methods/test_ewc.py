@@ -28,10 +28,12 @@ def _batch(rng, lengths, prompts):
   t = np.arange(LENGTH)[None]
   real = t < np.asarray(lengths)[:, None]
   ids = np.where(real, rng.integers(3, 300, (rows, LENGTH)), 0)
-  return {"input_ids": ids.astype(np.int32),
-          "loss_mask": (real & (t >= np.asarray(prompts)[:, None])).astype(np.float32),
-          "segment_ids": real.astype(np.int32),
-          "positions": np.where(real, t, 0).astype(np.int32)}
+  return {
+      "input_ids": ids.astype(np.int32),
+      "loss_mask": (real & (t >= np.asarray(prompts)[:, None])).astype(np.float32),
+      "segment_ids": real.astype(np.int32),
+      "positions": np.where(real, t, 0).astype(np.int32),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def setup(tmp_path_factory):
   path = tmp_path_factory.mktemp("ewc")
   save_pretrained(model, config, path)
   reference = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float64, attn_implementation="eager").eval()
+      path, dtype=torch.float64, attn_implementation="eager"
+  ).eval()
   rng = np.random.default_rng(0)
   batches = [_batch(rng, [12, 9, 7, 12], [4, 3, 7, 1]), _batch(rng, [10, 12, 5, 8], [2, 6, 1, 3])]
   return model, reference, batches
@@ -82,20 +85,22 @@ def test_fisher_equals_mean_squared_float64_gradients(setup):
         sums[name] = sums.get(name, 0.0) + g * g
   assert examples == 7
   fisher = ewc.fisher_diagonal(model, batches)
-  ours = {"/".join(map(str, p)): np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(fisher)}
+  ours = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fisher)}
   names = NameMap("llama")
   assert len(ours) == len(sums)
   for name, total in sums.items():
     path, layout = names.to_ours(name)
     want = from_hf_layout(total / examples, layout, ours[path].shape)
     assert ours[path].dtype == np.float32
-    np.testing.assert_allclose(ours[path], want, rtol=2e-3, atol=1e-4 * np.abs(want).max(),
-                               err_msg=name)
+    np.testing.assert_allclose(
+        ours[path], want, rtol=2e-3, atol=1e-4 * np.abs(want).max(), err_msg=name
+    )
     assert np.abs(want).max() > 0, name
   chunked = ewc.fisher_diagonal(model, batches, examples_per_chunk=2)
   chex.assert_trees_all_close(chunked, fisher, rtol=1e-5, atol=1e-12)
-  with pytest.raises(ValueError, match="examples_per_chunk=3 does not divide the 4 rows of batch 0"):
+  with pytest.raises(
+      ValueError, match="examples_per_chunk=3 does not divide the 4 rows of batch 0"
+  ):
     ewc.fisher_diagonal(model, batches, examples_per_chunk=3)
 
 
@@ -104,7 +109,8 @@ def _tree(rng, zero_fraction=0.0):
   tree = {"w": rng.normal(size=(5, 3)), "layers": [rng.normal(size=(4,)), rng.normal(size=(2, 2))]}
   return jax.tree.map(
       lambda x: jnp.asarray(np.where(rng.random(x.shape) < zero_fraction, 0.0, x), jnp.float32),
-      tree)
+      tree,
+  )
 
 
 def _f64(tree):
@@ -118,8 +124,7 @@ def _penalty_and_grad(params, state, lam):
 
 def test_offline_penalty_is_the_sum_of_every_stages_penalty():
   rng = np.random.default_rng(1)
-  stages = [(_tree(rng), jax.tree.map(jnp.square, _tree(rng, zero_fraction=0.3)))
-            for _ in range(3)]
+  stages = [(_tree(rng), jax.tree.map(jnp.square, _tree(rng, zero_fraction=0.3))) for _ in range(3)]
   state = ewc.init(stages[0][0])
   assert float(ewc.penalty(_tree(rng), state, lam=3.0)) == 0.0
   for theta, fisher in stages:
@@ -129,11 +134,18 @@ def test_offline_penalty_is_the_sum_of_every_stages_penalty():
   lam = 2.5
   value, grad = _penalty_and_grad(theta, state, lam)
   x = _f64(theta)
-  want = sum(lam / 2 * np.sum(f * (xi - t) ** 2)
-             for anchor, fisher in stages
-             for xi, t, f in zip(x, _f64(anchor), _f64(fisher)))
-  want_grad = [sum(lam * f * (xi - t) for t, f in zip(
-      [_f64(a)[i] for a, _ in stages], [_f64(f)[i] for _, f in stages])) for i, xi in enumerate(x)]
+  want = sum(
+      lam / 2 * np.sum(f * (xi - t) ** 2)
+      for anchor, fisher in stages
+      for xi, t, f in zip(x, _f64(anchor), _f64(fisher))
+  )
+  want_grad = [
+      sum(
+          lam * f * (xi - t)
+          for t, f in zip([_f64(a)[i] for a, _ in stages], [_f64(f)[i] for _, f in stages])
+      )
+      for i, xi in enumerate(x)
+  ]
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
   for got, ref in zip(jax.tree.leaves(grad), want_grad):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-6)
@@ -158,8 +170,10 @@ def test_online_penalty_decays_the_fisher_and_anchors_at_the_latest_weights():
   value, grad = _penalty_and_grad(theta, state, lam)
   x, anchor = _f64(theta), _f64(stages[-1][0])
   np.testing.assert_allclose(
-      float(value), sum(lam / 2 * np.sum(fi * (xi - a) ** 2) for xi, a, fi in zip(x, anchor, f)),
-      rtol=1e-5)
+      float(value),
+      sum(lam / 2 * np.sum(fi * (xi - a) ** 2) for xi, a, fi in zip(x, anchor, f)),
+      rtol=1e-5,
+  )
   for got, xi, a, fi in zip(jax.tree.leaves(grad), x, anchor, f):
     np.testing.assert_allclose(np.asarray(got), lam * fi * (xi - a), rtol=1e-5, atol=1e-6)
 
@@ -186,12 +200,17 @@ def test_bad_arguments_are_named():
 
 
 def test_memory_bytes():
-  abstract = nnx.eval_shape(lambda: Decoder(ModelConfig.tiny("llama"), dtype=jnp.bfloat16,
-                                            rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+      lambda: Decoder(ModelConfig.tiny("llama"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  )
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   memory = ewc.memory_bytes(abstract, examples_per_chunk=4)
-  assert memory == ewc.EWCMemory(fisher=4 * count, anchor=4 * count,
-                                 fisher_pass=4 * 2 * count + 4 * count, base_parameters=count)
+  assert memory == ewc.EWCMemory(
+      fisher=4 * count,
+      anchor=4 * count,
+      fisher_pass=4 * 2 * count + 4 * count,
+      base_parameters=count,
+  )
   assert memory.per_base_parameter == 8.0
 
 
@@ -214,6 +233,9 @@ def test_scanned_model_has_the_same_fisher(setup, tmp_path):
   plain = dict(nnx.to_flat_state(ewc.fisher_diagonal(model, batches)))
   stacked = dict(nnx.to_flat_state(ewc.fisher_diagonal(scanned, batches)))
   for i in range(model.config.num_layers):
-    np.testing.assert_allclose(np.asarray(stacked[("layers", "mlp", "down")].get_value())[i],
-                               np.asarray(plain[("layers", i, "mlp", "down")].get_value()),
-                               rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(stacked[("layers", "mlp", "down")].get_value())[i],
+        np.asarray(plain[("layers", i, "mlp", "down")].get_value()),
+        rtol=1e-5,
+        atol=1e-12,
+    )

@@ -39,9 +39,12 @@ def _random_adapters(model, config, seed):
   adapters = lora.init_adapters(model, config, key=jax.random.key(seed))
   flat = traverse_util.flatten_dict(adapters)
   rng = np.random.default_rng(seed)
-  return traverse_util.unflatten_dict({
-      k: v if k[-1] == "a" else jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype)
-      for k, v in flat.items()})
+  return traverse_util.unflatten_dict(
+      {
+          k: v if k[-1] == "a" else jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype)
+          for k, v in flat.items()
+      }
+  )
 
 
 def _real(mask):
@@ -56,10 +59,12 @@ def setup(tmp_path_factory):
   model = Decoder(config, rngs=nnx.Rngs(0))
   save_pretrained(model, config, root / "base")
   adapters = _random_adapters(model, CONFIG, seed=1)
-  lora.save_adapter(model, adapters, CONFIG, root / "adapter",
-                    base_model_name_or_path=str(root / "base"))
+  lora.save_adapter(
+      model, adapters, CONFIG, root / "adapter", base_model_name_or_path=str(root / "base")
+  )
   base = transformers.AutoModelForCausalLM.from_pretrained(
-      root / "base", dtype=torch.float32, attn_implementation="eager")
+      root / "base", dtype=torch.float32, attn_implementation="eager"
+  )
   torch_peft = peft.PeftModel.from_pretrained(base, root / "adapter").eval()
   return root, model, adapters, torch_peft
 
@@ -99,13 +104,19 @@ def test_merged_equals_unmerged_and_loads_in_transformers(setup, tmp_path):
   merged = lora.merge(model, adapters, CONFIG)
   save_pretrained(merged, model.config, tmp_path)
   hf_merged = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+      tmp_path, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   ids, mask = left_padded_batch(seed=1)
   unmerged = np.asarray(lora.adapted(model, adapters, CONFIG)(ids, mask))[_real(mask)]
-  np.testing.assert_allclose(np.asarray(merged(ids, mask))[_real(mask)], unmerged, atol=1e-6,
-                             rtol=0)
-  np.testing.assert_allclose(torch_logits(hf_merged, ids, mask)[_real(mask)],
-                             torch_logits(torch_peft, ids, mask)[_real(mask)], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(merged(ids, mask))[_real(mask)], unmerged, atol=1e-6, rtol=0
+  )
+  np.testing.assert_allclose(
+      torch_logits(hf_merged, ids, mask)[_real(mask)],
+      torch_logits(torch_peft, ids, mask)[_real(mask)],
+      atol=1e-4,
+      rtol=0,
+  )
   # The base is untouched, the merged weight is W + (alpha / r) a @ b in float64.
   w = np.asarray(model.layers[1].mlp.up[...], np.float64)
   pair = adapters["layers"][1]["mlp"]["up"]
@@ -118,28 +129,36 @@ def test_scanned_layout_reads_writes_and_runs_like_unscanned(setup, tmp_path):
   scanned, _ = from_pretrained(root / "base", scan_layers=True)
   stacked, config = lora.load_adapter(scanned, root / "adapter")
   assert config == CONFIG
-  chex.assert_shape([stacked["layers"]["attn"]["o"]["a"], stacked["layers"]["attn"]["o"]["b"]],
-                    [(2, 64, 4), (2, 4, 64)])
-  np.testing.assert_array_equal(stacked["layers"]["mlp"]["gate"]["b"][1],
-                                adapters["layers"][1]["mlp"]["gate"]["b"])
+  chex.assert_shape(
+      [stacked["layers"]["attn"]["o"]["a"], stacked["layers"]["attn"]["o"]["b"]],
+      [(2, 64, 4), (2, 4, 64)],
+  )
+  np.testing.assert_array_equal(
+      stacked["layers"]["mlp"]["gate"]["b"][1], adapters["layers"][1]["mlp"]["gate"]["b"]
+  )
   ids, mask = left_padded_batch(seed=2)
   np.testing.assert_allclose(
       np.asarray(lora.adapted(scanned, stacked, config)(ids, mask))[_real(mask)],
-      np.asarray(lora.adapted(model, adapters, CONFIG)(ids, mask))[_real(mask)], atol=1e-5)
+      np.asarray(lora.adapted(model, adapters, CONFIG)(ids, mask))[_real(mask)],
+      atol=1e-5,
+  )
   lora.save_adapter(scanned, stacked, config, tmp_path, base_model_name_or_path=str(root / "base"))
-  chex.assert_trees_all_equal(load_file(tmp_path / lora.WEIGHTS_FILE),
-                              load_file(root / "adapter" / lora.WEIGHTS_FILE))
-  assert (tmp_path / lora.CONFIG_FILE).read_text() == (root / "adapter" / lora.CONFIG_FILE
-                                                       ).read_text()
+  chex.assert_trees_all_equal(
+      load_file(tmp_path / lora.WEIGHTS_FILE), load_file(root / "adapter" / lora.WEIGHTS_FILE)
+  )
+  assert (tmp_path / lora.CONFIG_FILE).read_text() == (
+      root / "adapter" / lora.CONFIG_FILE
+  ).read_text()
 
 
 def _batch(seed: int, rows: int = 4, length: int = 16) -> dict:
   rng = np.random.default_rng(seed)
-  return {"input_ids": jnp.asarray(rng.integers(3, 300, (rows, length)), jnp.int32),
-          "loss_mask": jnp.asarray(np.arange(length) >= length // 2, jnp.float32)[None].repeat(
-              rows, 0),
-          "segment_ids": jnp.ones((rows, length), jnp.int32),
-          "positions": jnp.arange(length, dtype=jnp.int32)[None].repeat(rows, 0)}
+  return {
+      "input_ids": jnp.asarray(rng.integers(3, 300, (rows, length)), jnp.int32),
+      "loss_mask": jnp.asarray(np.arange(length) >= length // 2, jnp.float32)[None].repeat(rows, 0),
+      "segment_ids": jnp.ones((rows, length), jnp.int32),
+      "positions": jnp.arange(length, dtype=jnp.int32)[None].repeat(rows, 0),
+  }
 
 
 def test_only_the_adapters_get_gradients_and_optimizer_state(setup, tmp_path):
@@ -154,7 +173,8 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup, tmp_path):
     return total / count
 
   grad_params, grad_adapters = jax.jit(jax.grad(loss, argnums=(0, 1)))(
-      params, adapters, jax.random.key(0))
+      params, adapters, jax.random.key(0)
+  )
   assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad_params))
   flat = traverse_util.flatten_dict(grad_adapters)
   assert all(np.any(np.asarray(g)) for k, g in flat.items() if k[-1] == "b")
@@ -190,8 +210,9 @@ def test_dropout_drops_input_features_of_the_lora_path(setup):
   _, model, adapters, _ = setup
   config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5, targets=("o", "down"))
   chosen = {("layers", i, *lora.TARGETS[t]): None for i in (0, 1) for t in config.targets}
-  sub = traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(adapters).items()
-                                      if k[:-1] in chosen})
+  sub = traverse_util.unflatten_dict(
+      {k: v for k, v in traverse_util.flatten_dict(adapters).items() if k[:-1] in chosen}
+  )
 
   def deltas(key):
     out = lora.adapted(model, sub, config, dropout_key=key)
@@ -214,8 +235,11 @@ def test_bad_config_and_adapters_are_named(setup, tmp_path):
   broken = traverse_util.flatten_dict(adapters)
   del broken[("layers", 0, "attn", "q", "a")]
   broken[("layers", 1, "mlp", "up", "b")] = jnp.zeros((3, 128))
-  with pytest.raises(ValueError, match=r"missing layers/0/attn/q/a(.|\n)*layers/1/mlp/up/b: "
-                                       r"shape \(3, 128\), expected \(4, 128\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"missing layers/0/attn/q/a(.|\n)*layers/1/mlp/up/b: "
+      r"shape \(3, 128\), expected \(4, 128\)",
+  ):
     lora.adapted(model, traverse_util.unflatten_dict(broken), CONFIG)
   folder = tmp_path / "dora"
   folder.mkdir()
@@ -225,10 +249,15 @@ def test_bad_config_and_adapters_are_named(setup, tmp_path):
     lora.load_adapter(model, folder)
   (folder / lora.CONFIG_FILE).write_text(json.dumps({**raw, "target_modules": ["q_proj"]}))
   name = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
-  save_file({name.format(0, "A"): np.zeros((4, 64), np.float32),
-             name.format(1, "A"): np.zeros((4, 65), np.float32),
-             name.format(1, "B"): np.zeros((64, 4), np.float32),
-             name.format(9, "A"): np.zeros((4, 64), np.float32)}, folder / lora.WEIGHTS_FILE)
+  save_file(
+      {
+          name.format(0, "A"): np.zeros((4, 64), np.float32),
+          name.format(1, "A"): np.zeros((4, 65), np.float32),
+          name.format(1, "B"): np.zeros((64, 4), np.float32),
+          name.format(9, "A"): np.zeros((4, 64), np.float32),
+      },
+      folder / lora.WEIGHTS_FILE,
+  )
   with pytest.raises(CheckpointMismatchError) as error:
     lora.load_adapter(model, folder)
   message = str(error.value)
@@ -243,8 +272,15 @@ def test_memory_bytes_counts_the_adapters(setup):
   heads, kv_heads = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   mlp = (c.hidden_size, c.intermediate_size)
   # (in, out) of q, k, v, o, gate, up, down
-  per_layer = [(c.hidden_size, heads), (c.hidden_size, kv_heads), (c.hidden_size, kv_heads),
-               (heads, c.hidden_size), mlp, mlp, mlp[::-1]]
+  per_layer = [
+      (c.hidden_size, heads),
+      (c.hidden_size, kv_heads),
+      (c.hidden_size, kv_heads),
+      (heads, c.hidden_size),
+      mlp,
+      mlp,
+      mlp[::-1],
+  ]
   count = c.num_layers * sum(CONFIG.rank * (i + o) for i, o in per_layer)
   kernels = c.num_layers * sum(i * o for i, o in per_layer) * 4
   largest = max(i * o for i, o in per_layer) * 4
@@ -265,10 +301,15 @@ def test_memory_bytes_counts_the_adapters(setup):
 
 def test_adapters_sit_on_the_models_mesh(setup):
   root, _, _, _ = setup
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, str(HELPER), str(root / "base"), str(root / "adapter")],
-                       env=env, capture_output=True, text=True, timeout=300, check=False)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  run = subprocess.run(
+      [sys.executable, str(HELPER), str(root / "base"), str(root / "adapter")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads(run.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8

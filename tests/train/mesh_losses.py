@@ -21,9 +21,15 @@ def losses(path: str, mesh_overrides: list[str], steps: int = 6) -> list[float]:
   mesh = build_mesh(config.mesh)
   task_data = load_tasks(config)
   method = make_method(config)
-  run = Run(config=config, task_data=task_data, stages=method.stages(), total_steps=steps,
-            mesh=mesh, num_micro=config.optim.batch_size // config.optim.micro_batch_size,
-            resuming=False)
+  run = Run(
+      config=config,
+      task_data=task_data,
+      stages=method.stages(),
+      total_steps=steps,
+      mesh=mesh,
+      num_micro=config.optim.batch_size // config.optim.micro_batch_size,
+      resuming=False,
+  )
   batches = stage_iterators(config, run.stages, task_data)[0]
   model = build_model(config.model, seed=config.train.seed, mesh=mesh)
   trainable = method.trainable(model, run)
@@ -37,6 +43,12 @@ def losses(path: str, mesh_overrides: list[str], steps: int = 6) -> list[float]:
 
 
 if __name__ == "__main__":
-  print(json.dumps({"devices": jax.device_count(),
-                    "single": losses(sys.argv[1], []),
-                    "mesh": losses(sys.argv[1], ["mesh.data=2", "mesh.fsdp=4"])}))
+  print(
+      json.dumps(
+          {
+              "devices": jax.device_count(),
+              "single": losses(sys.argv[1], []),
+              "mesh": losses(sys.argv[1], ["mesh.data=2", "mesh.fsdp=4"]),
+          }
+      )
+  )

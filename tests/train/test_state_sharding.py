@@ -19,16 +19,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FIELDS = ("mu", "nu", "sensitivity", "first_mask", "mask")
 
 
-@pytest.fixture(scope="module", params=[("mesh.fsdp=8",), ("mesh.data=2", "mesh.fsdp=4")],
-                ids=["fsdp8", "data2_fsdp4"])
+@pytest.fixture(
+    scope="module",
+    params=[("mesh.fsdp=8",), ("mesh.data=2", "mesh.fsdp=4")],
+    ids=["fsdp8", "data2_fsdp4"],
+)
 def placement(request, tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   sets = [arg for override in request.param for arg in ("--set", override)]
   done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "state_sharding.py"), "--json",
-       "--config", tiny_config_file(tmp_path_factory.mktemp("config")), *sets],
-      env=env, capture_output=True, text=True, timeout=900, check=False)
+      [
+          sys.executable,
+          os.path.join(ROOT, "benchmarks", "state_sharding.py"),
+          "--json",
+          "--config",
+          tiny_config_file(tmp_path_factory.mktemp("config")),
+          *sets,
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -51,8 +64,11 @@ def _expected(leaf, param, mesh):
 
 def test_state_leaves_sharded_like_their_parameter_from_init(placement):
   mesh = placement["mesh"]
-  params = {leaf["path"][len("[0]"):]: leaf for leaf in placement["init"]
-            if leaf["path"].startswith("[0]")}
+  params = {
+      leaf["path"][len("[0]") :]: leaf
+      for leaf in placement["init"]
+      if leaf["path"].startswith("[0]")
+  }
   seen = dict.fromkeys(FIELDS, 0)
   sharded_masks = 0
   for leaf in placement["init"]:

@@ -14,25 +14,34 @@ def write(tmp_path, text):
 
 def test_defaults_and_dotted_overrides(tmp_path):
   path = write(tmp_path, "method:\n  type: static\noptim:\n  lr: 1e-4\n")
-  config = load_config(path, ["method.p=0.02", "data.tasks=[arithmetic, rewrite]",
-                              "method.stages=[[rewrite], [arithmetic]]"])
+  config = load_config(
+      path,
+      [
+          "method.p=0.02",
+          "data.tasks=[arithmetic, rewrite]",
+          "method.stages=[[rewrite], [arithmetic]]",
+      ],
+  )
   assert config.method.type == "static" and config.method.p == 0.02
   assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
   assert config.method.stages == [["rewrite"], ["arithmetic"]]
   assert config.mesh.tensor == Config().mesh.tensor
 
 
-@pytest.mark.parametrize("text, key, words", [
-    ("model:\n  prest: tiny\n", "model.prest", "unknown key"),
-    ("bogus: 1\n", "bogus", "unknown key"),
-    ("optim:\n  batch_size: 'big'\n", "optim.batch_size", "must be int"),
-    ("log:\n  tensorboard: 3\n", "log.tensorboard", "must be bool"),
-    ("method:\n  type: lorax\n", "method.type", "unknown method 'lorax'"),
-    ("method:\n  p: 1.5\n", "method.p", "must be < 1.0"),
-    ("method:\n  beta: -0.1\n", "method.beta", "must be >= 0.0"),
-    ("optim:\n  lr: 0\n", "optim.lr", "must be > 0.0"),
-    ("optim:\n  batch_size: 64\n  micro_batch_size: 5\n", "optim.micro_batch_size", "divide"),
-])
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("model:\n  prest: tiny\n", "model.prest", "unknown key"),
+        ("bogus: 1\n", "bogus", "unknown key"),
+        ("optim:\n  batch_size: 'big'\n", "optim.batch_size", "must be int"),
+        ("log:\n  tensorboard: 3\n", "log.tensorboard", "must be bool"),
+        ("method:\n  type: lorax\n", "method.type", "unknown method 'lorax'"),
+        ("method:\n  p: 1.5\n", "method.p", "must be < 1.0"),
+        ("method:\n  beta: -0.1\n", "method.beta", "must be >= 0.0"),
+        ("optim:\n  lr: 0\n", "optim.lr", "must be > 0.0"),
+        ("optim:\n  batch_size: 64\n  micro_batch_size: 5\n", "optim.micro_batch_size", "divide"),
+    ],
+)
 def test_errors_name_file_and_key(tmp_path, text, key, words):
   path = write(tmp_path, text)
   with pytest.raises(ConfigError) as error:
@@ -52,7 +61,6 @@ def test_all_problems_reported_at_once_including_overrides(tmp_path):
 def test_resume_conflicts_ignore_logging_keys(tmp_path):
   path = write(tmp_path, "")
   saved = to_dict(load_config(path))
-  changed = load_config(path, ["log.every=3", "checkpoint.keep=9", "method.p=0.5",
-                               "optim.lr=0.1"])
+  changed = load_config(path, ["log.every=3", "checkpoint.keep=9", "method.p=0.5", "optim.lr=0.1"])
   conflicts = resume_conflicts(saved, changed)
   assert [c.split(":")[0] for c in conflicts] == ["method.p", "optim.lr"]

@@ -17,11 +17,15 @@ def test_docs_trainer_table_matches_config():
   document = TRAINER_MD.read_text()
   written = config_docs.generated_part(document, str(TRAINER_MD))
   expected = config_docs.render()
-  diff = "".join(difflib.unified_diff(written.splitlines(True), expected.splitlines(True),
-                                      "docs/trainer.md", "generated", n=0))
+  diff = "".join(
+      difflib.unified_diff(
+          written.splitlines(True), expected.splitlines(True), "docs/trainer.md", "generated", n=0
+      )
+  )
   assert written == expected, (
       f"docs/trainer.md's config table differs from epi_jax/train/config.py; regenerate it "
-      f"with `{config_docs.COMMAND}`\n{diff[:3000]}")
+      f"with `{config_docs.COMMAND}`\n{diff[:3000]}"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +54,10 @@ def test_render_rows_of_each_kind():
   assert "| `flag` | `bool` | `false` |  | A flag. |" in lines
   assert lines.index("### `inner`") > lines.index("| `flag` | `bool` | `false` |  | A flag. |")
   assert "The inner section." in lines
-  assert ("| `inner.rate` | `float` | `0.5` | `>= 0.0`, `< 1.0` | "
-          "Share \\| of the &lt;run_dir> or `<kept>`. |") in lines
+  assert (
+      "| `inner.rate` | `float` | `0.5` | `>= 0.0`, `< 1.0` | "
+      "Share \\| of the &lt;run_dir> or `<kept>`. |"
+  ) in lines
 
 
 def test_undocumented_field_is_named():
@@ -62,7 +68,9 @@ def test_undocumented_field_is_named():
     silent: int = 2
     also_silent: str = ""
 
-  with pytest.raises(ValueError, match="Bare: no docstring under the field\\(s\\) silent, also_silent"):
+  with pytest.raises(
+      ValueError, match="Bare: no docstring under the field\\(s\\) silent, also_silent"
+  ):
     config_docs.field_docs(Bare)
 
 
@@ -83,8 +91,10 @@ def test_cli_writes_then_reports_up_to_date(tmp_path, capsys):
   assert config_docs.main(["--write", str(path)]) == 0
   assert config_docs.generated_part(path.read_text()) == config_docs.render()
   assert config_docs.main(["--write", str(path)]) == 0
-  assert capsys.readouterr().out.splitlines() == [f"{path}: config table rewritten",
-                                                  f"{path}: config table up to date"]
+  assert capsys.readouterr().out.splitlines() == [
+      f"{path}: config table rewritten",
+      f"{path}: config table up to date",
+  ]
   path.write_text("no markers\n")
   assert config_docs.main(["--write", str(path)]) == 2
   assert path.read_text() == "no markers\n"

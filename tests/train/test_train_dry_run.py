@@ -31,20 +31,42 @@ def test_memory_plan(path):
   epi = plan["epi"]
   assert epi["adam_nu"]["sensitivity_gib"] == 0
   assert epi["grad_sq_float32"]["sensitivity_gib"] == pytest.approx(
-      2 * epi["grad_sq_bfloat16"]["sensitivity_gib"])
+      2 * epi["grad_sq_bfloat16"]["sensitivity_gib"]
+  )
   assert plan["activations_gib"] > 0
 
 
 def test_cli_dry_run_prints_the_plan():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                        os.path.join(ROOT, "configs", "paper", "gemma2_9b.yaml"), "--dry-run"],
-                       capture_output=True, text=True, check=True, timeout=300)
+  out = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "train.py"),
+          "--config",
+          os.path.join(ROOT, "configs", "paper", "gemma2_9b.yaml"),
+          "--dry-run",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+  )
   assert "9.24B" in out.stdout and "adam_nu" in out.stdout and "per-device" in out.stdout
 
 
 def test_cli_config_error_names_file_and_key(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                        os.path.join(ROOT, "configs", "demo.yaml"), "--set", "method.pp=1",
-                        "--dry-run"], capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "train.py"),
+          "--config",
+          os.path.join(ROOT, "configs", "demo.yaml"),
+          "--set",
+          "method.pp=1",
+          "--dry-run",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 2
   assert "configs/demo.yaml" in out.stderr and "method.pp" in out.stderr

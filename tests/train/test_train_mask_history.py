@@ -12,10 +12,12 @@ from epi_jax.train.loop import _packed_masks
 
 def test_saved_masks_unpack_to_the_protection_mask(tmp_path):
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(4, 16)), jnp.float32),   # packed: 16 = 2 bytes
-            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),      # 5 bits: kept as bool
-            "s": jnp.asarray(0.5, jnp.float32),                        # 0-d: kept as bool
-            "ids": jnp.arange(3)}
+  params = {
+      "w": jnp.asarray(rng.normal(size=(4, 16)), jnp.float32),  # packed: 16 = 2 bytes
+      "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),  # 5 bits: kept as bool
+      "s": jnp.asarray(0.5, jnp.float32),  # 0-d: kept as bool
+      "ids": jnp.arange(3),
+  }
   grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
   tx = epi_jax.epi(optax.adamw(1e-2), p=0.3, interval=1)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -23,8 +25,7 @@ def test_saved_masks_unpack_to_the_protection_mask(tmp_path):
   assert masks["refresh_1"]["['w']"].dtype == np.uint8
   ckpt = RunCheckpoints(str(tmp_path), keep=2)
   ckpt.save(1, {"x": jnp.zeros(2)}, RunRecord(step=1), masks)
-  _, _, restored = ckpt.restore(1, {"x": jax.ShapeDtypeStruct((2,), jnp.float32)},
-                                with_masks=True)
+  _, _, restored = ckpt.restore(1, {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}, with_masks=True)
   ckpt.close()
   expected = jax.tree_util.tree_flatten_with_path(epi_jax.protection_mask(state))[0]
   assert sorted(restored["refresh_1"]) == sorted(jax.tree_util.keystr(p) for p, _ in expected)

@@ -53,9 +53,15 @@ def _param_values(module):
 
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_saves_peft_and_merged(tmp_path):
-  config = load_config(tiny_config_file(tmp_path), [
-      "method.type=lora", "method.lora.rank=4", "method.lora.targets=[q, v, down]",
-      "checkpoint.mask_history=stats"])
+  config = load_config(
+      tiny_config_file(tmp_path),
+      [
+          "method.type=lora",
+          "method.lora.rank=4",
+          "method.lora.targets=[q, v, down]",
+          "checkpoint.mask_history=stats",
+      ],
+  )
   summary = train(config, run_dir=str(tmp_path / "run"))
   assert summary["lora"]["adapter_parameters"] > 0 and "mask_overlap_first" not in summary
 
@@ -77,8 +83,15 @@ def _trainable(config, *, resuming):
   mesh = build_mesh(config.mesh)
   task_data = load_tasks(config)
   method = make_method(config)
-  run = Run(config=config, task_data=task_data, stages=method.stages(), total_steps=9,
-            mesh=mesh, num_micro=2, resuming=resuming)
+  run = Run(
+      config=config,
+      task_data=task_data,
+      stages=method.stages(),
+      total_steps=9,
+      mesh=mesh,
+      num_micro=2,
+      resuming=resuming,
+  )
   return method.trainable(build_model(config.model, seed=0, mesh=mesh), run), task_data, mesh
 
 
@@ -93,8 +106,13 @@ def test_lora_optimizer_state_holds_adapters_only(tmp_path):
 
 @pytest.mark.slow
 def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
-  overrides = ["method.type=ewc", "method.ewc.lam=50.0", "method.ewc.fisher_batches=2",
-               "data.tasks=[logic_choice, rewrite, arithmetic]", "checkpoint.mask_history=stats"]
+  overrides = [
+      "method.type=ewc",
+      "method.ewc.lam=50.0",
+      "method.ewc.fisher_batches=2",
+      "data.tasks=[logic_choice, rewrite, arithmetic]",
+      "checkpoint.mask_history=stats",
+  ]
   config = load_config(tiny_config_file(tmp_path), overrides)
   full = train(config, run_dir=str(tmp_path / "full"))
   records = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
@@ -108,26 +126,42 @@ def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
   trainable, task_data, mesh = _trainable(config, resuming=True)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh)
   ckpt = RunCheckpoints(str(tmp_path / "full"), keep=10)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
   state, _, _ = ckpt.restore(3, abstract, with_masks=False)
   ckpt.close()
   model, optimizer = nnx.merge(graphdef, state)
-  [saved] = [x for x in jax.tree.leaves(optimizer.opt_state,
-                                        is_leaf=lambda x: isinstance(x, ewc.EWCState))
-             if isinstance(x, ewc.EWCState)]
-  saved = jax.tree.map(lambda v: np.asarray(v.get_value()), saved,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  [saved] = [
+      x
+      for x in jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, ewc.EWCState))
+      if isinstance(x, ewc.EWCState)
+  ]
+  saved = jax.tree.map(
+      lambda v: np.asarray(v.get_value()), saved, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   examples = task_data.train["logic_choice"]
-  it = data.BatchIterator(examples, batch_size=8, seq_len=config.data.seq_len,
-                          pad_id=task_data.encoder.pad_id, seed=FISHER_SEED, pack=False)
+  it = data.BatchIterator(
+      examples,
+      batch_size=8,
+      seq_len=config.data.seq_len,
+      pad_id=task_data.encoder.pad_id,
+      seed=FISHER_SEED,
+      pack=False,
+  )
   fisher = ewc.fisher_diagonal(model, [put_batch(next(it), mesh) for _ in range(2)])
-  chex.assert_trees_all_close(jax.tree.map(np.asarray, nnx.to_pure_dict(saved.fisher)),
-                              jax.tree.map(np.asarray, nnx.to_pure_dict(fisher)),
-                              rtol=1e-6, atol=1e-12)
-  chex.assert_trees_all_close(nnx.to_pure_dict(saved.anchor),  # F theta / F: to rounding
-                              jax.tree.map(lambda x: x.astype(np.float32), _param_values(model)),
-                              rtol=1e-6, atol=1e-9)
+  chex.assert_trees_all_close(
+      jax.tree.map(np.asarray, nnx.to_pure_dict(saved.fisher)),
+      jax.tree.map(np.asarray, nnx.to_pure_dict(fisher)),
+      rtol=1e-6,
+      atol=1e-12,
+  )
+  chex.assert_trees_all_close(
+      nnx.to_pure_dict(saved.anchor),  # F theta / F: to rounding
+      jax.tree.map(lambda x: x.astype(np.float32), _param_values(model)),
+      rtol=1e-6,
+      atol=1e-9,
+  )
 
   shutil.copytree(tmp_path / "full", tmp_path / "cut")  # interrupted after step 4 (stage 1)
   for step in ("6", "8", "9"):

@@ -40,18 +40,33 @@ def launch(config: str, run_dir, processes: int, *args: str, distributed: bool =
   """Runs train.py in `processes` processes holding 8 // processes CPU devices each, joined as
   one distributed run unless not `distributed`; returns the wall time in seconds."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+  env.update(
+      JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}"
+  )
   if distributed:
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-               JAX_NUM_PROCESSES=str(processes))
-  command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config,
-             "--run-dir", str(run_dir), *args]
+    env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes)
+    )
+  command = [
+      sys.executable,
+      os.path.join(ROOT, "train.py"),
+      "--config",
+      config,
+      "--run-dir",
+      str(run_dir),
+      *args,
+  ]
   start = time.perf_counter()
-  running = [subprocess.Popen(command, env=env | ({"JAX_PROCESS_ID": str(i)} if distributed
-                                                  else {}),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
+  running = [
+      subprocess.Popen(
+          command,
+          env=env | ({"JAX_PROCESS_ID": str(i)} if distributed else {}),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(processes)
+  ]
   try:
     outputs = [p.communicate(timeout=1200) for p in running]
   finally:
@@ -70,18 +85,24 @@ def final_state(run_dir, item: str = "state") -> dict[str, np.ndarray]:
   path = checkpoints / str(max(int(p.name) for p in checkpoints.iterdir())) / item
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata,
+  )
   state = checkpointer.restore(path, abstract)
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return {
+      jax.tree_util.keystr(p): np.asarray(x)
+      for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
 
 
 def records(run_dir) -> list[dict]:
   """metrics.jsonl without its timing fields."""
   with open(run_dir / "metrics.jsonl") as f:
-    return [{k: v for k, v in json.loads(line).items()
-             if k not in ("tokens_per_s", "eval_time_s")} for line in f]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "eval_time_s")}
+        for line in f
+    ]
 
 
 def summary(run_dir) -> dict:
@@ -102,10 +123,11 @@ def _counts(mask_history: list[dict]) -> list[tuple]:
 def test_two_processes_train_and_resume_like_one(tmp_path):
   config = tmp_path / "tiny.yaml"
   config.write_text(CONFIG)
-  times = {"1 process x 8 devices, plain": launch(str(config), tmp_path / "plain", 1,
-                                                  distributed=False),
-           "1 process x 8 devices, gloo": launch(str(config), tmp_path / "one", 1),
-           "2 processes x 4 devices": launch(str(config), tmp_path / "two", 2)}
+  times = {
+      "1 process x 8 devices, plain": launch(str(config), tmp_path / "plain", 1, distributed=False),
+      "1 process x 8 devices, gloo": launch(str(config), tmp_path / "one", 1),
+      "2 processes x 4 devices": launch(str(config), tmp_path / "two", 2),
+  }
   one, two = summary(tmp_path / "one"), summary(tmp_path / "two")
   assert two["params_sha256"] == one["params_sha256"]
   assert two["mask_history"] == one["mask_history"]
@@ -117,8 +139,9 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
   assert masks and sum(int(np.unpackbits(state_two[k]).sum()) for k in masks) > 0
   for key in state_one:  # parameters, Adam moments, sensitivity, masks, counters
     np.testing.assert_array_equal(state_two[key], state_one[key], err_msg=key)
-  history_one, history_two = final_state(tmp_path / "one", "masks"), final_state(tmp_path / "two",
-                                                                              "masks")
+  history_one, history_two = final_state(tmp_path / "one", "masks"), final_state(
+      tmp_path / "two", "masks"
+  )
   assert history_one.keys() == history_two.keys() and len(history_two) == 3 * len(masks)
   for key in history_one:  # the mask of every refresh, gathered from both processes
     np.testing.assert_array_equal(history_two[key], history_one[key], err_msg=key)
@@ -146,7 +169,9 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
   final = final_state(tmp_path / "cut")
   for key in state_two:
     np.testing.assert_array_equal(final[key], state_two[key], err_msg=key)
-  print(f"\nparams_sha256 {two['params_sha256']}: 1 x 8 (gloo), 2 x 4, 2 x 4 resumed; "
-        f"plain 1 x 8: {plain['params_sha256']}")
+  print(
+      f"\nparams_sha256 {two['params_sha256']}: 1 x 8 (gloo), 2 x 4, 2 x 4 resumed; "
+      f"plain 1 x 8: {plain['params_sha256']}"
+  )
   for name, seconds in times.items():
     print(f"{name}: {seconds:.1f} s")

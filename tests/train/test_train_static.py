@@ -16,8 +16,9 @@ from tiny_run import tiny_config_file
 
 
 def test_static_mask_from_probes_freezes_its_entries(tmp_path):
-  config = load_config(tiny_config_file(tmp_path),
-                       ["method.type=static", "method.p=0.1", "method.probe_steps=2"])
+  config = load_config(
+      tiny_config_file(tmp_path), ["method.type=static", "method.p=0.1", "method.probe_steps=2"]
+  )
   mesh = build_mesh(config.mesh)
   task_data = load_tasks(config)
   model = build_model(config.model, seed=0, mesh=mesh)
@@ -32,8 +33,15 @@ def test_static_mask_from_probes_freezes_its_entries(tmp_path):
   assert all(jax.tree.leaves(same)), "the probes must not change the model"
 
   method = make_method(config)
-  run = Run(config=config, task_data=task_data, stages=method.stages(), total_steps=4, mesh=mesh,
-            num_micro=2, resuming=False)
+  run = Run(
+      config=config,
+      task_data=task_data,
+      stages=method.stages(),
+      total_steps=4,
+      mesh=mesh,
+      num_micro=2,
+      resuming=False,
+  )
   trainable = method.trainable(model, run)  # probes again: the same mask
   graphdef, state = init_state(trainable.module, trainable.tx, mesh)
   step = make_train_step(graphdef, 2)
@@ -41,8 +49,12 @@ def test_static_mask_from_probes_freezes_its_entries(tmp_path):
   for _ in range(2):
     state, _ = step(state, put_batch(next(batches), mesh))
   after = jax.tree.map(np.asarray, nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
-  frozen = [np.array_equal(a[m], b[m]) for a, b, m in
-            zip(jax.tree.leaves(after), jax.tree.leaves(before), flags)]
-  moved = [not np.array_equal(a[~m], b[~m]) for a, b, m in
-           zip(jax.tree.leaves(after), jax.tree.leaves(before), flags)]
+  frozen = [
+      np.array_equal(a[m], b[m])
+      for a, b, m in zip(jax.tree.leaves(after), jax.tree.leaves(before), flags)
+  ]
+  moved = [
+      not np.array_equal(a[~m], b[~m])
+      for a, b, m in zip(jax.tree.leaves(after), jax.tree.leaves(before), flags)
+  ]
   assert all(frozen) and any(moved)

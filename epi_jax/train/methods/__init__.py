@@ -29,8 +29,9 @@ def make_method(config: Config) -> Method:
   try:
     return METHODS[config.method.type](config)
   except KeyError:
-    raise ValueError(f"method.type: unknown method {config.method.type!r}, expected one of "
-                     f"{sorted(METHODS)}") from None
+    raise ValueError(
+        f"method.type: unknown method {config.method.type!r}, expected one of " f"{sorted(METHODS)}"
+    ) from None
 
 
 __all__ = ["METHODS", "Method", "Run", "Trainable", "make_method"]

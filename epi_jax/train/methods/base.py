@@ -83,8 +83,7 @@ class Method:
     """The Decoder that evaluation and the analyses see."""
     return module
 
-  def after_stage(self, stage: int, module: nnx.Module, optimizer: nnx.Optimizer,
-                  run: Run) -> dict:
+  def after_stage(self, stage: int, module: nnx.Module, optimizer: nnx.Optimizer, run: Run) -> dict:
     """Work after stage ``stage``'s evaluation, in place on the merged state; returns what to
     log (kind ``method``)."""
     return {}

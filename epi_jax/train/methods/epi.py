@@ -25,15 +25,24 @@ class EPI(Method):
 
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     m = self.config.method
-    tx = epi_jax.epi(inner_optimizer(self.config, run.total_steps), p=m.p, beta=m.beta,
-                     interval=m.interval, normalize=m.normalize, budget=m.budget,
-                     layer_of=m.layer_of, sensitivity=m.sensitivity,
-                     sensitivity_dtype=jnp.dtype(m.sensitivity_dtype))
+    tx = epi_jax.epi(
+        inner_optimizer(self.config, run.total_steps),
+        p=m.p,
+        beta=m.beta,
+        interval=m.interval,
+        normalize=m.normalize,
+        budget=m.budget,
+        layer_of=m.layer_of,
+        sensitivity=m.sensitivity,
+        sensitivity_dtype=jnp.dtype(m.sensitivity_dtype),
+    )
     return Trainable(model, tx)
 
   def step_logs(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-    return {"refreshed": epi_jax.refreshed(optimizer.opt_state),
-            "refresh": epi_jax.mask_stats(optimizer.opt_state)}
+    return {
+        "refreshed": epi_jax.refreshed(optimizer.opt_state),
+        "refresh": epi_jax.mask_stats(optimizer.opt_state),
+    }
 
   def summary(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
     return {"protected_fraction": protected_fraction(optimizer.opt_state)}

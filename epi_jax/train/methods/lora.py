@@ -25,14 +25,20 @@ class LoraModel(nnx.Module):
     self.base = base
     self.config = config
     names = traverse_util.flatten_dict(lora.adapter_axis_names(base, config))
-    self.adapters = nnx.data(traverse_util.unflatten_dict({
-        key: LoraParam(value, out_sharding=names[key], eager_sharding=False)
-        for key, value in traverse_util.flatten_dict(adapters).items()}))
+    self.adapters = nnx.data(
+        traverse_util.unflatten_dict(
+            {
+                key: LoraParam(value, out_sharding=names[key], eager_sharding=False)
+                for key, value in traverse_util.flatten_dict(adapters).items()
+            }
+        )
+    )
     self.rngs = nnx.Rngs(dropout=seed)
 
   def adapter_values(self) -> dict:
-    return jax.tree.map(lambda v: v.get_value(), self.adapters,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: v.get_value(), self.adapters, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
   def __call__(self, input_ids, attention_mask=None, **kwargs):
     key = self.rngs.dropout() if self.config.dropout > 0 else None
@@ -45,8 +51,7 @@ class LoRA(Method):
 
   def lora_config(self) -> lora.LoraConfig:
     c = self.config.method.lora
-    return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout,
-                           targets=tuple(c.targets))
+    return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
 
   def problems(self) -> list[str]:
     try:
@@ -72,9 +77,13 @@ class LoRA(Method):
   def export(self, module: LoraModel, run_dir: str) -> None:
     """The adapter alone in PEFT's format (``<run_dir>/adapter``) and, with
     ``method.lora.save_merged``, the merged model as a Hugging Face folder (``merged``)."""
-    lora.save_adapter(module.base, module.adapter_values(), module.config,
-                      os.path.join(run_dir, "adapter"),
-                      base_model_name_or_path=self.config.model.checkpoint or None)
+    lora.save_adapter(
+        module.base,
+        module.adapter_values(),
+        module.config,
+        os.path.join(run_dir, "adapter"),
+        base_model_name_or_path=self.config.model.checkpoint or None,
+    )
     if self.config.method.lora.save_merged:
       merged = lora.merge(module.base, module.adapter_values(), module.config)
       save_pretrained(merged, merged.config, os.path.join(run_dir, "merged"))

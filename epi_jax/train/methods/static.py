@@ -27,8 +27,9 @@ def probe_steps(config: Config, examples: list) -> int:
   return config.method.probe_steps or math.ceil(len(examples) / config.optim.batch_size)
 
 
-def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh: Mesh | None,
-                num_micro: int) -> nnx.State:
+def static_mask(
+    config: Config, model: nnx.Module, task_data: TaskData, *, mesh: Mesh | None, num_micro: int
+) -> nnx.State:
   """The probe mask (True = frozen), a pytree like ``nnx.state(model, nnx.Param)``.
 
   Each task gets its own probe: AdamW with the run's settings and a warm-up + cosine schedule
@@ -48,16 +49,20 @@ def static_mask(config: Config, model: nnx.Module, task_data: TaskData, *, mesh:
     optimizer = nnx.Optimizer(probe, inner_optimizer(config, steps), wrt=nnx.Param)
     graphdef, state = nnx.split((probe, optimizer))
     step = make_train_step(graphdef, num_micro)
-    batches = data.BatchIterator(examples, batch_size=config.optim.batch_size,
-                                 seq_len=config.data.seq_len, pad_id=task_data.encoder.pad_id,
-                                 seed=config.data.seed + 1000 + k, pack=config.data.pack)
+    batches = data.BatchIterator(
+        examples,
+        batch_size=config.optim.batch_size,
+        seq_len=config.data.seq_len,
+        pad_id=task_data.encoder.pad_id,
+        seed=config.data.seed + 1000 + k,
+        pack=config.data.pack,
+    )
     for _ in range(steps):
       state, _ = step(state, put_batch(next(batches), mesh))
     probe, _ = nnx.merge(graphdef, state)
     moved = jax.tree.map(jnp.add, moved, displacement(nnx.state(probe, nnx.Param), theta_0))
   # The summed displacements are the scores: the same selection as probe_mask and EPI.
-  return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget,
-                            layer_of=m.layer_of)
+  return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget, layer_of=m.layer_of)
 
 
 def protected_fraction(opt_state) -> float:
@@ -73,8 +78,7 @@ class Static(Method):
     if run.resuming:  # the mask is restored with the optimizer state
       mask = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), nnx.state(model, nnx.Param))
     else:
-      mask = static_mask(self.config, model, run.task_data, mesh=run.mesh,
-                         num_micro=run.num_micro)
+      mask = static_mask(self.config, model, run.task_data, mesh=run.mesh, num_micro=run.num_micro)
     tx = epi_jax.static_isolation(inner_optimizer(self.config, run.total_steps), mask)
     return Trainable(model, tx)
 
