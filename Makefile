@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
 
-.PHONY: test bench install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
+.PHONY: test lint bench install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP) $(SMOLLM2)
+# The style check (pyink, ruff; configured in pyproject.toml), then the tests.
+lint: $(STAMP)
+	$(BIN)/pyink --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+test: lint $(SMOLLM2)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)

@@ -128,6 +128,11 @@ def test_comparison_table_counts_verdicts():
   )
 
 
+def _summary(run_dir: str) -> dict:
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return json.load(f)
+
+
 @pytest.mark.slow
 def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   """Table 4's runs at two seeds; a second call trains nothing; a run interrupted after a
@@ -149,10 +154,7 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out), "--jobs", "2"]) == 0
   jobs = runner.plan(tiny, 2, str(out))
   assert {j.entry.name for j in jobs} == {"epi", "epi_beta0", "epi_beta0.9"}
-  sha = {
-      j.run_dir: json.load(open(os.path.join(j.run_dir, "summary.json")))["params_sha256"]
-      for j in jobs
-  }
+  sha = {j.run_dir: _summary(j.run_dir)["params_sha256"] for j in jobs}
   assert len(set(sha.values())) == len(jobs)  # seeds and settings differ
 
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
@@ -163,12 +165,10 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert runner.status(victim) == "partial"
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "1 to resume" in capsys.readouterr().out
-  assert json.load(open(os.path.join(victim.run_dir, "summary.json")))["params_sha256"] == (
-      sha[victim.run_dir]
-  )
+  assert _summary(victim.run_dir)["params_sha256"] == sha[victim.run_dir]
 
   report = (out / "report" / "report.md").read_text()
   assert "### Table 4" in report
-  counts = json.load(open(out / "comparison.json"))
+  counts = json.loads((out / "comparison.json").read_text())
   assert counts["seeds"] == {"epi": 2, "epi_beta0": 2, "epi_beta0.9": 2}
   assert sum(counts["verdicts"].values()) == 3

@@ -292,7 +292,8 @@ def test_write_report_appends_extra_markdown_and_uses_the_labels(run_dirs, tmp_p
       title="T",
       extra_markdown=extra,
   )
-  markdown = open(path).read()
+  with open(path) as f:
+    markdown = f.read()
   assert markdown.rstrip().endswith("| 1 | 2 |")
   assert [row["group"] for row in _tables(markdown)["Groups"]] == ["SFT", "EPI"]
   with open(tmp_path / "report.json") as f:

@@ -62,7 +62,7 @@ def continual_summary(
   trained = [(s, t) for s, stage in enumerate(stages[: len(matrix)]) for t in stage]
   per_task: dict[str, dict] = {}
   for s, t in trained:
-    earlier = [matrix[l][t] for l in range(s, last)]
+    earlier = [matrix[j][t] for j in range(s, last)]
     initial = matrix[s][t]
     per_task[t] = {
         "bwt": _diff(final[t], matrix[s][t]) if s < last else None,

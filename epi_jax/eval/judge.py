@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -178,7 +177,7 @@ class Judge:
         if error.code != 429 and error.code < 500:
           break  # a request the server refuses will not succeed on a retry
         continue
-      except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as error:
+      except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
         problem = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
         continue
       except (ValueError, KeyError, IndexError, TypeError) as error:

@@ -470,7 +470,7 @@ def load_adapter(
   if problems:
     raise CheckpointMismatchError(path, problems=problems)
   with safe_open(os.path.join(path, WEIGHTS_FILE), framework="np") as f:
-    shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 (a safetensors handle)
     flat, missing, mismatched, seen = {}, [], [], set()
     for t in _targets(model, config):
       slices = {"a": [], "b": []}

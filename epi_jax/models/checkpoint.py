@@ -101,7 +101,7 @@ class SafetensorsSource:
     self._files: dict[str, str] = {}
     for file in _shard_files(path):
       with safe_open(file, framework="np") as f:
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 (a safetensors handle)
           self._files[name] = file
           self.shapes[name] = tuple(f.get_slice(name).get_shape())
 

@@ -249,7 +249,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     record.wall_time = earlier_wall + time.perf_counter() - session_start
     ckpt.save(step, state, record, masks)
 
-  for k, stage in enumerate(stages):
+  for k in range(len(stages)):
     if step >= bounds[k + 1]:
       continue
     it = iterators[k]

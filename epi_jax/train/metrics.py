@@ -27,7 +27,11 @@ class MetricsWriter:
   """
 
   def __init__(self, run_dir: str, *, tensorboard: bool, group_names: Sequence[str] = ()):
-    self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if writes_files() else None
+    self.file = (
+        open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed by close())
+        if writes_files()
+        else None
+    )
     self.group_names = list(group_names)
     self.tb = None
     if tensorboard and self.file is not None:

@@ -102,7 +102,7 @@ def test_task_gradients_of_a_tiny_decoder():
       for t, b in synthetic_heldout(tasks, rows=8).items()
   }
   # Four micro-batches give the gradient of one pass over the batch.
-  for t, batch in batches.items():
+  for batch in batches.values():
 
     def mean(params, batch=batch):
       model_def, _, rest = nnx.split(model, nnx.Param, ...)

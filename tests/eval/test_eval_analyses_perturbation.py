@@ -76,7 +76,7 @@ def test_sampling_is_stratified_distinct_and_inside_each_group():
   assert len(seen) == len(entries.leaf)
   values = values_at(params, entries)
   expected = [
-      np.asarray(leaves[l])[tuple(i[: leaves[l].ndim])] for l, i in zip(entries.leaf, entries.index)
+      np.asarray(leaves[j])[tuple(i[: leaves[j].ndim])] for j, i in zip(entries.leaf, entries.index)
   ]
   np.testing.assert_array_equal(values, expected)
   np.testing.assert_array_equal(sample_entries(params, 12, seed=0).index, entries.index)

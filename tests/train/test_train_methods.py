@@ -115,7 +115,8 @@ def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
   ]
   config = load_config(tiny_config_file(tmp_path), overrides)
   full = train(config, run_dir=str(tmp_path / "full"))
-  records = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+  lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
   consolidated = [r for r in records if r["kind"] == "method"]
   assert [r["consolidations"] for r in consolidated] == [1, 2]  # not after the last stage
   penalties = [r["ewc_penalty"] for r in records if r["kind"] == "train"]
