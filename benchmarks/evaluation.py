@@ -1,7 +1,7 @@
 """Cost of one after-stage evaluation: every task of a config scored by its own metric.
 
 Builds the config's model (its checkpoint, or the random initialization) and held-out
-examples exactly as the trainer does, then times `epi_jax.eval.evaluate` twice: the first
+examples exactly as the trainer does, then times ``epi_jax.eval.evaluate`` twice: the first
 pass includes compiling one generation program per prompt-length bucket (and the likelihood
 programs), the second is what every later stage pays. No judge is asked (judge tasks report
 the ROUGE-L proxy; a judge adds its own latency).

@@ -2,7 +2,7 @@
 XLA's own memory analysis.
 
 Part 1 reads shapes only (abstract bfloat16 models, nothing allocated): bytes per base
-parameter that `methods.lora.memory_bytes` and `methods.ewc.memory_bytes` add for the presets.
+parameter that ``methods.lora.memory_bytes`` and ``methods.ewc.memory_bytes`` add for the presets.
 Part 2 compiles the adapter gradient of a 4-layer float32 model (D=512, F=1024) and compares
 the temporary bytes XLA's CPU backend reports, minus those of a plain forward pass, with the
 estimate.

@@ -38,7 +38,7 @@ VARIANTS = {
 
 
 def torch_reference(config: ModelConfig, folder: str) -> transformers.PreTrainedModel:
-  """A random PyTorch model built from `config.to_hf()`, saved to `folder`."""
+  """A random PyTorch model built from ``config.to_hf()``, saved to ``folder``."""
   torch.manual_seed(0)
   hf_config = transformers.AutoConfig.for_model(**config.to_hf())
   model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")

@@ -1,4 +1,4 @@
-"""Loads the real SmolLM2-135M-Instruct GGUF file (`make smollm2`) with ours and with
+"""Loads the real SmolLM2-135M-Instruct GGUF file (``make smollm2``) with ours and with
 transformers; prints load times, the logits difference on a chat prompt and both greedy answers.
 
     make smollm2 && .venv/bin/python benchmarks/smollm2_gguf.py

@@ -1,5 +1,5 @@
 """Per-device bytes of the parameters and of every optimizer-state field right after
-`init_state`, and whether training steps keep that placement.
+``init_state``, and whether training steps keep that placement.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
       python benchmarks/state_sharding.py --config configs/demo.yaml \\
@@ -7,7 +7,7 @@
 
 Prints one row per field (params; Adam mu and nu; EPI sensitivity, mask, first_mask; the rest):
 its full size, the bytes the most loaded device holds, and their ratio; then the number of
-compilations of the train step and the leaves whose sharding the steps changed. `--json`
+compilations of the train step and the leaves whose sharding the steps changed. ``--json``
 prints instead one JSON object with every leaf's path, shape, partition spec and bytes, at
 init and after the steps (what tests/train/test_state_sharding.py checks).
 """
@@ -61,7 +61,7 @@ def field(path: str) -> str:
 
 
 def measure(config_path: str, overrides: list[str], steps: int) -> dict:
-  """The state's placement at init and after `steps` train steps, and the step's compiles."""
+  """The state's placement at init and after ``steps`` train steps, and the step's compiles."""
   config = load_config(config_path, overrides)
   mesh = build_mesh(config.mesh)
   task_data = load_tasks(config)

@@ -5,17 +5,17 @@ Everything is measured in one run: the float32 matmul peak (2048 x 2048), then f
 unscanned and the scanned decoder one jitted train step (forward, backward, optimizer; state
 donated, as the trainer runs it) with AdamW and with EPI(AdamW) (no refresh in the timed steps;
 the refresh is amortized over H and measured in benchmarks/optimizer.py). Steps are timed
-round-robin after a warm-up (compile excluded), median of `--repeats`.
+round-robin after a warm-up (compile excluded), median of ``--repeats``.
 
     python benchmarks/train_step.py [--batch 8] [--seq 512] [--repeats 3] [--gsm8k FILE]
                                     [--causal-block N]
 
-`--causal-block 0` times attention over all keys (then masked) instead of per causal block.
+``--causal-block 0`` times attention over all keys (then masked) instead of per causal block.
 
 MFU = (6 * N * tokens + 12 * L * H * Dh * T * tokens) / step time / measured peak, the
 PaLM paper's count (Chowdhery et al. 2022, App. B) with N all parameters (tied embeddings
 counted once). Packed vs padded: the GSM8K train file tokenized with the SmolLM2 chat template
-(`--gsm8k`, default ../shared/data/gsm8k/train.jsonl; needs `make smollm2`), one epoch laid
+(``--gsm8k``, default ../shared/data/gsm8k/train.jsonl; needs ``make smollm2``), one epoch laid
 out both ways; both layouts have the same [batch, seq] shape, so each costs the measured step
 time per batch and useful tokens/s = response+prompt tokens per batch / step time.
 """

@@ -1,4 +1,4 @@
-"""`python -m epi_jax.demo`: the side-by-side comparison and its verdict."""
+"""``python -m epi_jax.demo``: the side-by-side comparison and its verdict."""
 
 import os
 

@@ -129,7 +129,7 @@ def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
 
 
 def _assert_number(cell: str, value) -> None:
-  """`cell` shows `value` to its printed decimals (n/a for None)."""
+  """``cell`` shows ``value`` to its printed decimals (n/a for None)."""
   if value is None:
     assert cell == "n/a"
     return
@@ -138,7 +138,7 @@ def _assert_number(cell: str, value) -> None:
 
 
 def _assert_stat(cell: str, values) -> None:
-  """`cell` is "mean ± std" of `values` (numpy mean, std with ddof=1), "(n=k)" if some are
+  """``cell`` is "mean ± std" of ``values`` (numpy mean, std with ddof=1), "(n=k)" if some are
   missing."""
   present = [v for v in values if v is not None]
   if not present:

@@ -39,7 +39,7 @@ class ChatEncoder(Protocol):
 
 
 def encode_chats(chats: Sequence[Sequence[Turn]], encoder: ChatEncoder) -> list[Encoded]:
-  """Tokenize every chat with `encoder`."""
+  """Tokenize every chat with ``encoder``."""
   return [Encoded(*encoder.encode_chat(chat)) for chat in chats]
 
 
@@ -49,7 +49,7 @@ def make_batch(
   """Lay out rows of examples (one example per row = padding; several = packing).
 
   Each row's examples are placed one after another from position 0, then padded with
-  `pad_id` to `seq_len`; a row's examples must fit in `seq_len` together.
+  ``pad_id`` to ``seq_len``; a row's examples must fit in ``seq_len`` together.
 
   Returns a dict of numpy arrays, each [B, T] with B = len(rows) and T = seq_len:
     input_ids: int32 token ids.

@@ -19,8 +19,8 @@ _SPECIAL_NAMES = {PAD: "<pad>", BOS: "<bos>", EOS: "<eos>"} | {
 class ByteTokenizer:
   """UTF-8 bytes 0-255 plus pad, bos, eos and one marker per chat role.
 
-  A chat renders as `<bos>` then, for each turn, `<|role|> content <eos>`. The loss mask
-  covers the content bytes and the closing `<eos>` of every assistant turn.
+  A chat renders as ``<bos>`` then, for each turn, ``<|role|> content <eos>``. The loss mask
+  covers the content bytes and the closing ``<eos>`` of every assistant turn.
 
   >>> tok = ByteTokenizer()
   >>> tok.decode(tok.encode("héllo"))
@@ -33,11 +33,11 @@ class ByteTokenizer:
   eos_id = EOS
 
   def encode(self, text: str) -> list[int]:
-    """The UTF-8 bytes of `text`, one id each."""
+    """The UTF-8 bytes of ``text``, one id each."""
     return list(text.encode("utf-8"))
 
   def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
-    """Text of `ids`; special ids are dropped or, if `skip_special=False`, named."""
+    """Text of ``ids``; special ids are dropped or, if ``skip_special=False``, named."""
     out, run = [], bytearray()
     for token in (int(i) for i in ids):
       if token < 256:
@@ -64,12 +64,12 @@ class ByteTokenizer:
     return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
   def encode_prompt(self, turns: Sequence[Turn]) -> np.ndarray:
-    """Ids [T] int32 of `turns` followed by the assistant marker: the generation prompt."""
+    """Ids [T] int32 of ``turns`` followed by the assistant marker: the generation prompt."""
     ids, _ = self.encode_chat(turns)
     return np.append(ids, np.int32(ROLE_IDS["assistant"]))
 
   def encode_completion(
       self, turns: Sequence[Turn], completion: str
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of the generation prompt of `turns` and ids [C] int32 of `completion` after it."""
+    """Ids of the generation prompt of ``turns`` and ids [C] int32 of ``completion`` after it."""
     return self.encode_prompt(turns), np.asarray(self.encode(completion), np.int32)

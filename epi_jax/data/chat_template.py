@@ -16,11 +16,11 @@ FALLBACK_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-"""Used when the tokenizer has no `chat_template`: `<|role|>` headers, eos after each response."""
+"""Used when the tokenizer has no ``chat_template``: ``<|role|>`` headers, eos after each response."""
 
 
 class ChatTemplateEncoder:
-  """Encodes chats with `tokenizer`'s chat template (or FALLBACK_TEMPLATE if it has none).
+  """Encodes chats with ``tokenizer``'s chat template (or FALLBACK_TEMPLATE if it has none).
 
   The loss mask covers, for every assistant turn, the text the template adds after the
   generation prompt up to the end of that turn: the response and its end-of-turn marker.
@@ -28,7 +28,7 @@ class ChatTemplateEncoder:
   sees at inference; the mask is found from character offsets (a fast tokenizer is required).
 
   Args:
-    tokenizer: a `transformers` fast tokenizer.
+    tokenizer: a ``transformers`` fast tokenizer.
   """
 
   def __init__(self, tokenizer):
@@ -77,7 +77,7 @@ class ChatTemplateEncoder:
     return np.asarray(encoding["input_ids"], np.int32), mask
 
   def encode_prompt(self, turns: Sequence[Turn]) -> np.ndarray:
-    """Ids [T] int32 of `turns` followed by the template's generation prompt."""
+    """Ids [T] int32 of ``turns`` followed by the template's generation prompt."""
     check_turns(turns)
     text = self._render(turns, generation_prompt=True)
     return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
@@ -85,9 +85,9 @@ class ChatTemplateEncoder:
   def encode_completion(
       self, turns: Sequence[Turn], completion: str
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of the generation prompt of `turns` and of `completion` right after it.
+    """Ids of the generation prompt of ``turns`` and of ``completion`` right after it.
 
-    Split as lm-evaluation-harness's `_encode_pair`: trailing whitespace of the prompt
+    Split as lm-evaluation-harness's ``_encode_pair``: trailing whitespace of the prompt
     text moves into the completion, the two texts are encoded together, and the completion
     ids are those past the prompt's own encoding.
     """
@@ -101,5 +101,5 @@ class ChatTemplateEncoder:
     return np.asarray(prompt, np.int32), np.asarray(whole[len(prompt) :], np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids` without special tokens."""
+    """Text of ``ids`` without special tokens."""
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -12,7 +12,7 @@ from epi_jax.data.batching import Encoded, make_batch
 
 @dataclasses.dataclass(frozen=True)
 class IteratorState:
-  """Position of a BatchIterator: save it with the checkpoint (`dataclasses.asdict`)."""
+  """Position of a BatchIterator: save it with the checkpoint (``dataclasses.asdict``)."""
 
   epoch: int = 0
   """Pass over the data; each epoch has its own shuffled order."""
@@ -21,13 +21,13 @@ class IteratorState:
 
 
 class BatchIterator:
-  """Endless batches over `examples`, shuffled per epoch by (seed, epoch).
+  """Endless batches over ``examples``, shuffled per epoch by (seed, epoch).
 
   Batches are always full: the last examples of an epoch share a batch with the first of the
-  next. Examples longer than `seq_len` are cut to `seq_len` tokens. With `pack=False` each
-  row holds one example; with `pack=True` rows are filled greedily, in order, with as many
-  examples as fit. Restoring a saved `state` on the same examples and settings gives the
-  same following batches. See `make_batch` for the batch format.
+  next. Examples longer than ``seq_len`` are cut to ``seq_len`` tokens. With ``pack=False`` each
+  row holds one example; with ``pack=True`` rows are filled greedily, in order, with as many
+  examples as fit. Restoring a saved ``state`` on the same examples and settings gives the
+  same following batches. See ``make_batch`` for the batch format.
 
   Example::
 
@@ -66,7 +66,7 @@ class BatchIterator:
     return IteratorState(self._epoch, self._index)
 
   def restore(self, state: IteratorState) -> None:
-    """Continue from `state`, as saved from `self.state`."""
+    """Continue from ``state``, as saved from ``self.state``."""
     if state.epoch < 0 or not 0 <= state.index <= len(self.examples):
       raise ValueError(f"{state} does not fit {len(self.examples)} examples")
     self._epoch, self._index = state.epoch, state.index

@@ -134,15 +134,15 @@ TASKS: dict[str, Callable[[np.random.Generator], list[Turn]]] = {
 }
 TASK_NAMES = tuple(TASKS)
 TASK_METRICS = dict.fromkeys(TASKS, "exact_match")
-"""How each task's held-out examples are scored: a key of `epi_jax.eval.METRICS`."""
+"""How each task's held-out examples are scored: a key of ``epi_jax.eval.METRICS``."""
 
 
 def task_splits(
     task: str, *, seed: int, n_train: int, n_eval: int
 ) -> tuple[list[list[Turn]], list[list[Turn]]]:
-  """Train and eval chats of `task` whose prompts (all turns but the last) are disjoint.
+  """Train and eval chats of ``task`` whose prompts (all turns but the last) are disjoint.
 
-  The eval set depends only on (task, seed, n_eval), not on `n_train`.
+  The eval set depends only on (task, seed, n_eval), not on ``n_train``.
 
   >>> train, evaluation = task_splits("arithmetic", seed=0, n_train=8, n_eval=4)
   >>> len(train), len(evaluation), evaluation[0][-1]["role"]

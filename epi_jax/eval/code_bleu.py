@@ -1,8 +1,8 @@
-"""CodeBLEU of generated code (CodeAlpaca), computed by the `codebleu` package.
+"""CodeBLEU of generated code (CodeAlpaca), computed by the ``codebleu`` package.
 
 References:
   Ren et al., "CodeBLEU: a Method for Automatic Evaluation of Code Synthesis",
-  arXiv:2009.10297. Package `codebleu` 0.7 (k4black/codebleu): `calc_codebleu(references,
+  arXiv:2009.10297. Package ``codebleu`` 0.7 (k4black/codebleu): `calc_codebleu(references,
   predictions, lang)` with equal weights 0.25 on its four components; it needs
   tree-sitter-python 0.21 (newer grammars fail inside codebleu).
 """

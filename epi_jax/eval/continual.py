@@ -38,7 +38,7 @@ def continual_summary(
 
   - ``acc`` = mean_t R[K-1][t] over every trained task (GEM's ACC).
   - ``bwt`` = mean over t with s(t) < K-1 of R[K-1][t] - R[s(t)][t] (GEM's BWT).
-  - ``fwt`` = mean over t with s(t) >= 1 of R[s(t)-1][t] - b[t] (GEM's FWT, b = `before`).
+  - ``fwt`` = mean over t with s(t) >= 1 of R[s(t)-1][t] - b[t] (GEM's FWT, b = ``before``).
   - ``max_forgetting`` = mean over t with s(t) < K-1 of
     max_{s(t) <= l <= K-2} R[l][t] - R[K-1][t] (Chaudhry et al.'s f_j^k at k = K-1; the rows
     before s(t) are left out: the task was not learned yet, and in their single-head setting

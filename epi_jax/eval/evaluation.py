@@ -20,7 +20,7 @@ def evaluate(
     batch_size: int,
     judge: Judge | None = None,
 ) -> dict[str, dict]:
-  """Scores every task's held-out examples with the metric `metrics[task]` names.
+  """Scores every task's held-out examples with the metric ``metrics[task]`` names.
 
   The prompts of all generation-scored tasks are generated together (length buckets shared
   across tasks); each multiple-choice task's options are scored in [options x tokens] rows.
@@ -29,7 +29,7 @@ def evaluate(
     model: the decoder.
     encoder: the run's chat encoder.
     examples: task -> held-out examples.
-    metrics: task -> a key of `METRICS`.
+    metrics: task -> a key of ``METRICS``.
     max_new_tokens: generation length.
     batch_size: rows per generation or likelihood call.
     judge: the LLM judge for "judge" tasks; None: they report only ``rougeL_proxy``.

@@ -1,7 +1,7 @@
 """Batched greedy generation and option log-likelihoods, with length buckets so few programs compile.
 
 Prompts (and option rows) are sorted by length and padded to the next power of two (at least
-`MIN_BUCKET`); a call holds `batch_size` rows, or for a bucket's last, partial batch the next
+``MIN_BUCKET``); a call holds ``batch_size`` rows, or for a bucket's last, partial batch the next
 power of two above its count. An evaluation compiles one program per (length, rows) shape it
 meets, a handful, shared by all tasks and all stages (the held-out set does not change).
 """
@@ -23,17 +23,17 @@ MIN_BUCKET = 16
 
 
 def bucket(length: int) -> int:
-  """The padded length of a row of `length` tokens: the next power of two, >= MIN_BUCKET."""
+  """The padded length of a row of ``length`` tokens: the next power of two, >= MIN_BUCKET."""
   return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
 
 
 def batch_rows(count: int, batch_size: int) -> int:
-  """Rows of a call that scores `count` rows: the next power of two, at most `batch_size`."""
+  """Rows of a call that scores ``count`` rows: the next power of two, at most ``batch_size``."""
   return min(batch_size, 1 << max(count - 1, 0).bit_length())
 
 
 def _batches(lengths: Sequence[int], rows: int):
-  """(bucket length, indices) of at most `rows` rows each, shortest rows first."""
+  """(bucket length, indices) of at most ``rows`` rows each, shortest rows first."""
   order = sorted(range(len(lengths)), key=lambda i: lengths[i])
   start = 0
   while start < len(order):
@@ -46,7 +46,7 @@ def _batches(lengths: Sequence[int], rows: int):
 
 
 def _decode(encoder: data.ChatEncoder, ids: np.ndarray) -> str:
-  """Text of `ids` up to the first EOS; "" when an id is outside the tokenizer's vocabulary
+  """Text of ``ids`` up to the first EOS; "" when an id is outside the tokenizer's vocabulary
   (possible when the model's vocabulary is larger), which no metric scores as right."""
   stop = np.flatnonzero(ids == encoder.eos_id)
   ids = ids[: stop[0]] if stop.size else ids
@@ -64,10 +64,10 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-  """Greedy continuations of `prompts` (token ids), decoded up to each row's EOS.
+  """Greedy continuations of ``prompts`` (token ids), decoded up to each row's EOS.
 
-  Calls `epi_jax.models.generate` (KV cache; the batch stops when every row emitted EOS) on
-  [rows, bucket] left-padded prompts, rows = `batch_rows`; the spare rows of a partial batch
+  Calls ``epi_jax.models.generate`` (KV cache; the batch stops when every row emitted EOS) on
+  [rows, bucket] left-padded prompts, rows = ``batch_rows``; the spare rows of a partial batch
   repeat its first prompt, which ends no later than that prompt does.
   """
   out = [""] * len(prompts)
@@ -109,11 +109,11 @@ def option_loglikelihoods(
 ) -> list[np.ndarray]:
   """Per example, the summed log-likelihood of each option's tokens after its prompt.
 
-  As lm-evaluation-harness's multiple-choice `loglikelihood` requests under a chat template:
+  As lm-evaluation-harness's multiple-choice ``loglikelihood`` requests under a chat template:
   the context is the prompt with the template's generation prompt, the continuation the option
-  text with no delimiter (`target_delimiter` is "" when a chat template is applied). One
+  text with no delimiter (``target_delimiter`` is "" when a chat template is applied). One
   [options x tokens] row per option, right padded to its bucket; a row longer than the model's
-  `max_position_embeddings` loses context tokens on the left (lm-evaluation-harness cuts alike).
+  ``max_position_embeddings`` loses context tokens on the left (lm-evaluation-harness cuts alike).
 
   Returns:
     One float64 array [len(example.choices)] per example.

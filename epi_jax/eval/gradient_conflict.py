@@ -57,7 +57,7 @@ def gradient_conflict(grads: Mapping[str, object]) -> dict:
 
 
 def task_gradient_conflict(model, batches: Mapping[str, dict], *, num_micro: int) -> dict:
-  """`gradient_conflict` of the gradients of each task's loss on its fixed batch.
+  """``gradient_conflict`` of the gradients of each task's loss on its fixed batch.
 
   One jitted gradient per task (the batches share one shape, so one compilation).
   """

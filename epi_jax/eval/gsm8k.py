@@ -1,12 +1,12 @@
-r"""GSM8K answer extraction and exact match, as lm-evaluation-harness's `gsm8k` task.
+r"""GSM8K answer extraction and exact match, as lm-evaluation-harness's ``gsm8k`` task.
 
 References:
-  lm-evaluation-harness, `lm_eval/tasks/gsm8k/gsm8k.yaml` (version 3.0): filters
-  "strict-match" (regex `#### (\-?[0-9\.\,]+)`, first match) and "flexible-extract" (regex
-  `(-?[$0-9.,]{2,})|(-?[0-9]+)`, group_select -1: the last match), each followed by
+  lm-evaluation-harness, ``lm_eval/tasks/gsm8k/gsm8k.yaml`` (version 3.0): filters
+  "strict-match" (regex ``#### (\-?[0-9\.\,]+)``, first match) and "flexible-extract" (regex
+  ``(-?[$0-9.,]{2,})|(-?[0-9]+)``, group_select -1: the last match), each followed by
   take_first; metric exact_match with ignore_case, regexes_to_ignore [",", "\$",
   "(?s).*#### ", "\.$"] applied to prediction and reference alike
-  (`lm_eval/filters/extraction.py` RegexFilter, `lm_eval/api/metrics.py`
+  (``lm_eval/filters/extraction.py`` RegexFilter, ``lm_eval/api/metrics.py``
   exact_match_hf_evaluate).
 """
 
@@ -34,11 +34,11 @@ def gsm8k_answer(text: str, mode: str = "strict") -> str | None:
 
   Args:
     text: the generated solution.
-    mode: "strict": the number after the first `#### `; "flexible": the last number-like run
-      anywhere (digits with `$`, `,`, `.`, of 2+ characters, or a lone digit run).
+    mode: "strict": the number after the first ``#### ``; "flexible": the last number-like run
+      anywhere (digits with ``$``, ``,``, ``.``, of 2+ characters, or a lone digit run).
 
   Returns:
-    The extracted answer with commas, `$` and a trailing period removed (lower-cased), or None
+    The extracted answer with commas, ``$`` and a trailing period removed (lower-cased), or None
     when nothing matches (lm-evaluation-harness's "[invalid]", never equal to a reference).
 
   >>> gsm8k_answer("She pays 3 * $1,000 = $3,000.\\n#### 3,000")
@@ -59,7 +59,7 @@ def gsm8k_answer(text: str, mode: str = "strict") -> str | None:
 
 
 def gsm8k_reference(answer: str) -> str:
-  """The reference's final answer: its text after the last `#### `, normalized alike."""
+  """The reference's final answer: its text after the last ``#### ``, normalized alike."""
   return _normalize(answer)
 
 

@@ -26,11 +26,11 @@ def heldout_batch(
     rows: int,
     seq_len: int,
 ) -> dict[str, np.ndarray]:
-  """A fixed batch of the held-out chats of `tasks`, one chat per row.
+  """A fixed batch of the held-out chats of ``tasks``, one chat per row.
 
   Chats are taken in turn (the first of each task, then the second of each...), so every
-  task is represented; each is cut to `seq_len` tokens; when there are fewer chats than
-  `rows`, the remaining rows are padding (no loss), so every batch has the same shape.
+  task is represented; each is cut to ``seq_len`` tokens; when there are fewer chats than
+  ``rows``, the remaining rows are padding (no loss), so every batch has the same shape.
   """
   if not tasks:
     raise ValueError("heldout_batch needs at least one task")
@@ -53,13 +53,13 @@ def heldout_batch(
 
 @functools.partial(nnx.jit, static_argnums=2)
 def batch_gradients(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int):
-  """Gradients of the mean response-token loss of `batch` w.r.t. the model's ``nnx.Param``."""
+  """Gradients of the mean response-token loss of ``batch`` w.r.t. the model's ``nnx.Param``."""
   grads, _, _ = mean_loss_and_grads(model, batch, num_micro)
   return grads
 
 
 def mean_loss(model: nnx.Module, batch: dict[str, jax.Array], num_micro: int) -> jax.Array:
-  """The mean response-token loss of `batch` (not jitted: it is traced inside callers)."""
+  """The mean response-token loss of ``batch`` (not jitted: it is traced inside callers)."""
 
   def add(carry, micro):
     loss_sum, n = response_loss(model, micro)

@@ -2,10 +2,10 @@ r"""A 1-10 LLM judge over any OpenAI-compatible chat-completions endpoint (MT-Be
 
 References:
   Zheng et al., "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", NeurIPS 2023,
-  arXiv:2306.05685. FastChat `fastchat/llm_judge/data/judge_prompts.jsonl` entry "single-v1"
-  (system prompt and prompt template below, verbatim) and `fastchat/llm_judge/common.py`
-  `run_judge_single`: temperature 0, max_tokens 2048, the rating read with `\[\[(\d+\.?\d*)\]\]`,
-  falling back to `\[(\d+\.?\d*)\]`. Unlike FastChat, a rating outside 1-10 counts as unrated.
+  arXiv:2306.05685. FastChat ``fastchat/llm_judge/data/judge_prompts.jsonl`` entry "single-v1"
+  (system prompt and prompt template below, verbatim) and ``fastchat/llm_judge/common.py``
+  ``run_judge_single``: temperature 0, max_tokens 2048, the rating read with ``\[\[(\d+\.?\d*)\]\]``,
+  falling back to ``\[(\d+\.?\d*)\]``. Unlike FastChat, a rating outside 1-10 counts as unrated.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 def parse_rating(judgment: str) -> float | None:
-  """The rating in `[[r]]` (else the first `[r]`) of a judgment; None if absent or not in 1-10."""
+  """The rating in ``[[r]]`` (else the first ``[r]``) of a judgment; None if absent or not in 1-10."""
   match = _RATING.search(judgment) or _RATING_BACKUP.search(judgment)
   if match is None:
     return None
@@ -50,8 +50,8 @@ def parse_rating(judgment: str) -> float | None:
 
 
 def judge_question(prompt: Sequence[Turn]) -> str:
-  """The `{question}` of the judge prompt: the user turn, or for a dialogue the earlier turns
-  as FastChat's multi-turn template writes them (`### User:` / `### Assistant:`) and then the
+  """The ``{question}`` of the judge prompt: the user turn, or for a dialogue the earlier turns
+  as FastChat's multi-turn template writes them (``### User:`` / ``### Assistant:``) and then the
   last user turn. System turns are left out."""
   turns = [turn for turn in prompt if turn["role"] != "system"]
   if len(turns) == 1:
@@ -81,7 +81,7 @@ class Judge:
       token, never stored or printed); empty: no key.
     timeout: seconds to wait for one reply.
     retries: further attempts after a failed one (timeout, connection error, HTTP 429/5xx, a
-      body that is not a chat completion), waiting `backoff` * 2**attempt seconds before each.
+      body that is not a chat completion), waiting ``backoff`` * 2**attempt seconds before each.
     backoff: the first wait, in seconds.
     cache_path: a JSON Lines file of earlier replies keyed by the SHA-256 of (url, model,
       system prompt, judge prompt); a reply found there is never asked for again.
@@ -161,7 +161,7 @@ class Judge:
     return content
 
   def _ask(self, prompt: str) -> str | None:
-    """The judge's reply to `prompt` (from the cache if there), or None after every retry failed."""
+    """The judge's reply to ``prompt`` (from the cache if there), or None after every retry failed."""
     key = self._key(prompt)
     with self._lock:
       if key in self._cache:
@@ -196,7 +196,7 @@ class Judge:
     return None
 
   def judge(self, question: str, answer: str) -> Judgment:
-    """The rating of `answer` to `question`."""
+    """The rating of ``answer`` to ``question``."""
     judgment = self._ask(PROMPT_TEMPLATE.format(question=question, answer=answer))
     if judgment is None:
       return Judgment(None, "failed")

@@ -2,7 +2,7 @@
 
 References:
   Lin, "ROUGE: A Package for Automatic Evaluation of Summaries", ACL Workshop 2004.
-  Google's `rouge_score` (`rouge_scorer.RougeScorer(["rougeL"])` defaults): lower-case,
+  Google's ``rouge_score`` (``rouge_scorer.RougeScorer(["rougeL"])`` defaults): lower-case,
   every run of characters outside [a-z0-9] is a separator, no stemming; F1 of the
   longest-common-subsequence precision and recall, 0 when either side has no token.
 """
@@ -16,7 +16,7 @@ _SEPARATOR = re.compile(r"[^a-z0-9]+")
 
 
 def rouge_tokens(text: str) -> list[str]:
-  """`rouge_score`'s default tokenization."""
+  """``rouge_score``'s default tokenization."""
   return [token for token in _SEPARATOR.split(text.lower()) if token]
 
 
@@ -31,7 +31,7 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-  """ROUGE-L F1 of `prediction` against `reference`, in [0, 1]."""
+  """ROUGE-L F1 of ``prediction`` against ``reference``, in [0, 1]."""
   pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
   if not pred or not ref:
     return 0.0

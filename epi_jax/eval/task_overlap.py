@@ -30,7 +30,7 @@ def _ema_sq(s, g, beta):
 
 
 def task_importance(model, batches: Iterable[dict], *, beta: float, num_micro: int):
-  """EMA of the squared gradients over `batches`, a float32 pytree like the model's params."""
+  """EMA of the squared gradients over ``batches``, a float32 pytree like the model's params."""
   s = None
   for batch in batches:
     g = batch_gradients(model, batch, num_micro)
@@ -89,7 +89,7 @@ def task_overlap(
     layer_of: str,
     num_micro: int,
 ) -> dict:
-  """`pairwise_jaccard` of the tasks' own top-p importance masks.
+  """``pairwise_jaccard`` of the tasks' own top-p importance masks.
 
   Args:
     model: the decoder, as it is now.

@@ -1,1 +1,1 @@
-"""Training methods beside EPI: LoRA adapters (`methods.lora`) and the EWC penalty (`methods.ewc`)."""
+"""Training methods beside EPI: LoRA adapters (``methods.lora``) and the EWC penalty (``methods.ewc``)."""

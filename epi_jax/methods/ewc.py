@@ -7,7 +7,7 @@ Kirkpatrick et al. 2017 (arXiv 1612.00796), Eq. 3: training task B after task A 
 
 with F the diagonal Fisher at theta*_A. Here F is the empirical Fisher: the mean over examples
 n of the squared per-example gradient g_n = grad_theta l_n(theta*), with l_n the
-response-token cross-entropy of `train.step.response_loss` for example n alone (its summed CE
+response-token cross-entropy of ``train.step.response_loss`` for example n alone (its summed CE
 over its response tokens / their count). An example is a batch row (with packed rows, a row's
 examples together); rows without response tokens are left out of the mean.
 
@@ -56,7 +56,7 @@ def _row_loss(model: nnx.Module, row: dict[str, jax.Array]) -> tuple[jax.Array, 
 
 
 def example_losses(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Per-example losses [B] and response-token counts [B] of `batch` (train.step's keys)."""
+  """Per-example losses [B] and response-token counts [B] of ``batch`` (train.step's keys)."""
   return jax.vmap(lambda row: _row_loss(model, row))({k: batch[k] for k in BATCH_KEYS})
 
 
@@ -91,20 +91,20 @@ def fisher_diagonal(
     *,
     examples_per_chunk: int | None = None,
 ):
-  """The diagonal empirical Fisher of the model's ``nnx.Param`` over `batches`.
+  """The diagonal empirical Fisher of the model's ``nnx.Param`` over ``batches``.
 
   F = (1 / N) sum_n g_n * g_n over the N examples (rows) with response tokens, g_n the
   gradient of that example's loss alone (see the module docstring), in float32.
 
   Args:
     model: the Decoder at the end of a stage (theta*).
-    batches: dicts with train.step's keys, [B, T] each (e.g. `ewc.fisher_batches` batches of
+    batches: dicts with train.step's keys, [B, T] each (e.g. ``ewc.fisher_batches`` batches of
       the stage's iterator); B may differ between batches.
     examples_per_chunk: per-example gradients held at once (vmapped), a divisor of every B;
       None: a whole batch. Memory: this many gradient copies.
 
   Returns:
-    float32 arrays shaped like `nnx.state(model, nnx.Param)`.
+    float32 arrays shaped like ``nnx.state(model, nnx.Param)``.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   total, examples = None, jnp.float32(0)
@@ -140,12 +140,12 @@ def init(params) -> EWCState:
 
 
 def consolidate(state: EWCState, params, fisher, *, gamma: float | None = None) -> EWCState:
-  """Adds a finished stage: its weights `params` (theta*_t) and Fisher `fisher` (F_t).
+  """Adds a finished stage: its weights ``params`` (theta*_t) and Fisher ``fisher`` (F_t).
 
   Args:
-    state: from `init` or an earlier `consolidate`.
-    params: the weights at the end of the stage, shaped like `state.fisher`; copied.
-    fisher: that stage's `fisher_diagonal`.
+    state: from ``init`` or an earlier ``consolidate``.
+    params: the weights at the end of the stage, shaped like ``state.fisher``; copied.
+    fisher: that stage's ``fisher_diagonal``.
     gamma: None: offline EWC, the exact sum of every stage's penalty (module docstring);
       0 <= gamma <= 1: online EWC, F = gamma * F + F_t and theta* = theta*_t.
 
@@ -198,12 +198,12 @@ def penalty(params, state: EWCState, *, lam: float) -> jax.Array:
 
 
 def penalty_gradient(lam: float) -> optax.GradientTransformation:
-  """Adds the gradient of `penalty`, lambda * F * (theta - theta*), to the updates.
+  """Adds the gradient of ``penalty``, lambda * F * (theta - theta*), to the updates.
 
   Chain it before the optimizer (``optax.chain(penalty_gradient(lam), adamw)``): the updates
   it passes on are the gradients of loss + penalty, as differentiating the penalized loss
-  gives, clipping included. Its state is the `EWCState` (`init` at first, so no penalty), which
-  `consolidate` replaces between stages; it lives in the optimizer state and so in every
+  gives, clipping included. Its state is the ``EWCState`` (``init`` at first, so no penalty), which
+  ``consolidate`` replaces between stages; it lives in the optimizer state and so in every
   checkpoint.
   """
   if not lam >= 0:

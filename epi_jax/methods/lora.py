@@ -1,33 +1,33 @@
-"""LoRA (Hu et al. 2022, arXiv 2106.09685) for `epi_jax.models.Decoder`, kept in its own pytree.
+"""LoRA (Hu et al. 2022, arXiv 2106.09685) for ``epi_jax.models.Decoder``, kept in its own pytree.
 
 For a target kernel W the adapted weight is
 
   W' = W + (alpha / r) * a @ b,   a: [in, r], b: [r, out]
 
-where `in` and `out` are W's input and output axes flattened in the Hugging Face order (q, k,
+where ``in`` and ``out`` are W's input and output axes flattened in the Hugging Face order (q, k,
 v kernels [D, N, Dh]: in = D, out = N * Dh; o [H, Dh, D]: in = H * Dh, out = D; MLP kernels
-[in, out]). A scanned model (`scan_layers`) keeps a leading layer axis on W, a and b alike.
+[in, out]). A scanned model (``scan_layers``) keeps a leading layer axis on W, a and b alike.
 
 The adapters are a nested dict mirroring the parameter paths, e.g.
-`adapters["layers"][3]["attn"]["q"] == {"a": ..., "b": ...}` (scanned:
-`adapters["layers"]["attn"]["q"]` with [L, ...] arrays). `adapted(model, adapters, config)` is
-the Decoder with the weights W' and every base weight behind `stop_gradient`: differentiate a
-loss of it w.r.t. `adapters` and build the optax state from `adapters` alone, and the base gets
-no gradient and no optimizer state. `merge` gives the model to save with
-`models.save_pretrained`; `save_adapter` / `load_adapter` write and read the adapter alone in
-PEFT's format, which `peft.PeftModel.from_pretrained(base, path)` loads onto the base model.
+``adapters["layers"][3]["attn"]["q"] == {"a": ..., "b": ...}`` (scanned:
+``adapters["layers"]["attn"]["q"]`` with [L, ...] arrays). ``adapted(model, adapters, config)`` is
+the Decoder with the weights W' and every base weight behind ``stop_gradient``: differentiate a
+loss of it w.r.t. ``adapters`` and build the optax state from ``adapters`` alone, and the base gets
+no gradient and no optimizer state. ``merge`` gives the model to save with
+``models.save_pretrained``; ``save_adapter`` / ``load_adapter`` write and read the adapter alone in
+PEFT's format, which ``peft.PeftModel.from_pretrained(base, path)`` loads onto the base model.
 
-PEFT's conventions, reproduced from peft 0.21.2 (`tuners/lora/layer.py` `update_layer`,
-`reset_lora_parameters`, `Linear.forward`; `utils/save_and_load.py`
-`get_peft_model_state_dict`; `peft_model.py` `save_pretrained`; `config.py`): lora_A.weight =
+PEFT's conventions, reproduced from peft 0.21.2 (``tuners/lora/layer.py`` ``update_layer``,
+``reset_lora_parameters``, ``Linear.forward``; ``utils/save_and_load.py``
+``get_peft_model_state_dict``; ``peft_model.py`` ``save_pretrained``; ``config.py``): lora_A.weight =
 a.T is [r, in], initialized kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in));
 lora_B.weight = b.T is [out, r], zeros; scaling alpha / r; tensors named
-`base_model.model.<module>.lora_A.weight` with `<module>` the base weight's name without
-`.weight`; adapter_config.json is LoraConfig's fields, sorted, with inference_mode true.
+``base_model.model.<module>.lora_A.weight`` with ``<module>`` the base weight's name without
+``.weight``; adapter_config.json is LoraConfig's fields, sorted, with inference_mode true.
 
 Dropout: PEFT drops each element of the LoRA input, lora_B(lora_A(dropout(x))). Here LoRA
 enters through the weights, never the activations, so the mask is drawn per input feature
-and shared by all tokens of a step: rows of `a` are kept with probability 1 - p and scaled by
+and shared by all tokens of a step: rows of ``a`` are kept with probability 1 - p and scaled by
 1 / (1 - p), a fresh mask per target and layer. The expectation is PEFT's; the masks are not
 per token. Evaluation (no dropout) is exactly PEFT's forward.
 """
@@ -125,10 +125,10 @@ class _Target(NamedTuple):
 
 
 def _targets(model: Decoder, config: LoraConfig) -> list[_Target]:
-  """The kernels `config` adapts, read from per-leaf shapes (real or abstract model).
+  """The kernels ``config`` adapts, read from per-leaf shapes (real or abstract model).
 
   A kernel with more axes than its per-layer layout carries one leading layer axis (the
-  scanned layout at `layers/<sub>`); its slice i is block i.
+  scanned layout at ``layers/<sub>``); its slice i is block i.
   """
   names = NameMap(model.config.family)
   wanted = {TARGETS[t] for t in config.targets}
@@ -225,17 +225,17 @@ def adapted(
 ) -> Decoder:
   """The model with every target kernel W replaced by W + (alpha / r) a @ b, for training.
 
-  All base weights pass through `jax.lax.stop_gradient`: only `adapters` get gradients.
+  All base weights pass through ``jax.lax.stop_gradient``: only ``adapters`` get gradients.
 
   Args:
     model: the base Decoder (unscanned or scanned), left unchanged.
-    adapters: from `init_adapters` or `load_adapter`, for this model and `config`.
+    adapters: from ``init_adapters`` or ``load_adapter``, for this model and ``config``.
     config: the adapters' LoraConfig.
-    dropout_key: a PRNG key to apply `config.dropout` (see the module docstring); None: no
+    dropout_key: a PRNG key to apply ``config.dropout`` (see the module docstring); None: no
       dropout (evaluation).
 
   Returns:
-    A new Decoder; call it like the base model, e.g. inside `train.step.response_loss`.
+    A new Decoder; call it like the base model, e.g. inside ``train.step.response_loss``.
 
   >>> loss = lambda ad: response_loss(adapted(model, ad, cfg, dropout_key=key), batch)[0]
   >>> grads = jax.grad(loss)(adapters)   # shaped like adapters; optax trains them alone
@@ -245,12 +245,12 @@ def adapted(
 
 def merge(model: Decoder, adapters: dict, config: LoraConfig) -> Decoder:
   """A new Decoder with W + (alpha / r) a @ b in place of each target kernel (no dropout);
-  save it with `models.save_pretrained` for `AutoModelForCausalLM`."""
+  save it with ``models.save_pretrained`` for ``AutoModelForCausalLM``."""
   return _with_adapters(model, adapters, config, dropout_key=None, freeze=False)
 
 
 def adapter_axis_names(model: Decoder, config: LoraConfig) -> dict:
-  """Logical axis names shaped like the adapters: `a` named like its kernel's input axis, `b`
+  """Logical axis names shaped like the adapters: ``a`` named like its kernel's input axis, ``b``
   like its output axis, the layer axis like the kernel's, the rank axis None."""
   names = {}
   for t in _targets(model, config):
@@ -262,7 +262,7 @@ def adapter_axis_names(model: Decoder, config: LoraConfig) -> dict:
 
 
 def adapter_shardings(model: Decoder, config: LoraConfig, mesh: Mesh) -> dict:
-  """NamedShardings shaped like the adapters, from `adapter_axis_names` and the mesh rules."""
+  """NamedShardings shaped like the adapters, from ``adapter_axis_names`` and the mesh rules."""
   flat = traverse_util.flatten_dict(adapter_axis_names(model, config))
   shapes = {}
   for t in _targets(model, config):
@@ -286,11 +286,11 @@ def init_adapters(
   """Fresh adapters as PEFT initializes them: a ~ U(-1/sqrt(in), 1/sqrt(in)), b = 0.
 
   Args:
-    model: the base Decoder (may be abstract, from `nnx.eval_shape`).
+    model: the base Decoder (may be abstract, from ``nnx.eval_shape``).
     config: rank and targets.
-    key: PRNG key; target i draws from `fold_in(key, i)`.
+    key: PRNG key; target i draws from ``fold_in(key, i)``.
     dtype: adapter dtype (PEFT keeps adapters in float32 on 16-bit bases by default).
-    mesh: create each array directly on this mesh (`adapter_shardings`); None: default device.
+    mesh: create each array directly on this mesh (``adapter_shardings``); None: default device.
   """
   targets = _targets(model, config)
 
@@ -310,7 +310,7 @@ def init_adapters(
 
 
 def _peft_modules(family: str) -> dict[str, str]:
-  """PEFT module name of each target (`q_proj`, ...) -> its short name (`q`, ...)."""
+  """PEFT module name of each target (``q_proj``, ...) -> its short name (``q``, ...)."""
   names = NameMap(family)
   return {
       names.to_hf("layers/0/" + "/".join(sub))[0].split(".")[-2]: short
@@ -319,7 +319,7 @@ def _peft_modules(family: str) -> dict[str, str]:
 
 
 def _peft_names(hf_name: str) -> tuple[str, str]:
-  """PEFT's (lora_A, lora_B) tensor names for a base weight `model.layers.0...q_proj.weight`."""
+  """PEFT's (lora_A, lora_B) tensor names for a base weight ``model.layers.0...q_proj.weight``."""
   module = PEFT_PREFIX + hf_name.removesuffix(".weight")
   return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
@@ -327,7 +327,7 @@ def _peft_names(hf_name: str) -> tuple[str, str]:
 def peft_config(
     model: Decoder, config: LoraConfig, *, base_model_name_or_path: str | None = None
 ) -> dict:
-  """The adapter_config.json that peft 0.21.2's `PeftModel.save_pretrained` writes for the
+  """The adapter_config.json that peft 0.21.2's ``PeftModel.save_pretrained`` writes for the
   same adapter: every LoraConfig field, defaults for what this module does not use."""
   return {
       "alora_invocation_tokens": None,
@@ -384,11 +384,11 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
 ) -> None:
-  """Writes adapter_config.json and adapter_model.safetensors in PEFT's format to `path`.
+  """Writes adapter_config.json and adapter_model.safetensors in PEFT's format to ``path``.
 
   Tensors are per block (a scanned model's stacked adapters are split), lora_A [r, in] and
   lora_B [out, r] in the adapters' dtype, gathered on the host (they are small).
-  `base_model_name_or_path` is recorded in the config as PEFT does.
+  ``base_model_name_or_path`` is recorded in the config as PEFT does.
   """
   targets = _targets(model, config)
   _check(adapters, targets, config)
@@ -433,11 +433,11 @@ _SUPPORTED = {
 def load_adapter(
     model: Decoder, path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None
 ) -> tuple[dict, LoraConfig]:
-  """Reads a PEFT LoRA adapter folder (as `save_adapter` or peft write it) for `model`.
+  """Reads a PEFT LoRA adapter folder (as ``save_adapter`` or peft write it) for ``model``.
 
   Returns:
-    (adapters, config), the adapters stacked per layer when `model` is scanned and placed on
-    `mesh` when given.
+    (adapters, config), the adapters stacked per layer when ``model`` is scanned and placed on
+    ``mesh`` when given.
 
   Raises:
     CheckpointMismatchError: naming every unsupported config value and every missing,
@@ -527,11 +527,11 @@ class LoraMemory(NamedTuple):
 
 def memory_bytes(model: Decoder, config: LoraConfig, *, dtype=jnp.float32) -> LoraMemory:
   """The extra memory of LoRA training for the dry-run plan, from shapes only (an abstract
-  model from `nnx.eval_shape` works).
+  model from ``nnx.eval_shape`` works).
 
   The base model itself is not counted; LoRA gives it no gradient and no optimizer state.
   The effective weights (one copy of the targets in the base dtype) live from the forward to
-  the backward pass. Their gradient is one full copy of the targets with `scan_layers` (the
+  the backward pass. Their gradient is one full copy of the targets with ``scan_layers`` (the
   scan's backward returns it stacked), otherwise one target kernel at a time, each freed once
   its a and b gradients are formed. XLA's CPU memory analysis of a 4-layer model
   (docs/methods.md) measures +1.04x the targets unscanned (this estimate: 1.05x) and +2.4x

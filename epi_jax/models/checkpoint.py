@@ -2,10 +2,10 @@
 files, and save them as Hugging Face folders.
 
 Both formats are tensor sources: a config, every tensor's Hugging Face name and shape, and a
-`read(name)` that returns one tensor in the Hugging Face layout. Loading builds the abstract
-model with `nnx.eval_shape`, checks every name and shape against it before reading anything,
+``read(name)`` that returns one tensor in the Hugging Face layout. Loading builds the abstract
+model with ``nnx.eval_shape``, checks every name and shape against it before reading anything,
 then reads the tensors one parameter at a time and puts each directly on its target sharding:
-the whole model never sits on one host. With `scan_layers` a parameter stacks one tensor per
+the whole model never sits on one host. With ``scan_layers`` a parameter stacks one tensor per
 block along its leading axis; it is filled slice by slice on the host, then placed once.
 numpy handles bfloat16 tensors through ml_dtypes, which jax registers on import.
 """
@@ -83,10 +83,10 @@ class TensorSource(Protocol):
   shapes: dict[str, tuple[int, ...]]  # name -> shape, of every tensor
 
   def label(self, name: str) -> str:
-    """How error messages name tensor `name`."""
+    """How error messages name tensor ``name``."""
 
   def read(self, name: str) -> np.ndarray:
-    """Tensor `name`."""
+    """Tensor ``name``."""
 
 
 class SafetensorsSource:
@@ -213,8 +213,8 @@ def from_pretrained(
 
   Args:
     path: a folder with config.json and model.safetensors (or shards + index), a llama.cpp
-      `.gguf` file (any tensor type `gguf.quants` dequantizes), or an alias such as
-      "smollm2-135m-instruct" (`registry.ALIASES`).
+      ``.gguf`` file (any tensor type ``gguf.quants`` dequantizes), or an alias such as
+      "smollm2-135m-instruct" (``registry.ALIASES``).
     dtype: parameter and activation dtype (float32 or bfloat16).
     mesh: place each parameter on this mesh by its logical axes; None: the default device.
     scan_layers, remat: the ModelConfig switches of the same names.
@@ -246,7 +246,7 @@ def from_pretrained(
 
 
 def _host_slices(leaves: dict[tuple, nnx.Variable], slots: Slots):
-  """(per-block path, numpy value) of every parameter slice, in `slots` order; gathers one
+  """(per-block path, numpy value) of every parameter slice, in ``slots`` order; gathers one
   parameter at a time."""
   for path, variable in leaves.items():
     value = np.asarray(jax.device_get(variable.get_value()))
@@ -262,11 +262,11 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 10**9,
     tokenizer=None,
 ) -> None:
-  """Writes config.json and safetensors (shards + index above `max_shard_bytes`) to `path`.
+  """Writes config.json and safetensors (shards + index above ``max_shard_bytes``) to ``path``.
 
-  The folder loads unchanged with transformers' `AutoModelForCausalLM.from_pretrained`,
+  The folder loads unchanged with transformers' ``AutoModelForCausalLM.from_pretrained``,
   whatever the model was loaded from; stacked (scanned) parameters are written per block.
-  Only one shard and one parameter at a time are gathered on the host. `tokenizer` (a
+  Only one shard and one parameter at a time are gathered on the host. ``tokenizer`` (a
   transformers tokenizer), if given, is saved beside the weights.
   """
   path = os.fspath(path)
@@ -310,7 +310,7 @@ def save_pretrained(
 
 def load_tokenizer(path: str | os.PathLike):
   """The checkpoint's transformers tokenizer: from a folder's tokenizer files (None when it has
-  none), or from a .gguf file's metadata (`gguf.load_tokenizer`), chat template included."""
+  none), or from a .gguf file's metadata (``gguf.load_tokenizer``), chat template included."""
   path = resolve_checkpoint(path)
   if is_gguf(path):
     return gguf_tokenizer(path)

@@ -24,7 +24,7 @@ FULL = "full_attention"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Llama3RopeScaling:
-  """The `llama3` frequency scaling of LLaMA-3.1+ rotary embeddings."""
+  """The ``llama3`` frequency scaling of LLaMA-3.1+ rotary embeddings."""
 
   factor: float = 8.0
   low_freq_factor: float = 1.0
@@ -34,7 +34,7 @@ class Llama3RopeScaling:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-  """Shapes and per-family switches of the decoder (hashable: it is static under `jit`)."""
+  """Shapes and per-family switches of the decoder (hashable: it is static under ``jit``)."""
 
   family: str
   """One of FAMILIES; selects the weight-name table and the config.json layout."""
@@ -53,7 +53,7 @@ class ModelConfig:
   attention_bias: bool = False
   """Biases on the q, k, v projections (Qwen2)."""
   sliding_window: int | None = None
-  """A query sees itself and the `sliding_window - 1` keys before it on sliding layers."""
+  """A query sees itself and the ``sliding_window - 1`` keys before it on sliding layers."""
   layer_types: tuple[str, ...] = ()
   """Per layer "sliding_attention" or "full_attention"; empty means all full."""
   activation: str = "silu"
@@ -73,8 +73,8 @@ class ModelConfig:
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   scan_layers: bool = False
-  """Keep the blocks stacked (parameters `layers/...` with a leading layer axis) and run them
-    in one `lax.scan`: compile time no longer grows with depth. Not part of config.json."""
+  """Keep the blocks stacked (parameters ``layers/...`` with a leading layer axis) and run them
+    in one ``lax.scan``: compile time no longer grows with depth. Not part of config.json."""
   remat: str = "none"
   """Activation rematerialization per block: one of REMAT. Not part of config.json."""
 
@@ -102,7 +102,7 @@ class ModelConfig:
       raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
   def window(self, layer: int) -> int | None:
-    """The sliding window of `layer`, or None when it attends to all previous tokens."""
+    """The sliding window of ``layer``, or None when it attends to all previous tokens."""
     if self.layer_types and self.layer_types[layer] == SLIDING:
       return self.sliding_window
     return None
@@ -140,7 +140,7 @@ class ModelConfig:
 
   @classmethod
   def llama3_1_8b(cls) -> ModelConfig:
-    """meta-llama/Llama-3.1-8B: LLaMA-3-8B shapes with `llama3` rope scaling."""
+    """meta-llama/Llama-3.1-8B: LLaMA-3-8B shapes with ``llama3`` rope scaling."""
     return dataclasses.replace(
         cls.llama3_8b(), rope_scaling=Llama3RopeScaling(), max_position_embeddings=131_072
     )
@@ -228,7 +228,7 @@ class ModelConfig:
 
   @classmethod
   def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
-    """A 2-layer, 64-wide model of `family` for CPU tests and demos (vocab fits a byte tokenizer)."""
+    """A 2-layer, 64-wide model of ``family`` for CPU tests and demos (vocab fits a byte tokenizer)."""
     fields = dict(
         family=family,
         vocab_size=320,
@@ -314,7 +314,7 @@ class ModelConfig:
     return cls(**fields)
 
   def to_hf(self) -> dict[str, Any]:
-    """The config.json dict that transformers' `AutoConfig` reads back as this model."""
+    """The config.json dict that transformers' ``AutoConfig`` reads back as this model."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
       rope = dict(

@@ -1,18 +1,18 @@
 """llama.cpp GGUF files as checkpoints: the config from the metadata, the tensors dequantized
 under their Hugging Face names and layouts, and the tokenizer. No torch.
 
-Conversions undone here, as in llama.cpp's `convert_hf_to_gguf.py` and transformers'
-`modeling_gguf_pytorch_utils.py` (the loader `from_pretrained(..., gguf_file=...)` uses for
+Conversions undone here, as in llama.cpp's ``convert_hf_to_gguf.py`` and transformers'
+``modeling_gguf_pytorch_utils.py`` (the loader ``from_pretrained(..., gguf_file=...)`` uses for
 these architectures):
 
-- tensor names: `blk.{i}.attn_q.weight` <- `model.layers.{i}.self_attn.q_proj.weight`, ...;
+- tensor names: ``blk.{i}.attn_q.weight`` <- ``model.layers.{i}.self_attn.q_proj.weight``, ...;
 - the llama converter permutes the rows of q and k (weights and biases) per head from the
-  Hugging Face "two halves" rotary order to interleaved pairs (`LlamaModel.permute`);
-- the gemma2 converter stores every RMSNorm weight as `w + 1` (`Gemma2Model.modify_tensors`);
+  Hugging Face "two halves" rotary order to interleaved pairs (``LlamaModel.permute``);
+- the gemma2 converter stores every RMSNorm weight as ``w + 1`` (``Gemma2Model.modify_tensors``);
 - ggml lists dimensions fastest first, so a GGUF shape is the Hugging Face shape reversed.
 
-The config follows llama.cpp's reading of the metadata (`llama-model.cpp`): head_dim is
-`attention.key_length`, else hidden / heads; Gemma-2 scales queries by head_dim**-0.5 except
+The config follows llama.cpp's reading of the metadata (``llama-model.cpp``): head_dim is
+``attention.key_length``, else hidden / heads; Gemma-2 scales queries by head_dim**-0.5 except
 the 46-layer 27B, which uses (hidden / heads)**-0.5; Mistral files use the llama architecture.
 """
 
@@ -62,7 +62,7 @@ def is_gguf(path: str) -> bool:
 
 
 def hf_name(name: str, family: str) -> str | None:
-  """The Hugging Face name of GGUF tensor `name`, None when the family has no such tensor."""
+  """The Hugging Face name of GGUF tensor ``name``, None when the family has no such tensor."""
   module, _, kind = name.rpartition(".")
   if m := _BLOCK_NAME.fullmatch(module):
     sub = _BLOCKS[family].get(m[2])
@@ -71,7 +71,7 @@ def hf_name(name: str, family: str) -> str | None:
 
 
 def gguf_name(name: str, family: str) -> str:
-  """The GGUF name of Hugging Face tensor `name` (the inverse of `hf_name`)."""
+  """The GGUF name of Hugging Face tensor ``name`` (the inverse of ``hf_name``)."""
   module, _, kind = name.rpartition(".")
   if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module):
     block = {hf: gg for gg, hf in _BLOCKS[family].items()}
@@ -82,7 +82,7 @@ def gguf_name(name: str, family: str) -> str:
 
 @functools.cache
 def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
-  """Whether `gguf.quants.dequantize` reads tensors of this type (tried on one zero block)."""
+  """Whether ``gguf.quants.dequantize`` reads tensors of this type (tried on one zero block)."""
   _, type_size = gguf.GGML_QUANT_SIZES[qtype]
   try:
     gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
@@ -101,9 +101,9 @@ class GGUFSource:
 
   Attributes:
     path: the file.
-    config: the decoder it describes, None when `problems` prevent building one.
+    config: the decoder it describes, None when ``problems`` prevent building one.
     problems: what is wrong with the file as a whole (architecture, metadata).
-    unsupported: "name: TYPE" of every tensor `gguf.quants` cannot dequantize.
+    unsupported: "name: TYPE" of every tensor ``gguf.quants`` cannot dequantize.
     shapes: Hugging Face name (the GGUF name when it has none) -> shape, of every tensor.
   """
 
@@ -125,14 +125,14 @@ class GGUFSource:
         self.unsupported.append(f"{tensor.name}: {tensor.tensor_type.name}")
 
   def label(self, name: str) -> str:
-    """The GGUF name of tensor `name` (present or expected), with `name` when it differs."""
+    """The GGUF name of tensor ``name`` (present or expected), with ``name`` when it differs."""
     file_name = (
         self._tensors[name].name if name in self._tensors else gguf_name(name, self.config.family)
     )
     return name if file_name == name else f"{file_name} ({name})"
 
   def read(self, name: str) -> np.ndarray:
-    """Tensor `name` dequantized to float32, in the Hugging Face layout and values."""
+    """Tensor ``name`` dequantized to float32, in the Hugging Face layout and values."""
     tensor = self._tensors[name]
     x = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
     config = self.config
@@ -155,9 +155,9 @@ def config_from_metadata(
 ) -> tuple[ModelConfig | None, list[str]]:
   """(ModelConfig, []) of a GGUF file's metadata, or (None, problems) naming what is wrong.
 
-  The metadata is read into a config.json dict for `ModelConfig.from_hf`, as transformers'
-  `load_gguf_checkpoint` does; vocab_size falls back to the token list, and the embeddings are
-  tied when there is no `output.weight`.
+  The metadata is read into a config.json dict for ``ModelConfig.from_hf``, as transformers'
+  ``load_gguf_checkpoint`` does; vocab_size falls back to the token list, and the embeddings are
+  tied when there is no ``output.weight``.
   """
 
   def value(key: str, default: Any = None) -> Any:
@@ -226,10 +226,10 @@ def config_from_metadata(
 
 
 def load_tokenizer(path: str):
-  """The file's tokenizer and chat template as a transformers `PreTrainedTokenizerFast`.
+  """The file's tokenizer and chat template as a transformers ``PreTrainedTokenizerFast``.
 
-  Builds what `AutoTokenizer.from_pretrained(folder, gguf_file=name)` builds (transformers'
-  `get_gguf_tokenizer` + `convert_gguf_tokenizer`), reading the metadata with `gguf` instead of
+  Builds what ``AutoTokenizer.from_pretrained(folder, gguf_file=name)`` builds (transformers'
+  ``get_gguf_tokenizer`` + ``convert_gguf_tokenizer``), reading the metadata with ``gguf`` instead of
   transformers' torch-based reader.
   """
   from transformers import PreTrainedTokenizerFast

@@ -1,6 +1,6 @@
 """Per-family tables from Hugging Face tensor names to Decoder parameter paths.
 
-Each row is (Hugging Face name, parameter path, layout); `{i}` stands for the block index. The
+Each row is (Hugging Face name, parameter path, layout); ``{i}`` stands for the block index. The
 layout says how the Hugging Face tensor is laid out in terms of our axes: Hugging Face axis j
 is our axes layout[j] merged in that order (None: the same layout). Hugging Face keeps linear
 weights as [out, in]; we keep [in, out] with separate head axes.
@@ -90,14 +90,14 @@ class NameMap:
 
 
 def hf_shape(layout: Layout, shape: Sequence[int]) -> tuple[int, ...]:
-  """The Hugging Face shape of a parameter of `shape`."""
+  """The Hugging Face shape of a parameter of ``shape``."""
   if layout is None:
     return tuple(shape)
   return tuple(math.prod(shape[a] for a in group) for group in layout)
 
 
 def from_hf_layout(x: np.ndarray, layout: Layout, shape: Sequence[int]) -> np.ndarray:
-  """A Hugging Face tensor rearranged to our parameter `shape`."""
+  """A Hugging Face tensor rearranged to our parameter ``shape``."""
   if layout is None:
     return x
   order = [a for group in layout for a in group]

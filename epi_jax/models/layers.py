@@ -40,7 +40,7 @@ def dense(x: jax.Array, kernel: jax.Array, **kwargs) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * w, or * (1 + w) when `unit_offset` (Gemma); normalized in float32."""
+  """x / rms(x) * w, or * (1 + w) when ``unit_offset`` (Gemma); normalized in float32."""
 
   def __init__(self, dim: int, *, eps: float, unit_offset: bool, dtype, rngs: nnx.Rngs):
     init = nnx.initializers.zeros if unit_offset else nnx.initializers.ones
@@ -57,7 +57,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
-  """Inverse rotary frequencies [Dh / 2], with the `llama3` scaling when configured."""
+  """Inverse rotary frequencies [Dh / 2], with the ``llama3`` scaling when configured."""
   dim = config.head_dim
   inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
   scaling = config.rope_scaling
@@ -118,9 +118,9 @@ class Attention(nnx.Module):
       kv: tuple[jax.Array, jax.Array] | None = None,
       index: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Attends x [B, T, D] to itself, or to the cache `kv` after writing x's keys at `index`.
+    """Attends x [B, T, D] to itself, or to the cache ``kv`` after writing x's keys at ``index``.
 
-    `mask` [B, T, S] is True where a query may see a key slot. Returns ([B, T, D], new kv).
+    ``mask`` [B, T, S] is True where a query may see a key slot. Returns ([B, T, D], new kv).
     """
     cfg = self.config
     inv_freq = rope_frequencies(cfg)

@@ -1,6 +1,6 @@
 """Checkpoint aliases: short names for model files that pip packages ship.
 
-An alias resolves to a file inside an installed package, found with `importlib.util.find_spec`
+An alias resolves to a file inside an installed package, found with ``importlib.util.find_spec``
 so that the package itself (which may pull heavy dependencies) is never imported.
 """
 
@@ -33,10 +33,10 @@ ALIASES: dict[str, Alias] = {
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-  """`path` itself, or the file of the alias it names (an existing path always wins).
+  """``path`` itself, or the file of the alias it names (an existing path always wins).
 
   Raises:
-    FileNotFoundError: `path` neither exists nor is an alias, or the alias's package or file
+    FileNotFoundError: ``path`` neither exists nor is an alias, or the alias's package or file
       is not installed (the message says how to install it).
   """
   path = os.fspath(path)

@@ -46,7 +46,7 @@ def logical_spec(
     mesh: Mesh,
     rules: Mapping[str, str | tuple[str, ...] | None] = RULES,
 ) -> PartitionSpec:
-  """PartitionSpec for an array with logical axis `names`.
+  """PartitionSpec for an array with logical axis ``names``.
 
   A dimension stays replicated when its rule names a mesh axis already used by an earlier
   dimension or when the mesh axes do not divide it (e.g. 4 kv heads on tensor=8).
@@ -66,13 +66,13 @@ def logical_spec(
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
-  """The NamedSharding of a parameter from its `out_sharding` logical names."""
+  """The NamedSharding of a parameter from its ``out_sharding`` logical names."""
   names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
   return NamedSharding(mesh, logical_spec(names, variable.shape, mesh))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """Moves every parameter of `model` onto `mesh` following RULES, in place; returns `model`."""
+  """Moves every parameter of ``model`` onto ``mesh`` following RULES, in place; returns ``model``."""
   state = nnx.state(model)
   placed = jax.tree.map(
       lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))),

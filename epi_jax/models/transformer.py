@@ -45,9 +45,9 @@ def attention_mask(
     window: int | None,
     segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """[B, T, S] bool: query slot first_slot + t sees key slot s <= it (and within `window`).
+  """[B, T, S] bool: query slot first_slot + t sees key slot s <= it (and within ``window``).
 
-  With `segment_ids` [B, T] (T = S, first_slot = 0) a query also sees only its own segment.
+  With ``segment_ids`` [B, T] (T = S, first_slot = 0) a query also sees only its own segment.
   """
   query_slot = first_slot + jnp.arange(num_queries)[:, None]
   key_slot = jnp.arange(key_mask.shape[-1])[None, :]
@@ -61,7 +61,7 @@ def attention_mask(
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block; `sandwich_norms` adds Gemma-2's norms after attention and MLP."""
+  """Pre-norm residual block; ``sandwich_norms`` adds Gemma-2's norms after attention and MLP."""
 
   def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
     def norm():
@@ -99,11 +99,11 @@ def _remat_policy(remat: str):
 
 
 class Decoder(nnx.Module):
-  """Token embedding, `config.num_layers` blocks in `self.layers`, final norm, output head.
+  """Token embedding, ``config.num_layers`` blocks in ``self.layers``, final norm, output head.
 
-  `self.layers` is an `nnx.List` of blocks, or with `config.scan_layers` one block whose
-  parameters carry a leading layer axis, run by `lax.scan`. `config.remat` wraps each block
-  in `jax.checkpoint`.
+  ``self.layers`` is an ``nnx.List`` of blocks, or with ``config.scan_layers`` one block whose
+  parameters carry a leading layer axis, run by ``lax.scan``. ``config.remat`` wraps each block
+  in ``jax.checkpoint``.
 
   >>> model = Decoder(ModelConfig.tiny("gemma2"), rngs=nnx.Rngs(0))
   >>> model(jnp.ones((2, 5), jnp.int32)).shape
@@ -172,7 +172,7 @@ class Decoder(nnx.Module):
     return self._logits(x)
 
   def init_cache(self, batch: int, size: int) -> KVCache:
-    """An empty cache of `size` slots per row."""
+    """An empty cache of ``size`` slots per row."""
     cfg = self.config
     shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
     if cfg.scan_layers:
@@ -184,7 +184,7 @@ class Decoder(nnx.Module):
   def decode(
       self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array, cache: KVCache
   ) -> tuple[jax.Array, KVCache]:
-    """Appends input_ids [B, T] to `cache` at slots index..index+T-1; returns logits, new cache."""
+    """Appends input_ids [B, T] to ``cache`` at slots index..index+T-1; returns logits, new cache."""
     key_mask = jax.lax.dynamic_update_slice_in_dim(
         cache.mask, attention_mask.astype(bool), cache.index, axis=1
     )
@@ -197,7 +197,7 @@ class Decoder(nnx.Module):
     return self._logits(x), new
 
   def _blocks(self, x, positions, masks, which, kv=None, index=None):
-    """Runs every block on x; returns x and the new caches (None without `kv`)."""
+    """Runs every block on x; returns x and the new caches (None without ``kv``)."""
     cfg = self.config
 
     def run(block, x, mask, layer_kv):

@@ -51,8 +51,8 @@ class Job:
 
 
 def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ()) -> list[Job]:
-  """Every run of `preset` at seeds 0..seeds-1, in the order a partial replication is most
-  useful: the runs of the main comparisons (`FIRST`) at every seed, Table 1's other methods,
+  """Every run of ``preset`` at seeds 0..seeds-1, in the order a partial replication is most
+  useful: the runs of the main comparisons (``FIRST``) at every seed, Table 1's other methods,
   the p sweep (where the demo's settings come from), then the other ablations, seed by seed."""
   jobs = []
   for config, tables in preset.configs:

@@ -98,13 +98,13 @@ PRESETS = {
 
 
 def _sets(base: dict, **changes) -> tuple[str, ...]:
-  """`base` with `changes` (keys with ``__`` for ``.``) as ``KEY=VALUE`` overrides."""
+  """``base`` with ``changes`` (keys with ``__`` for ``.``) as ``KEY=VALUE`` overrides."""
   merged = base | {k.replace("__", "."): v for k, v in changes.items()}
   return tuple(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in merged.items())
 
 
 def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]:
-  """The runs of `preset` that `tables` need, each once (a run several tables use is one run)."""
+  """The runs of ``preset`` that ``tables`` need, each once (a run several tables use is one run)."""
   p, h = preset.p, preset.interval
   epi = {
       "method.type": "epi",

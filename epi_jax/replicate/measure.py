@@ -29,7 +29,7 @@ def _block_flip(per_group: Mapping[str, float | None] | None, pick) -> float | N
 
 
 def claim_metrics(run: Run) -> dict[str, float | None]:
-  """Every metric of ``epi_jax.replicate.paper.METRICS`` for `run` (None: not measured)."""
+  """Every metric of ``epi_jax.replicate.paper.METRICS`` for ``run`` (None: not measured)."""
   s, analyses = run.summary, run.summary.get("analyses", {})
   common = run_metrics(run)
   per_group = _get(analyses, "flip_rate", "per_group")

@@ -35,7 +35,7 @@ Side = tuple[str, str] | float  # (run name, metric) or a constant
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-  """The paper says `high` > `low` (values `paper`, None where it gives no number)."""
+  """The paper says ``high`` > ``low`` (values ``paper``, None where it gives no number)."""
 
   table: str
   high: Side
@@ -50,7 +50,7 @@ def _scores(
     metric: str = "avg_norm_score",
     lower_is_better: bool = False,
 ) -> list[Claim]:
-  """Claims `a` better than `b` for each pair; lower_is_better flips the inequality."""
+  """Claims ``a`` better than ``b`` for each pair; lower_is_better flips the inequality."""
   out = []
   for a, b in pairs:
     hi, lo = (b, a) if lower_is_better else (a, b)

@@ -1,8 +1,8 @@
 """Reports of finished runs: ``python -m epi_jax.report RUN_DIR [RUN_DIR ...] --out DIR``.
 
-`load_run` reads a run directory, `group_runs` puts runs that differ only by seed together,
-`run_metrics`/`aggregate` give the numbers of a run / a group as plain dicts, and
-`write_report` writes report.md, report.json and the PNG plots (docs/trainer.md, "Report").
+``load_run`` reads a run directory, ``group_runs`` puts runs that differ only by seed together,
+``run_metrics``/``aggregate`` give the numbers of a run / a group as plain dicts, and
+``write_report`` writes report.md, report.json and the PNG plots (docs/trainer.md, "Report").
 """
 
 from epi_jax.report.document import write_report

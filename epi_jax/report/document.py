@@ -266,7 +266,7 @@ def write_report(
   Args:
     run_dirs: finished run directories (each with config.yaml, summary.json, metrics.jsonl).
     out_dir: where the report goes (created).
-    labels: optional run_dir -> group label (see `group_runs`).
+    labels: optional run_dir -> group label (see ``group_runs``).
     title: the report's heading.
     extra_markdown: appended to report.md as it is.
 

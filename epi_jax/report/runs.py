@@ -61,7 +61,7 @@ class Run:
     return self.config["data"]["seed"], self.config["train"]["seed"]
 
   def kind(self, name: str) -> list[dict]:
-    """The metrics.jsonl records of kind `name`."""
+    """The metrics.jsonl records of kind ``name``."""
     return [r for r in self.records if r.get("kind") == name]
 
 
@@ -265,11 +265,11 @@ def stats(values: Sequence[float | None]) -> dict:
 
 
 def aggregate(runs: Sequence[Run]) -> dict:
-  """The numbers of `run_metrics` over the seeds of one group, as plain dicts.
+  """The numbers of ``run_metrics`` over the seeds of one group, as plain dicts.
 
   Returns:
     ``n`` (runs), ``run_dirs``, ``seeds`` ([data.seed, train.seed] per run), ``method``, and
-    per number of `run_metrics` its `stats` (per task for ``final_accuracy`` and ``learned``);
+    per number of ``run_metrics`` its ``stats`` (per task for ``final_accuracy`` and ``learned``);
     ``all_learned`` is True when every task reached LEARNED in every run.
   """
   if not runs:

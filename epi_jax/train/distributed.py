@@ -21,7 +21,7 @@ ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def initialize_from_env(environ: Mapping[str, str] = os.environ) -> bool:
-  """Calls ``jax.distributed.initialize`` when `environ` sets any of `ENVIRONMENT`, before
+  """Calls ``jax.distributed.initialize`` when ``environ`` sets any of ``ENVIRONMENT``, before
   anything touches the devices; returns whether it did."""
   if not any(environ.get(name) for name in ENVIRONMENT):
     return False
@@ -47,7 +47,7 @@ def writes_files() -> bool:
 
 
 def host_array(x) -> np.ndarray:
-  """The whole value of `x` as a NumPy array in every process. For an array that spans several
+  """The whole value of ``x`` as a NumPy array in every process. For an array that spans several
   processes this is a collective: every process must call it."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

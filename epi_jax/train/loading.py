@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 def _check_value(value: Any, kind: Any, key: str, problems: list[str]) -> Any:
-  """`value` converted to `kind`, or the value unchanged with a problem appended."""
+  """``value`` converted to ``kind``, or the value unchanged with a problem appended."""
   origin, args = typing.get_origin(kind), typing.get_args(kind)
   if dataclasses.is_dataclass(kind):
     if not isinstance(value, dict):
@@ -167,10 +167,10 @@ def _analyses_problems(config: Config) -> list[str]:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-  """Reads YAML `path`, applies `KEY=VALUE` overrides (VALUE parsed as YAML) and checks it all.
+  """Reads YAML ``path``, applies ``KEY=VALUE`` overrides (VALUE parsed as YAML) and checks it all.
 
   Raises:
-    ConfigError: naming `path` and every unknown key, wrong type or out-of-range value.
+    ConfigError: naming ``path`` and every unknown key, wrong type or out-of-range value.
   """
   try:
     with open(path) as f:
@@ -209,7 +209,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def resume_conflicts(saved: dict, current: Config) -> list[str]:
-  """Dotted keys whose values differ between a checkpoint's config and `current`, except
+  """Dotted keys whose values differ between a checkpoint's config and ``current``, except
   those that cannot change the training (RESUME_FREE)."""
   old, new = _flatten(saved), _flatten(to_dict(current))
   keys = sorted(set(old) | set(new))

@@ -53,7 +53,7 @@ OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapt
 
 
 def _clear_outputs(run_dir: str) -> None:
-  """A fresh start removes the outputs of an earlier run in `run_dir` (process 0 does)."""
+  """A fresh start removes the outputs of an earlier run in ``run_dir`` (process 0 does)."""
   if not writes_files():
     return
   for name in OUTPUTS:
@@ -105,8 +105,8 @@ def _judge(config: Config, run_dir: str) -> Judge | None:
 
 
 def init_state(model: nnx.Module, tx, mesh, *, wrt: nnx.filterlib.Filter = nnx.Param):
-  """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on `mesh` by
-  `like_params`: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
+  """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on ``mesh`` by
+  ``like_params``: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
   masks) from the sharding metadata of the parameter it mirrors, from the start."""
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   state = nnx.state((model, optimizer))
@@ -144,7 +144,7 @@ def _summary(method, stages, record: RunRecord, module, optimizer, *, wall_time:
 
 
 def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
-  """Runs (or resumes) the training described by `config`; returns the summary it writes."""
+  """Runs (or resumes) the training described by ``config``; returns the summary it writes."""
   run_dir = run_dir or config.run_dir
   os.makedirs(run_dir, exist_ok=True)
   session_start = time.perf_counter()

@@ -102,7 +102,7 @@ def memory_plan(config: Config) -> dict:
 
 def _method_memory(config: Config, model, plan: dict, fraction: float) -> dict:
   """LoRA and EWC beside plain AdamW: their extra bytes per base parameter and per-device GiB
-  (sharded like the parameters), from `lora.memory_bytes` and `ewc.memory_bytes`."""
+  (sharded like the parameters), from ``lora.memory_bytes`` and ``ewc.memory_bytes``."""
   o = config.optim
   chunk = config.method.ewc.examples_per_chunk or o.micro_batch_size or o.batch_size
   low_rank = lora.memory_bytes(model, LoRA(config).lora_config())
@@ -127,7 +127,7 @@ def _method_memory(config: Config, model, plan: dict, fraction: float) -> dict:
 
 
 def format_plan(plan: dict, config: Config) -> str:
-  """A readable table of `memory_plan`'s result."""
+  """A readable table of ``memory_plan``'s result."""
   m = plan["mesh"]
   n = plan["parameters"]
   size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -22,8 +22,8 @@ class MetricsWriter:
   """Appends records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard events.
 
   A record is ``{"kind": ..., "step": ..., **values}``; array values (per-group mask counts)
-  become one TensorBoard scalar per entry, named by `group_names`. In a process other than the
-  first, `write` only returns the record.
+  become one TensorBoard scalar per entry, named by ``group_names``. In a process other than the
+  first, ``write`` only returns the record.
   """
 
   def __init__(self, run_dir: str, *, tensorboard: bool, group_names: Sequence[str] = ()):
@@ -40,7 +40,7 @@ class MetricsWriter:
       self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
   def write(self, kind: str, step: int, values: Mapping) -> dict:
-    """Logs `values` at `step` under `kind` (train, eval, mask, stage); returns the record."""
+    """Logs ``values`` at ``step`` under ``kind`` (train, eval, mask, stage); returns the record."""
     record = {"kind": kind, "step": int(step)} | {k: _plain(v) for k, v in values.items()}
     if self.file is None:
       return record

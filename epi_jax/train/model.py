@@ -12,14 +12,14 @@ from epi_jax.train.config import ModelSection
 
 
 def model_config(section: ModelSection) -> ModelConfig:
-  """The architecture of `section` with its layer scanning and rematerialization switches."""
+  """The architecture of ``section`` with its layer scanning and rematerialization switches."""
   return dataclasses.replace(
       _architecture(section), scan_layers=section.scan_layers, remat=section.remat
   )
 
 
 def _architecture(section: ModelSection) -> ModelConfig:
-  """The checkpoint's config, else the preset named by `section.preset`; the tiny preset takes
+  """The checkpoint's config, else the preset named by ``section.preset``; the tiny preset takes
   the section's shape fields."""
   if section.checkpoint:
     return checkpoint_config(section.checkpoint)
@@ -37,7 +37,7 @@ def _architecture(section: ModelSection) -> ModelConfig:
 
 
 def build_model(section: ModelSection, *, seed: int, mesh=None) -> Decoder:
-  """The checkpoint's weights, or a random initialization from `seed`, placed on `mesh`."""
+  """The checkpoint's weights, or a random initialization from ``seed``, placed on ``mesh``."""
   dtype = jnp.dtype(section.dtype)
   if section.checkpoint:
     model, _ = from_pretrained(

@@ -9,7 +9,7 @@ from epi_jax.train.config import Config
 
 
 def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
-  """Linear warm-up over `optim.warmup_ratio` of all steps, then cosine decay to the end."""
+  """Linear warm-up over ``optim.warmup_ratio`` of all steps, then cosine decay to the end."""
   o = config.optim
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,

@@ -23,7 +23,7 @@ def build_mesh(section: MeshSection) -> Mesh:
 
 
 def like_params(tree, mesh: Mesh):
-  """Shardings for `tree` (a model's or an optimizer's state) from each variable's logical-axis
+  """Shardings for ``tree`` (a model's or an optimizer's state) from each variable's logical-axis
   metadata: parameters get the shardings ``shard_model`` gives them, and their optimizer state
   follows them.
 

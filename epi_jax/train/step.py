@@ -27,7 +27,7 @@ def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
 
 
 def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
-  """The batch [B, T] dealt into `num_micro` micro-batches [num_micro, B / num_micro, T]: row j
+  """The batch [B, T] dealt into ``num_micro`` micro-batches [num_micro, B / num_micro, T]: row j
   goes to micro-batch j % num_micro, so each stays spread over the batch shards."""
   return {
       k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1) for k in BATCH_KEYS
@@ -41,8 +41,8 @@ def mean_loss_and_grads(
     *,
     wrt: nnx.filterlib.Filter = nnx.Param,
 ):
-  """(gradients, mean loss, token count) of the response-token loss of `batch` w.r.t. the
-  model's variables selected by `wrt`, computed by a scan over `num_micro` micro-batches.
+  """(gradients, mean loss, token count) of the response-token loss of ``batch`` w.r.t. the
+  model's variables selected by ``wrt``, computed by a scan over ``num_micro`` micro-batches.
 
   The micro-batches' summed float32 gradients are divided by the batch's response-token count
   (at least 1), so they equal those of one pass over the batch; they come back in each
@@ -78,12 +78,12 @@ def make_train_step(
     logs: Callable[[nnx.Module, nnx.Optimizer], dict] | None = None,
     shardings: Any = None,
 ) -> Callable:
-  """`step(state, batch) -> (state, out)` on the split (model, optimizer) state.
+  """``step(state, batch) -> (state, out)`` on the split (model, optimizer) state.
 
-  One optimizer update of the variables `wrt` selects (the optimizer's own `wrt`) with the
-  gradients of `mean_loss_and_grads`. `out` holds ``loss`` and ``tokens``, plus whatever
-  `logs(model, optimizer)` returns after the update (traced into the step). The state is
-  donated. `shardings` (the state's placement, ``like_params(state, mesh)``) pins the new state
+  One optimizer update of the variables ``wrt`` selects (the optimizer's own ``wrt``) with the
+  gradients of ``mean_loss_and_grads``. ``out`` holds ``loss`` and ``tokens``, plus whatever
+  ``logs(model, optimizer)`` returns after the update (traced into the step). The state is
+  donated. ``shardings`` (the state's placement, ``like_params(state, mesh)``) pins the new state
   to exactly the layout it came in: left to itself, XLA re-shards leaves such as the replicated
   norm scales in the first step, and the second step compiles again for the new layout.
   """

@@ -24,7 +24,7 @@ def completion(content: str) -> bytes:
 
 class JudgeServer:
   """Answers each POST with the next scripted reply: (status, body bytes, delay seconds); once
-  the script is used up, `default(request)` answers. Records every request's headers and body."""
+  the script is used up, ``default(request)`` answers. Records every request's headers and body."""
 
   def __init__(self, script=(), default=None):
     self.script = list(script)

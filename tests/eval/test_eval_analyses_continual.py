@@ -7,7 +7,7 @@ from epi_jax.eval.continual import continual_summary
 
 
 def reference(before, R, stage_of):
-  """GEM / Chaudhry formulas on a [K, T] matrix, tasks assigned to stages by `stage_of`."""
+  """GEM / Chaudhry formulas on a [K, T] matrix, tasks assigned to stages by ``stage_of``."""
   R, b, s = np.asarray(R, np.float64), np.asarray(before, np.float64), np.asarray(stage_of)
   last = R.shape[0] - 1
   cols = np.arange(R.shape[1])

@@ -63,7 +63,7 @@ def reference_loglikelihood(model, prompt, completion):
 
 
 def lm_eval_split(tokenizer, context, continuation):
-  """lm-evaluation-harness `_encode_pair`, written out for the reference."""
+  """lm-evaluation-harness ``_encode_pair``, written out for the reference."""
   n = len(context) - len(context.rstrip())
   if n:
     context, continuation = context[:-n], context[-n:] + continuation

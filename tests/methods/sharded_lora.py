@@ -1,4 +1,4 @@
-"""Run as `python sharded_lora.py BASE ADAPTER` with 8 host devices: places a model and its LoRA
+"""Run as ``python sharded_lora.py BASE ADAPTER`` with 8 host devices: places a model and its LoRA
 adapters on a data=2, fsdp=2, tensor=2 mesh (unscanned and scanned) and prints a JSON report
 of the adapters' placement and of the adapted logits against the unsharded ones."""
 

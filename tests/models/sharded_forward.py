@@ -1,4 +1,4 @@
-"""Run as `python sharded_forward.py CHECKPOINT...` with 8 host devices: loads each checkpoint
+"""Run as ``python sharded_forward.py CHECKPOINT...`` with 8 host devices: loads each checkpoint
 unsharded and on a data=2, fsdp=2, tensor=2 mesh, and prints a JSON report comparing the two."""
 
 import json

@@ -102,7 +102,7 @@ def hf_weights(spec: Spec, seed: int) -> dict[str, np.ndarray]:
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
-  """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py): halves -> interleaved pairs."""
+  """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py): halves -> interleaved pairs."""
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -121,7 +121,7 @@ def write_gguf(
 ) -> Path:
   """A GGUF file as llama.cpp's converter writes it: names from gguf's own tensor map, llama's
   q and k rows permuted, gemma2's norms + 1, quantized with gguf.quants, the architecture's
-  metadata (under `arch`, default spec.arch) and a gpt2-style tokenizer."""
+  metadata (under ``arch``, default spec.arch) and a gpt2-style tokenizer."""
   types = tensor_types(weights)
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch.upper()], LAYERS)
   writer = gguf.GGUFWriter(str(path), arch or spec.arch)

@@ -30,7 +30,7 @@ CONFIGS = {
 
 
 def stacked_copy(model: Decoder, **switches) -> Decoder:
-  """A scanned Decoder holding `model`'s weights, block i at slice i of each stacked leaf."""
+  """A scanned Decoder holding ``model``'s weights, block i at slice i of each stacked leaf."""
   scanned = Decoder(
       dataclasses.replace(model.config, scan_layers=True, **switches), rngs=nnx.Rngs(1)
   )

@@ -1,4 +1,4 @@
-"""Run as `python mesh_losses.py CONFIG` with 8 host devices (XLA_FLAGS set by the caller):
+"""Run as ``python mesh_losses.py CONFIG`` with 8 host devices (XLA_FLAGS set by the caller):
 runs the first training steps of the config on one device and on a data=2 x fsdp=4 mesh and
 prints the losses of both as JSON."""
 

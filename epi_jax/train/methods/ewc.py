@@ -68,7 +68,7 @@ class EWC(Method):
     }
 
   def after_stage(self, stage: int, module: nnx.Module, optimizer: nnx.Optimizer, run: Run) -> dict:
-    """Consolidates stage `stage` (not the last: no stage follows to protect it)."""
+    """Consolidates stage ``stage`` (not the last: no stage follows to protect it)."""
     if stage == len(run.stages) - 1:
       return {}
     c, d, o = self.config.method.ewc, self.config.data, self.config.optim
