@@ -48,7 +48,7 @@ def verdict(scores: dict[str, dict[str, float]]) -> str:
   return line + "."
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.demo", description=__doc__.split("\n")[0]
   )

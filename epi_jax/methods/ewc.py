@@ -128,7 +128,7 @@ def _f32(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
-def init(params) -> EWCState:
+def init(params: optax.Params) -> EWCState:
   """The state before any consolidation: F = 0, so the penalty is 0."""
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
   return EWCState(
@@ -139,7 +139,9 @@ def init(params) -> EWCState:
   )
 
 
-def consolidate(state: EWCState, params, fisher, *, gamma: float | None = None) -> EWCState:
+def consolidate(
+    state: EWCState, params: optax.Params, fisher: optax.Params, *, gamma: float | None = None
+) -> EWCState:
   """Adds a finished stage: its weights ``params`` (theta*_t) and Fisher ``fisher`` (F_t).
 
   Args:
@@ -180,7 +182,7 @@ def consolidate(state: EWCState, params, fisher, *, gamma: float | None = None) 
   return EWCState(summed, anchor, state.constant + sum(jax.tree.leaves(left_over)), count)
 
 
-def penalty(params, state: EWCState, *, lam: float) -> jax.Array:
+def penalty(params: optax.Params, state: EWCState, *, lam: float) -> jax.Array:
   """lambda / 2 * (sum_i F_i (theta_i - theta*_i)^2 + C), a float32 scalar.
 
   Add it to the loss once per optimizer step (not per micro-batch); its gradient is
@@ -209,7 +211,9 @@ def penalty_gradient(lam: float) -> optax.GradientTransformation:
   if not lam >= 0:
     raise ValueError(f"lam={lam!r} must be >= 0")
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+      updates: optax.Updates, state: EWCState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, EWCState]:
     if params is None:
       raise ValueError("ewc.penalty_gradient needs params in update()")
     updates = jax.tree.map(

@@ -207,7 +207,7 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
   return 2 if bad else 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.replicate", description=__doc__.splitlines()[0]
   )

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="train.py", description="Train a decoder on a task stream (docs/trainer.md)."
   )

@@ -12,9 +12,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 import epi_jax
@@ -104,7 +106,13 @@ def _judge(config: Config, run_dir: str) -> Judge | None:
   )
 
 
-def init_state(model: nnx.Module, tx, mesh, *, wrt: nnx.filterlib.Filter = nnx.Param):
+def init_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    wrt: nnx.filterlib.Filter = nnx.Param,
+) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on ``mesh`` by
   ``like_params``: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
   masks) from the sharding metadata of the parameter it mirrors, from the start."""
