@@ -35,7 +35,8 @@ def test_demo_prints_the_comparison_and_writes_a_report(tmp_path, capsys):
   config = tmp_path / "demo.yaml"
   config.write_text(TINY)
   out = tmp_path / "demo"
-  assert demo.main(["--config", str(config), "--out", str(out)]) == 0
+  methods = ["--methods", "multistage,epi,static", "--jobs", "2"]
+  assert demo.main(["--config", str(config), "--out", str(out), *methods]) == 0
   text = capsys.readouterr().out
   for label in ("sequential SFT", "EPI", "static isolation"):
     assert label in text
