@@ -66,17 +66,11 @@ def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ())
   order = {job: i for i, job in enumerate(jobs)}
 
   def rank(job: Job) -> tuple:
+    if job.entry.name in FIRST:
+      return 0, job.seed, order[job]
     tables = set(job.entry.tables)
-    tier = (
-        0
-        if job.entry.name in FIRST
-        else 1
-        if "Table 1" in tables
-        else 2
-        if tables & {"Fig. 6", "Table 10"}
-        else 3
-    )
-    return tier, job.seed, order[job]
+    tier = 0 if tables & {"Fig. 6", "Table 10"} else 1 if "Table 1" in tables else 2
+    return 1 + job.seed, tier, order[job]
 
   return sorted(jobs, key=rank)
 
