@@ -28,9 +28,10 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo).
+# Sequential SFT and EPI on the embedded stream, side by side (runs/demo);
+# ARGS=--methods=multistage,epi,static adds static isolation.
 demo: $(STAMP)
-	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo
+	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo $(ARGS)
 
 # The paper's grid at CPU scale, 3 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
 replicate-cpu: $(STAMP)
