@@ -157,4 +157,5 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert "### Table 4" in report
   counts = json.loads((out / "comparison.json").read_text())
   assert counts["seeds"] == {"epi": 2, "epi_beta0": 2, "epi_beta0.9": 2}
-  assert sum(counts["verdicts"].values()) == 3
+  measured = {k: n for k, n in counts["verdicts"].items() if k != "not measured"}
+  assert sum(measured.values()) >= 3  # Table 4's three claims (other tables have no runs here)
