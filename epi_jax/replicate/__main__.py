@@ -157,13 +157,14 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
 
   done = [j for j in jobs if _finished(j)]
   per_run: dict[str, dict[str, list]] = {}
-  for job in done:
-    for k, v in measure.claim_metrics(load_run(job.run_dir)).items():
+  runs = {job: load_run(job.run_dir) for job in done}  # each run read once
+  for job, run in runs.items():
+    for k, v in measure.claim_metrics(run).items():
       per_run.setdefault(job.entry.name, {}).setdefault(k, []).append(v)
   values = {name: {k: measure.mean_std(v) for k, v in ms.items()} for name, ms in per_run.items()}
   seeds = {name: len(ms["avg_norm_score"]) for name, ms in per_run.items()}
   table, counts = compare.comparison(paper.claims(preset.h_sweep, preset.interval), values, seeds)
-  runs_time = sum(load_run(j.run_dir).summary["wall_time_s"] for j in done)
+  runs_time = sum(run.summary["wall_time_s"] for run in runs.values())
   header = (
       f"## Replication: preset `{preset.name}`\n\n{preset.description}. "
       f"{len(done)} of {len(jobs)} runs finished; this sitting took {elapsed / 60:.1f} min, "
