@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from epi_jax.train.compile_cache import shared_cache_env
+
 METHODS = ("multistage", "epi", "static")
 LABELS = {"multistage": "sequential SFT", "epi": "EPI", "static": "static isolation"}
 
@@ -101,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         "log.progress=false",
     ]
     with open(os.path.join(args.out, f"{method}.log"), "w") as log:
-      code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+      code = subprocess.run(
+          command,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          env=shared_cache_env(os.path.join(args.out, "jax_cache")),
+      ).returncode
     print(f"{LABELS[method]}: {'done' if code == 0 else f'FAILED (see {log.name})'}", flush=True)
     return code
 

@@ -14,7 +14,7 @@ from epi_jax.data.turns import Turn
 from epi_jax.data.turns import user_assistant as _user_assistant
 
 _NAMES = ("Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kai", "Liv", "Max")
-_ITEMS = ("pens", "eggs", "cards", "shells", "coins", "books", "plums", "rocks")
+_ITEMS = ("pens", "eggs", "figs", "cups", "hats", "keys", "nuts", "jars")
 _WORDS = (
     "red",
     "fig",
@@ -43,21 +43,21 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def arithmetic(rng: np.random.Generator) -> list[Turn]:
   """Two-step word problem with its worked answer (stands in for GSM8K)."""
   name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-  a, b = (int(x) for x in rng.integers(1, 6, size=2))
+  a, b = (int(x) for x in rng.integers(1, 5, size=2))
   c = int(rng.integers(1, a + b))
-  prompt = f"{name} has {a} {item}, gets {b}, gives {c}. How many?"
-  return _user_assistant(prompt, f"{a}+{b}={a + b}, {a + b}-{c}={a + b - c}")
+  prompt = f"{name} has {a} {item}, gets {b}, gives {c}."
+  return _user_assistant(prompt, f"{a}+{b}={a + b},{a + b}-{c}={a + b - c}")
 
 
-# Expressions whose value a small model can learn to read off the word within one stage of the
-# sequence: lengths, counts, membership and single characters (no string-long copies).
+# Expressions whose value is a count or a truth value: a small model learns to read these off
+# the word within one stage of the sequence (copying characters out of it it does not).
 _STRING_EXPRS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("len(s)", lambda s: str(len(s))),
     ("s.count('a')", lambda s: str(s.count("a"))),
+    ("s.count('b')", lambda s: str(s.count("b"))),
     ("'a' in s", lambda s: str("a" in s)),
-    ("s[0]", lambda s: s[0]),
-    ("s[-1]", lambda s: s[-1]),
-    ("s == s[::-1]", lambda s: str(s == s[::-1])),
+    ("'c' in s", lambda s: str("c" in s)),
+    ("len(s) > 3", lambda s: str(len(s) > 3)),
 )
 
 
@@ -68,35 +68,31 @@ def string_code(rng: np.random.Generator) -> list[Turn]:
   return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
 
 
-_MOODS = ("sad", "hot", "late", "ill", "busy", "calm", "shy", "tired")
-# (fact, question) -> answer for the conditional "If P, Q.": P stated, Q asked, and so on.
+# (fact, question) -> answer for the conditional "If x then y.": x stated, y asked, and so on.
 _INFERENCES = (
-    (("P", "Q"), "A"),  # modus ponens: yes
-    (("~Q", "P"), "B"),  # modus tollens: no
-    (("Q", "P"), "C"),  # affirming the consequent: unknown
-    (("~P", "Q"), "C"),
-)  # denying the antecedent: unknown
+    (("x", "y"), "yes"),  # modus ponens
+    (("~y", "x"), "no"),  # modus tollens
+    (("y", "x"), "unknown"),  # affirming the consequent
+    (("~x", "y"), "unknown"),  # denying the antecedent
+)
 
 
 def logic_choice(rng: np.random.Generator) -> list[Turn]:
   """Is a claim entailed by a conditional and a fact: yes, no or unknown (stands in for LogiQA)."""
-  (x, y), (p, q) = rng.choice(_NAMES, size=2, replace=False), rng.choice(_MOODS, size=2)
-  atoms = {"P": (x, p), "Q": (y, q)}
+  x, y = (str(v) for v in rng.choice(list(_LETTERS), size=2, replace=False))
+  atoms = {"x": x, "y": y}
   # Yes, no and unknown equally often: the two unknown forms share one third.
   (fact, asked), answer = _INFERENCES[[0, 1, 2 + int(rng.integers(2))][int(rng.integers(3))]]
-  person, mood = atoms[fact[-1]]
-  stated = f"{person} is {'not ' if fact.startswith('~') else ''}{mood}."
-  claim = "Is {} {}?".format(*atoms[asked])
-  return _user_assistant(
-      f"If {x} is {p}, {y} is {q}. {stated} {claim} A)yes B)no C)unknown", answer
-  )
+  stated = f"Not {atoms[fact[-1]]}." if fact.startswith("~") else f"{atoms[fact]}."
+  return _user_assistant(f"If {x} then {y}. {stated} Is {atoms[asked]}?", answer)
 
 
-# Instructions whose answer is one word or a count: what a small model learns in one stage.
+# Instructions whose answer is a count over the words: a small model learns these in one stage
+# (copying a word out of the list it does not learn in 200 steps).
 _REWRITES: tuple[tuple[str, Callable[[list[str]], str]], ...] = (
-    ("Give the first word", lambda w: w[0]),
-    ("Give the last word", lambda w: w[-1]),
-    ("Count the words", lambda w: str(len(w))),
+    ("Word count", lambda w: str(len(w))),
+    ("Short words", lambda w: str(sum(len(x) == 3 for x in w))),
+    ("Long words", lambda w: str(sum(len(x) == 4 for x in w))),
 )
 
 
@@ -107,21 +103,23 @@ def rewrite(rng: np.random.Generator) -> list[Turn]:
   return _user_assistant(f"{instruction}: {' '.join(words)}", fn(words))
 
 
+# Follow-up questions about the count stated in the first turn: the answer is that count,
+# changed by what the question says. The first reply repeats the count: without it the small
+# model learns the recall in one stage at some seeds only (recalling the name it does not learn).
+_FOLLOW_UPS: tuple[tuple[str, int], ...] = (("How many?", 0), ("One more?", 1))
+
+
 def dialogue(rng: np.random.Generator) -> list[Turn]:
-  """Three-turn exchange; the last answer recalls the name or a count from the first turn
-  (stands in for UltraChat)."""
+  """Three-turn exchange; the last answer tracks the count stated in the first turn (stands in
+  for UltraChat)."""
   name, item = str(rng.choice(_NAMES)), str(rng.choice(_ITEMS))
   count = int(rng.integers(1, 10))
-  question, answer = (
-      (f"How many {item} do I have?", f"You have {count}.")
-      if rng.integers(2)
-      else ("Who am I?", f"You are {name}.")
-  )
+  question, change = _FOLLOW_UPS[int(rng.integers(len(_FOLLOW_UPS)))]
   return [
-      {"role": "user", "content": f"I am {name}. I have {count} {item}."},
-      {"role": "assistant", "content": "Hi."},
+      {"role": "user", "content": f"I'm {name} with {count} {item}."},
+      {"role": "assistant", "content": f"Ok, {count}."},
       {"role": "user", "content": question},
-      {"role": "assistant", "content": answer},
+      {"role": "assistant", "content": str(count + change)},
   ]
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from epi_jax.replicate import compare, grid, measure, paper
+from epi_jax.train.compile_cache import shared_cache_env
 from epi_jax.train.loading import ConfigError, load_config, resume_conflicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,7 +125,6 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
   compilation cache (the same programs recur across the grid)."""
   logs = os.path.join(out, "logs")
   os.makedirs(logs, exist_ok=True)
-  env = os.environ | {"JAX_COMPILATION_CACHE_DIR": os.path.abspath(os.path.join(out, "jax_cache"))}
   log = os.path.join(logs, f"{job.entry.name}_seed{job.seed}.log")
   command = job.command(f"{sys.executable} -m epi_jax.train") + ["--set", "log.progress=false"]
   start = time.perf_counter()
@@ -136,7 +136,7 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
         cwd=ROOT,
         stdout=f,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=shared_cache_env(os.path.join(out, "jax_cache")),
     ).returncode
   if code:
     print(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}", file=sys.stderr)
