@@ -28,8 +28,8 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Sequential SFT and EPI on the embedded stream, side by side (runs/demo);
-# ARGS=--methods=multistage,epi,static adds static isolation.
+# Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo);
+# ARGS=--methods=multistage,epi leaves static out.
 demo: $(STAMP)
 	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo $(ARGS)
 

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="runs/demo")
   parser.add_argument(
       "--methods",
-      default="multistage,epi",
+      default=",".join(METHODS),
       help=f"comma-separated subset of {','.join(METHODS)} (multistage and epi "
-      "are needed for the verdict; static adds a third run)",
+      "are needed for the verdict; static is the third run)",
   )
   parser.add_argument("--jobs", type=int, default=2, help="trainer processes at once")
   args = parser.parse_args(argv)

@@ -115,7 +115,7 @@ def test_bucketed_generation_equals_one_prompt_at_a_time(model):
   encoder = data.ByteTokenizer()
   chats = [
       c
-      for t in ("string_code", "logic_choice")  # short and long prompts
+      for t in ("string_code", "arithmetic")  # short and long prompts
       for c in data.task_splits(t, seed=0, n_train=0, n_eval=2)[1]
   ]
   prompts = [encoder.encode_prompt(chat[:-1]) for chat in chats]
