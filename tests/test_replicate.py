@@ -53,6 +53,10 @@ def test_verdict():
   assert paper.verdict((1.0, 0.1), (2.0, 0.2)) == "disagrees"
   assert paper.verdict((1.0, 0.5), (1.2, 0.1)) == "within noise"
   assert paper.verdict(None, (1.0, 0.0)) == "not measured"
+  # One seed has no spread: the direction only, never agreement.
+  assert paper.verdict((2.0, 0.0), (1.0, 0.0), seeds=1) == "same direction, 1 seed"
+  assert paper.verdict((1.0, 0.0), (2.0, 0.0), seeds=1) == "opposite direction, 1 seed"
+  assert paper.verdict((1.0, 0.0), (1.0, 0.0), seeds=1) == "equal, 1 seed"
 
 
 def test_claim_metrics_and_mean_std():

@@ -302,6 +302,16 @@ def test_write_report_appends_extra_markdown_and_uses_the_labels(run_dirs, tmp_p
   assert saved["groups"]["SFT"]["n"] == 1 and saved["groups"]["SFT"]["wall_time_s"]["std"] == 0
 
 
+def test_a_second_report_into_the_same_dir_leaves_only_its_own_plots(run_dirs, tmp_path):
+  write_report(run_dirs, str(tmp_path))
+  first = set(os.listdir(tmp_path / "plots"))
+  write_report([run_dirs[0]], str(tmp_path))
+  second = set(os.listdir(tmp_path / "plots"))
+  with open(tmp_path / "report.md") as f:
+    linked = set(re.findall(r"plots/([^)]+\.png)", f.read()))
+  assert second < first and second == linked
+
+
 def test_unfinished_or_broken_runs_are_named(run_dirs, tmp_path):
   unfinished = tmp_path / "unfinished"
   shutil.copytree(run_dirs[0], unfinished, ignore=shutil.ignore_patterns("checkpoints"))

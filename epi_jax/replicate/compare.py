@@ -40,7 +40,7 @@ def comparison(
       "",
       "Each row is one direction the paper reports (LLaMA-3-8B numbers), with our mean ± std "
       "over seeds; a direction agrees or disagrees when the difference of the means exceeds "
-      "the larger std, else it is within noise.",
+      "the larger std, else it is within noise; a single seed gives the direction only.",
       "",
   ]
   counts: dict[str, int] = {}
@@ -56,9 +56,9 @@ def comparison(
           "| --- | --- | --- | --- | --- | --- |",
       ]
     (high, ours_high), (low, ours_low) = _side(claim.high, values), _side(claim.low, values)
-    v = verdict(ours_high, ours_low)
-    counts[v] = counts.get(v, 0) + 1
     n = min(seeds.get(s[0], 0) for s in (claim.high, claim.low) if not isinstance(s, float))
+    v = verdict(ours_high, ours_low, n)
+    counts[v] = counts.get(v, 0) + 1
     lines.append(
         f"| {high} > {low} | {_paper(claim.paper[0])} > {_paper(claim.paper[1])} | "
         f"{_fmt(ours_high)} | {_fmt(ours_low)} | {n} | {v} |"

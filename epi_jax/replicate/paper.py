@@ -160,16 +160,23 @@ def claims(h_sweep: tuple[int, ...], interval: int) -> list[Claim]:
   return out
 
 
-def verdict(high: tuple[float, float] | None, low: tuple[float, float] | None) -> str:
+def verdict(
+    high: tuple[float, float] | None, low: tuple[float, float] | None, seeds: int = 2
+) -> str:
   """Whether our (mean, std) values agree with "high > low".
 
   "agrees" / "disagrees" when the difference of the means exceeds the larger of the two
   standard deviations over seeds, "within noise" otherwise, "not measured" when a side is
-  missing.
+  missing. With fewer than 2 seeds there is no spread to judge by: "same direction, 1 seed",
+  "opposite direction, 1 seed" or "equal, 1 seed".
   """
   if high is None or low is None or any(math.isnan(v[0]) for v in (high, low)):
     return "not measured"
   diff, noise = high[0] - low[0], max(high[1], low[1])
+  if seeds < 2:
+    return (
+        "equal, 1 seed" if diff == 0 else f"{'same' if diff > 0 else 'opposite'} direction, 1 seed"
+    )
   if abs(diff) <= noise or diff == 0:
     return "within noise"
   return "agrees" if diff > 0 else "disagrees"

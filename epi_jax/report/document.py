@@ -261,7 +261,8 @@ def write_report(
     title: str = "EPI runs",
     extra_markdown: str = "",
 ) -> str:
-  """Writes ``out_dir/report.md``, ``out_dir/report.json`` and ``out_dir/plots/*.png``.
+  """Writes ``out_dir/report.md``, ``out_dir/report.json`` and ``out_dir/plots/*.png`` (the PNGs
+  of an earlier report there are removed first).
 
   Args:
     run_dirs: finished run directories (each with config.yaml, summary.json, metrics.jsonl).
@@ -281,6 +282,9 @@ def write_report(
   per_run = {r.run_dir: run_metrics(r) for members in groups.values() for r in members}
   plot_dir = os.path.join(out_dir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
+  for name in os.listdir(plot_dir):  # an earlier report's plots would sit beside these
+    if name.endswith(".png"):
+      os.remove(os.path.join(plot_dir, name))
   lines = [
       f"# {title}",
       "",
