@@ -1,5 +1,6 @@
 """Train steps of the `cpu` replication preset's tiny llama: how the step time grows with the
-tokens per row and with the model's shape (why the preset is 2 blocks x 64 wide at 48 tokens).
+tokens per row and with the model's shape (why the preset is 2 blocks x 64 wide, 8 heads, at 48
+tokens).
 
 Every variant is one jitted, donated train step (forward, backward, AdamW) at batch 32 on
 random tokens, timed as ``--steps`` consecutive steps, round-robin after a warm-up (compile
@@ -21,9 +22,10 @@ from optimizer import interleaved_medians
 from train_step import TrainStep, random_batch
 
 BATCH = 32
-PRESET = ModelConfig.tiny("llama", hidden_size=64, intermediate_size=128, num_layers=2)
+PRESET = ModelConfig.tiny("llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8)
 VARIANTS = {  # name -> (model config, tokens per row)
     **{f"preset, {t} tokens": (PRESET, t) for t in (48, 56, 64, 80, 96)},
+    "4 heads, 48 tokens": (dataclasses.replace(PRESET, num_heads=4), 48),
     "width 96 (6 heads), 48 tokens": (
         dataclasses.replace(PRESET, hidden_size=96, intermediate_size=192, num_heads=6),
         48,
