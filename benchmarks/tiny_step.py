@@ -13,29 +13,37 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 
 import optax
 
-from epi_jax.models import ModelConfig
+from epi_jax.train.loading import load_config
+from epi_jax.train.model import model_config
 from optimizer import interleaved_medians
 from train_step import TrainStep, random_batch
 
 BATCH = 32
-PRESET = ModelConfig.tiny("llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8)
+CPU_PRESET = os.path.join(os.path.dirname(__file__), "..", "configs", "replicate", "cpu.yaml")
+
+
+def _model(*overrides: str):
+  """The trainer's ModelConfig of the cpu preset with ``overrides`` (head size = width / heads)."""
+  return model_config(load_config(CPU_PRESET, [f"model.{o}" for o in overrides]).model)
+
+
 VARIANTS = {  # name -> (model config, tokens per row)
-    **{f"preset, {t} tokens": (PRESET, t) for t in (48, 56, 64, 80, 96)},
-    "4 heads, 48 tokens": (dataclasses.replace(PRESET, num_heads=4), 48),
+    **{f"preset, {t} tokens": (_model(), t) for t in (48, 56, 64, 80, 96)},
+    "4 heads, 48 tokens": (_model("num_heads=4"), 48),
     "width 96 (6 heads), 48 tokens": (
-        dataclasses.replace(PRESET, hidden_size=96, intermediate_size=192, num_heads=6),
+        _model("hidden_size=96", "intermediate_size=192", "num_heads=6"),
         48,
     ),
     "width 128 (8 heads), 48 tokens": (
-        dataclasses.replace(PRESET, hidden_size=128, intermediate_size=256, num_heads=8),
+        _model("hidden_size=128", "intermediate_size=256", "num_heads=8"),
         48,
     ),
-    "MLP 256, 48 tokens": (dataclasses.replace(PRESET, intermediate_size=256), 48),
-    "3 blocks, 48 tokens": (dataclasses.replace(PRESET, num_layers=3), 48),
+    "MLP 256, 48 tokens": (_model("intermediate_size=256"), 48),
+    "3 blocks, 48 tokens": (_model("num_layers=3"), 48),
 }
 
 

@@ -5,6 +5,9 @@ import os
 import pytest
 
 from epi_jax import demo
+from epi_jax.train.loading import load_config, to_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = """
 model: {preset: tiny, hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2}
@@ -16,6 +19,18 @@ checkpoint: {every: 0}
 eval: {max_new_tokens: 4, batch_size: 4}
 log: {every: 1, tensorboard: false}
 """
+
+
+def test_the_demo_is_the_cpu_preset_run_with_its_own_method():
+  """The docs compare the demo's runs with the grid's bit for bit: only the method (and where
+  runs go) may differ from configs/replicate/cpu.yaml."""
+  demo_config, preset = (
+      to_dict(load_config(os.path.join(ROOT, "configs", *path)))
+      for path in (("demo.yaml",), ("replicate", "cpu.yaml"))
+  )
+  for config in (demo_config, preset):
+    del config["method"], config["run_dir"]
+  assert demo_config == preset
 
 
 def test_verdict_follows_the_numbers():

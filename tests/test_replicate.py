@@ -49,10 +49,10 @@ def test_claims_name_runs_of_the_full_grid():
 
 
 def test_verdict():
-  assert paper.verdict((2.0, 0.1), (1.0, 0.2)) == "agrees"
-  assert paper.verdict((1.0, 0.1), (2.0, 0.2)) == "disagrees"
-  assert paper.verdict((1.0, 0.5), (1.2, 0.1)) == "within noise"
-  assert paper.verdict(None, (1.0, 0.0)) == "not measured"
+  assert paper.verdict((2.0, 0.1), (1.0, 0.2), seeds=3) == "agrees"
+  assert paper.verdict((1.0, 0.1), (2.0, 0.2), seeds=3) == "disagrees"
+  assert paper.verdict((1.0, 0.5), (1.2, 0.1), seeds=3) == "within noise"
+  assert paper.verdict(None, (1.0, 0.0), seeds=3) == "not measured"
   # One seed has no spread: the direction only, never agreement.
   assert paper.verdict((2.0, 0.0), (1.0, 0.0), seeds=1) == "same direction, 1 seed"
   assert paper.verdict((1.0, 0.0), (2.0, 0.0), seeds=1) == "opposite direction, 1 seed"

@@ -160,10 +160,8 @@ def claims(h_sweep: tuple[int, ...], interval: int) -> list[Claim]:
   return out
 
 
-def verdict(
-    high: tuple[float, float] | None, low: tuple[float, float] | None, seeds: int = 2
-) -> str:
-  """Whether our (mean, std) values agree with "high > low".
+def verdict(high: tuple[float, float] | None, low: tuple[float, float] | None, seeds: int) -> str:
+  """Whether our (mean, std over ``seeds`` seeds) values agree with "high > low".
 
   "agrees" / "disagrees" when the difference of the means exceeds the larger of the two
   standard deviations over seeds, "within noise" otherwise, "not measured" when a side is
