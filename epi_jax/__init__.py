@@ -5,6 +5,8 @@ from epi_jax._src.epi import MaskStats
 from epi_jax._src.epi import epi
 from epi_jax._src.grouping import layer_groups
 from epi_jax._src.probe import probe_mask
+from epi_jax._src.rounding import apply_updates
+from epi_jax._src.rounding import float32_state
 from epi_jax._src.selection import top_p_mask
 from epi_jax._src.state import mask_stats
 from epi_jax._src.state import protection_mask
@@ -18,7 +20,9 @@ __all__ = [
     "EPIState",
     "MaskStats",
     "StaticIsolationState",
+    "apply_updates",
     "epi",
+    "float32_state",
     "layer_groups",
     "mask_stats",
     "probe_mask",

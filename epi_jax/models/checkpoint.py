@@ -208,6 +208,7 @@ def from_pretrained(
     mesh: Mesh | None = None,
     scan_layers: bool = False,
     remat: str = "none",
+    compute_dtype: str | None = None,
 ) -> tuple[Decoder, ModelConfig]:
   """Reads a llama, mistral, qwen2 or gemma2 checkpoint: a Hugging Face folder or a GGUF file.
 
@@ -215,9 +216,9 @@ def from_pretrained(
     path: a folder with config.json and model.safetensors (or shards + index), a llama.cpp
       ``.gguf`` file (any tensor type ``gguf.quants`` dequantizes), or an alias such as
       "smollm2-135m-instruct" (``registry.ALIASES``).
-    dtype: parameter and activation dtype (float32 or bfloat16).
+    dtype: the stored parameters' dtype (float32 or bfloat16).
     mesh: place each parameter on this mesh by its logical axes; None: the default device.
-    scan_layers, remat: the ModelConfig switches of the same names.
+    scan_layers, remat, compute_dtype: the ModelConfig switches of the same names.
 
   Returns:
     (model, config).
@@ -227,7 +228,9 @@ def from_pretrained(
       tensors of unsupported types, missing, unexpected and mis-shaped tensors.
   """
   source = open_checkpoint(path)
-  config = dataclasses.replace(_config(source), scan_layers=scan_layers, remat=remat)
+  config = dataclasses.replace(
+      _config(source), scan_layers=scan_layers, remat=remat, compute_dtype=compute_dtype
+  )
   abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   leaves = dict(nnx.to_flat_state(state))

@@ -77,11 +77,17 @@ class ModelConfig:
     in one ``lax.scan``: compile time no longer grows with depth. Not part of config.json."""
   remat: str = "none"
   """Activation rematerialization per block: one of REMAT. Not part of config.json."""
+  compute_dtype: str | None = None
+  """Dtype the forward and backward run in ("float32" or "bfloat16"): each parameter is cast to
+    it where used and activations carry it; norm statistics, softmax, logits and the loss stay
+    float32. None: the parameters' own dtype. Not part of config.json."""
 
   def __post_init__(self):
     problems = []
     if self.remat not in REMAT:
       problems.append(f"remat={self.remat!r} is not one of {REMAT}")
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      problems.append(f"compute_dtype={self.compute_dtype!r} is not 'float32' or 'bfloat16'")
     if self.family not in FAMILIES:
       problems.append(f"family={self.family!r} is not one of {FAMILIES}")
     if self.activation not in ("silu", "gelu_tanh"):

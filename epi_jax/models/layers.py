@@ -34,8 +34,9 @@ def param(
 
 def dense(x: jax.Array, kernel: jax.Array, **kwargs) -> jax.Array:
   """x [..., D] @ kernel [D, N] as one 2-D matmul over all leading axes (XLA's CPU backend
-  runs [B, T, D] @ [D, N] about 25% slower than the same product on [B * T, D])."""
-  y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel, **kwargs)
+  runs [B, T, D] @ [D, N] about 25% slower than the same product on [B * T, D]). The kernel is
+  cast to x's dtype, the compute dtype (a no-op when the parameters are stored in it)."""
+  y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype), **kwargs)
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
@@ -53,7 +54,7 @@ class RMSNorm(nnx.Module):
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     if self.unit_offset:
       return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-    return self.scale[...] * normed.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
   def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
     d, n, dh = kernel.shape
     y = dense(x, kernel[...].reshape(d, n * dh)).reshape(*x.shape[:-1], n, dh)
-    return y if bias is None else y + bias[...]
+    return y if bias is None else y + bias[...].astype(y.dtype)
 
   def __call__(
       self,

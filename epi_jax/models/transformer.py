@@ -103,7 +103,8 @@ class Decoder(nnx.Module):
 
   ``self.layers`` is an ``nnx.List`` of blocks, or with ``config.scan_layers`` one block whose
   parameters carry a leading layer axis, run by ``lax.scan``. ``config.remat`` wraps each block
-  in ``jax.checkpoint``.
+  in ``jax.checkpoint``. Parameters are stored in ``dtype``; the forward runs in
+  ``config.compute_dtype`` (default: ``dtype``), with float32 norm statistics, softmax and logits.
 
   >>> model = Decoder(ModelConfig.tiny("gemma2"), rngs=nnx.Rngs(0))
   >>> model(jnp.ones((2, 5), jnp.int32)).shape
@@ -113,6 +114,7 @@ class Decoder(nnx.Module):
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.dtype = dtype
+    self.compute_dtype = jnp.dtype(config.compute_dtype or dtype)
     self.embed = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
     if config.scan_layers:
 
@@ -176,9 +178,9 @@ class Decoder(nnx.Module):
     cfg = self.config
     shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
     if cfg.scan_layers:
-      zeros = jnp.zeros((cfg.num_layers, *shape), self.dtype)
+      zeros = jnp.zeros((cfg.num_layers, *shape), self.compute_dtype)
     else:
-      zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
+      zeros = tuple(jnp.zeros(shape, self.compute_dtype) for _ in range(cfg.num_layers))
     return KVCache(zeros, zeros, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
   def decode(
@@ -237,7 +239,7 @@ class Decoder(nnx.Module):
     return masks, tuple(distinct.index(w) for w in windows)
 
   def _embed(self, input_ids: jax.Array) -> jax.Array:
-    x = jnp.take(self.embed[...], input_ids, axis=0)  # (B, T, D)
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)  # (B, T, D)
     if self.config.scale_embeddings:
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     return x

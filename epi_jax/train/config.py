@@ -37,7 +37,11 @@ class ModelSection:
   llama.cpp .gguf file (tokenizer and chat template included), or the alias
   smollm2-135m-instruct (installed by ``make smollm2``); empty: random init."""
   dtype: Literal["float32", "bfloat16"] = "float32"
-  """Dtype of the parameters (and so of the gradients and Adam moments)."""
+  """Dtype the parameters are stored in. bfloat16 halves their memory; their updates are then
+  applied with stochastic rounding, and gradients and optimizer state stay float32."""
+  compute_dtype: Literal["", "float32", "bfloat16"] = ""
+  """Dtype of the forward and backward (parameters cast where used, activations in it; norm
+  statistics, softmax, logits and the loss in float32); empty: ``dtype``."""
   scan_layers: bool = False
   """Stack the blocks and run them in one scan: compile time independent of depth."""
   remat: Literal["none", "block", "dots"] = "none"

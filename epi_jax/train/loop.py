@@ -37,7 +37,7 @@ from epi_jax.train.metrics import MetricsWriter
 from epi_jax.train.model import build_model
 from epi_jax.train.optimizer import learning_rate
 from epi_jax.train.sharding import build_mesh, like_params, put_batch
-from epi_jax.train.step import make_train_step
+from epi_jax.train.step import make_optimizer, make_train_step
 from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
 
 
@@ -116,7 +116,7 @@ def init_state(
   """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on ``mesh`` by
   ``like_params``: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
   masks) from the sharding metadata of the parameter it mirrors, from the start."""
-  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  optimizer = make_optimizer(model, tx, wrt=wrt)
   state = nnx.state((model, optimizer))
   # One fresh buffer per leaf: an optimizer's init may return one array in two state fields,
   # and the step cannot donate a buffer twice.

@@ -44,7 +44,7 @@ def activation_bytes(config: Config) -> float:
   """Estimate of the activations one device keeps for the backward pass of a micro-batch.
 
   Per block, in 16-bit (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4 and 5), scaled to
-  the parameter dtype: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation; with
+  the compute dtype: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation; with
   ``model.remat: dots`` the attention scores are recomputed (the 5*a*s/(h*t) term goes); with
   ``block`` each block keeps only its 2*s*b*h-byte input, plus one block's full activations
   while it is recomputed. Plus the float32 logits and their gradient.
@@ -52,7 +52,7 @@ def activation_bytes(config: Config) -> float:
   c, o, mesh = model_config(config.model), config.optim, config.mesh
   rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
   s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
-  scale = jnp.dtype(config.model.dtype).itemsize / 2
+  scale = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize / 2
   linear = s * rows * h * (10 + 24 / t) * scale
   scores = s * rows * h * 5 * a * s / (h * t) * scale
   logits = 2 * rows * s * c.vocab_size / t * 4
@@ -71,6 +71,8 @@ def memory_plan(config: Config) -> dict:
   params_state = nnx.state(model, nnx.Param)
   count, fraction = _device_fraction(params_state, mesh)
   params = nnx.to_pure_dict(params_state)
+  # Gradients and optimizer state are float32 whatever the parameters' dtype (make_optimizer).
+  params32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
   inner = inner_optimizer(config, total_steps=1000)
   per_device = lambda tree: _bytes(tree) * fraction / GIB
   plan = {
@@ -78,16 +80,16 @@ def memory_plan(config: Config) -> dict:
       "devices": config.mesh.data * config.mesh.fsdp * config.mesh.tensor,
       "mesh": {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
       "params_gib": per_device(params),
-      "grads_gib": per_device(params),
+      "grads_gib": per_device(params32),
       "adam_moments_gib": per_device(  # mu and nu; the scalar counters are negligible
-          [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params)) if leaf.ndim]
+          [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params32)) if leaf.ndim]
       ),
       "activations_gib": activation_bytes(config) / GIB,
       "epi": {},
   }
   for sensitivity, dtype in SENSITIVITY_OPTIONS:
     tx = epi_jax.epi(inner, p=0.01, sensitivity=sensitivity, sensitivity_dtype=jnp.dtype(dtype))
-    state = jax.eval_shape(tx.init, params)
+    state = jax.eval_shape(tx.init, params32)
     plan["epi"][f"{sensitivity}_{dtype}" if sensitivity == "grad_sq" else sensitivity] = {
         "sensitivity_gib": per_device(state.sensitivity),
         "mask_gib": per_device(state.mask) + per_device(state.first_mask),
@@ -132,7 +134,8 @@ def format_plan(plan: dict, config: Config) -> str:
   n = plan["parameters"]
   size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
   lines = [
-      f"model {config.model.preset} ({config.model.dtype}): {n:,} parameters ({size})",
+      f"model {config.model.preset} ({config.model.dtype} parameters, "
+      f"{config.model.compute_dtype or config.model.dtype} compute): {n:,} parameters ({size})",
       f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
       f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
       f"{config.data.seq_len} tokens",

@@ -12,9 +12,13 @@ from epi_jax.train.config import ModelSection
 
 
 def model_config(section: ModelSection) -> ModelConfig:
-  """The architecture of ``section`` with its layer scanning and rematerialization switches."""
+  """The architecture of ``section`` with its layer scanning, rematerialization and compute
+  dtype switches."""
   return dataclasses.replace(
-      _architecture(section), scan_layers=section.scan_layers, remat=section.remat
+      _architecture(section),
+      scan_layers=section.scan_layers,
+      remat=section.remat,
+      compute_dtype=section.compute_dtype or None,
   )
 
 
@@ -46,6 +50,7 @@ def build_model(section: ModelSection, *, seed: int, mesh=None) -> Decoder:
         mesh=mesh,
         scan_layers=section.scan_layers,
         remat=section.remat,
+        compute_dtype=section.compute_dtype or None,
     )
     return model
   model = Decoder(model_config(section), dtype=dtype, rngs=nnx.Rngs(seed))

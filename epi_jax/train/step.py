@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import epi_jax
+
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
@@ -45,8 +47,8 @@ def mean_loss_and_grads(
   model's variables selected by ``wrt``, computed by a scan over ``num_micro`` micro-batches.
 
   The micro-batches' summed float32 gradients are divided by the batch's response-token count
-  (at least 1), so they equal those of one pass over the batch; they come back in each
-  parameter's dtype.
+  (at least 1), so they equal those of one pass over the batch; they stay float32 whatever the
+  parameters' dtype (``make_optimizer`` keeps bfloat16 parameters' optimizer state in float32).
   """
   model_def, params, rest = nnx.split(model, wrt, ...)
 
@@ -66,8 +68,32 @@ def mean_loss_and_grads(
       accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro)
   )
   count = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
-  return grads, total / count, count
+  return jax.tree.map(lambda g: g / count, grads), total / count, count
+
+
+def make_optimizer(
+    model: nnx.Module, tx: optax.GradientTransformation, *, wrt: nnx.filterlib.Filter = nnx.Param
+) -> nnx.Optimizer:
+  """``nnx.Optimizer(model, tx, wrt=wrt)``; where any of those parameters is stored in bfloat16,
+  ``tx`` runs in float32 (``epi_jax.float32_state``) and ``apply_gradients`` rounds its updates
+  into the parameters stochastically."""
+  params = jax.tree.leaves(nnx.state(model, wrt))
+  if any(p.dtype == jnp.bfloat16 for p in params):
+    tx = epi_jax.float32_state(tx)
+  return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def apply_gradients(model: nnx.Module, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
+  """``optimizer.update(model, grads)`` with ``epi_jax.apply_updates`` in place of
+  ``optax.apply_updates``: a bfloat16 parameter takes its float32 update by stochastic
+  rounding instead of dropping what lies below half an ulp."""
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  updates, opt_state = optimizer.tx.update(
+      nnx.as_pure(nnx.state(grads, optimizer.wrt)), nnx.as_pure(optimizer.opt_state), params
+  )
+  nnx.update(model, epi_jax.apply_updates(params, updates, optimizer.step[...]))
+  nnx.update(optimizer.opt_state, nnx.state(opt_state))
+  optimizer.step[...] += 1
 
 
 def make_train_step(
@@ -91,7 +117,7 @@ def make_train_step(
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     grads, loss, count = mean_loss_and_grads(model, batch, num_micro, wrt=wrt)
-    optimizer.update(model, grads)
+    apply_gradients(model, optimizer, grads)
     out = {"loss": loss, "tokens": count} | (logs(model, optimizer) if logs else {})
     return nnx.state((model, optimizer)), out
 

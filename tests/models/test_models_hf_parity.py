@@ -1,11 +1,14 @@
 """The Flax decoder against transformers' PyTorch models on the same tiny random checkpoints."""
 
 import chex
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_reference import VARIANTS, WINDOW, left_padded_batch, torch_logits, torch_model
 
 from epi_jax.models import from_pretrained, save_pretrained
@@ -91,3 +94,29 @@ def test_bfloat16_is_close_to_float32(checkpoint, flax_model):
   approx = np.asarray(half(ids, mask))[_real(mask)]
   chex.assert_tree_all_finite(approx)
   assert np.abs(approx - full).max() < 0.1 * np.abs(full).max()
+
+
+def _dot_operand_dtypes(jaxpr) -> set:
+  """The dtypes of every dot_general's operands in ``jaxpr`` and the jaxprs nested in it."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found |= {v.aval.dtype for v in eqn.invars}
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found |= _dot_operand_dtypes(sub)
+  return found
+
+
+def test_bfloat16_compute_with_float32_master_weights(checkpoint, flax_model):
+  model, _ = flax_model
+  mixed, config = from_pretrained(checkpoint[2], compute_dtype="bfloat16")
+  assert config.compute_dtype == "bfloat16" and mixed.layers[0].attn.q.dtype == jnp.float32
+  ids, mask = left_padded_batch(seed=3)
+  graphdef, state = nnx.split(mixed)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, mask))(state).jaxpr
+  assert _dot_operand_dtypes(jaxpr) == {jnp.dtype(jnp.bfloat16)}  # every matmul in bfloat16
+  logits = mixed(ids, mask)
+  assert logits.dtype == jnp.float32
+  full = np.asarray(model(ids, mask))[_real(mask)]
+  approx = np.asarray(logits)[_real(mask)]
+  assert 0 < np.abs(approx - full).max() < 0.1 * np.abs(full).max()

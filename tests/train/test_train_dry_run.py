@@ -26,14 +26,27 @@ def test_memory_plan(path):
   plan = memory_plan(config)
   if config.model.preset in BILLIONS:
     assert plan["parameters"] / 1e9 == pytest.approx(BILLIONS[config.model.preset], abs=0.01)
-    # bf16 params over fsdp=8: 2 bytes per parameter split 8 ways (replicated norms aside).
-    assert plan["params_gib"] == pytest.approx(plan["parameters"] * 2 / 8 / 2**30, rel=0.01)
+    # float32 master weights over fsdp=8: 4 bytes per parameter split 8 ways (replicated norms
+    # aside); gradients the same, Adam's two moments twice that.
+    assert plan["params_gib"] == pytest.approx(plan["parameters"] * 4 / 8 / 2**30, rel=0.01)
+    assert plan["grads_gib"] == pytest.approx(plan["params_gib"])
+    assert plan["adam_moments_gib"] == pytest.approx(2 * plan["params_gib"])
   epi = plan["epi"]
   assert epi["adam_nu"]["sensitivity_gib"] == 0
   assert epi["grad_sq_float32"]["sensitivity_gib"] == pytest.approx(
       2 * epi["grad_sq_bfloat16"]["sensitivity_gib"]
   )
   assert plan["activations_gib"] > 0
+
+
+def test_bfloat16_parameters_halve_only_themselves():
+  """bfloat16 master weights: gradients and optimizer state stay float32 (make_optimizer)."""
+  path = os.path.join(ROOT, "configs", "paper", "llama3_8b.yaml")
+  full = memory_plan(load_config(path))
+  half = memory_plan(load_config(path, ["model.dtype=bfloat16"]))
+  assert half["params_gib"] == pytest.approx(full["params_gib"] / 2, rel=1e-3)
+  for key in ("grads_gib", "adam_moments_gib", "activations_gib"):
+    assert half[key] == pytest.approx(full[key]), key
 
 
 def test_cli_dry_run_prints_the_plan():

@@ -18,7 +18,7 @@ from epi_jax.train.config import Config
 from epi_jax.train.methods.base import Method, Run, Trainable
 from epi_jax.train.optimizer import inner_optimizer
 from epi_jax.train.sharding import put_batch
-from epi_jax.train.step import make_train_step
+from epi_jax.train.step import make_optimizer, make_train_step
 from epi_jax.train.tasks import TaskData
 
 
@@ -46,7 +46,7 @@ def static_mask(
     steps = probe_steps(config, examples)
     probe = nnx.clone(model)
     nnx.update(probe, jax.tree.map(jnp.copy, nnx.state(probe)))  # own buffers: the step donates
-    optimizer = nnx.Optimizer(probe, inner_optimizer(config, steps), wrt=nnx.Param)
+    optimizer = make_optimizer(probe, inner_optimizer(config, steps))
     graphdef, state = nnx.split((probe, optimizer))
     step = make_train_step(graphdef, num_micro)
     batches = data.BatchIterator(
