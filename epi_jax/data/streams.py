@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from epi_jax.data.batching import Encoded
-from epi_jax.data.iterator import BatchIterator
+from epi_jax.data.iterator import PACK_WINDOW, BatchIterator
 
 
 def check_stages(task_names: Sequence[str], stages: Sequence[Sequence[str]]) -> None:
@@ -56,6 +56,7 @@ def stage_iterators(
     pad_id: int,
     seed: int,
     pack: bool = False,
+    pack_window: int = PACK_WINDOW,
 ) -> list[BatchIterator]:
   """One iterator per stage over the union of that stage's tasks (multi-stage training).
 
@@ -66,7 +67,7 @@ def stage_iterators(
     examples: tokenized training examples per task name.
     stages: lists of task names, trained in this order; e.g. [["arithmetic"], ["rewrite",
       "dialogue"]].
-    batch_size, seq_len, pad_id, pack: as for BatchIterator.
+    batch_size, seq_len, pad_id, pack, pack_window: as for BatchIterator.
     seed: base seed; each stage gets its own derived seed.
   """
   check_stages(list(examples), stages)
@@ -77,6 +78,7 @@ def stage_iterators(
           seq_len=seq_len,
           pad_id=pad_id,
           pack=pack,
+          pack_window=pack_window,
           seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]),
       )
       for k, stage in enumerate(stages)
@@ -91,6 +93,7 @@ def mixture_iterator(
     pad_id: int,
     seed: int,
     pack: bool = False,
+    pack_window: int = PACK_WINDOW,
 ) -> BatchIterator:
   """One iterator over all tasks shuffled together: the "full" multi-task baseline."""
   return stage_iterators(
@@ -101,4 +104,5 @@ def mixture_iterator(
       pad_id=pad_id,
       seed=seed,
       pack=pack,
+      pack_window=pack_window,
   )[0]

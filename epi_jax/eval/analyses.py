@@ -98,6 +98,7 @@ class RunAnalyses:
             pad_id=self.encoder.pad_id,
             seed=d.seed,
             pack=d.pack,
+            pack_window=d.pack_window,
         )
         self.task_batches[t] = [next(it) for _ in range(IMPORTANCE_BATCHES)]
     self.points: dict[int, list[str]] = {}

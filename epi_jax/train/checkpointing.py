@@ -25,7 +25,7 @@ class RunRecord:
   """Where a run is and what it measured so far: the JSON item of every checkpoint."""
 
   step: int = 0
-  data: dict | None = None  # the iterator position: {"stage", "epoch", "index"}
+  data: dict | None = None  # the iterator position: {"stage", "epoch", "index", "rows"}
   matrix: list = dataclasses.field(default_factory=list)  # headline score rows, one per stage
   eval_metrics: list = dataclasses.field(default_factory=list)  # all metrics, one per stage
   mask_history: list = dataclasses.field(default_factory=list)  # statistics of every refresh

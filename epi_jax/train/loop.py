@@ -262,7 +262,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       continue
     it = iterators[k]
     if step > bounds[k]:
-      it.restore(IteratorState(epoch=record.data["epoch"], index=record.data["index"]))
+      it.restore(IteratorState(**{key: v for key, v in record.data.items() if key != "stage"}))
     while step < bounds[k + 1]:
       batch = next(it)
       state, out = step_fn(state, put_batch(batch, mesh))

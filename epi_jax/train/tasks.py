@@ -72,4 +72,5 @@ def stage_iterators(
       pad_id=task_data.encoder.pad_id,
       seed=d.seed,
       pack=d.pack,
+      pack_window=d.pack_window,
   )

@@ -1,7 +1,6 @@
 """Dataset adapters on small local files in each dataset's Hugging Face schema."""
 
 import json
-import pathlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,8 +8,7 @@ import pytest
 
 from epi_jax.data.adapters import DATASET_METRICS, DATASET_NAMES, load_chats, load_examples
 from epi_jax.data.records import DataError
-
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from shared_data import SHARED_DATA
 
 RECORDS = {
     "gsm8k": {

@@ -17,7 +17,8 @@ def train_losses(run_dir):
 
 @pytest.mark.slow
 def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
-  config = load_config(tiny_config_file(tmp_path))
+  packed = ["data.pack=true", "data.pack_window=16"]  # a resume mid-window: pending rows
+  config = load_config(tiny_config_file(tmp_path), packed)
   full = train(config, run_dir=str(tmp_path / "full"))
   assert sorted(int(p.name) for p in (tmp_path / "full" / "checkpoints").iterdir()) == [2, 3, 4, 6]
   assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
@@ -27,7 +28,7 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")
   (tmp_path / "cut" / "summary.json").unlink()
-  changed = load_config(tiny_config_file(tmp_path), ["method.p=0.1", "log.every=5"])
+  changed = load_config(tiny_config_file(tmp_path), [*packed, "method.p=0.1", "log.every=5"])
   with pytest.raises(ConfigError) as error:
     train(changed, run_dir=str(tmp_path / "cut"), resume=True)
   assert "method.p" in str(error.value) and "log.every" not in str(error.value)

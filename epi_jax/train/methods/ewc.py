@@ -81,6 +81,7 @@ class EWC(Method):
         pad_id=run.task_data.encoder.pad_id,
         seed=d.seed + FISHER_SEED + stage,
         pack=d.pack,
+        pack_window=d.pack_window,
     )
     fisher = ewc.fisher_diagonal(
         module,

@@ -56,6 +56,7 @@ def static_mask(
         pad_id=task_data.encoder.pad_id,
         seed=config.data.seed + 1000 + k,
         pack=config.data.pack,
+        pack_window=config.data.pack_window,
     )
     for _ in range(steps):
       state, _ = step(state, put_batch(next(batches), mesh))
