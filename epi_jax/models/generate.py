@@ -115,7 +115,7 @@ def _generate(
     return sample_token(logits, key, temperature, top_p)
 
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
-  logits, cache = model.decode(input_ids, mask, positions_from_mask(mask), cache)
+  logits, cache = model.decode(input_ids, mask, positions_from_mask(mask), cache, last_only=True)
   rng, key = jax.random.split(rng)
   first = pick(logits[:, -1], key)
   position = jnp.sum(mask, axis=-1, dtype=jnp.int32)  # (B,) position of the next token

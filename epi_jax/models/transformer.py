@@ -149,7 +149,20 @@ class Decoder(nnx.Module):
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits [B, T, V] (float32) of input_ids [B, T].
+    """Logits [B, T, V] (float32) of input_ids [B, T]: ``logits(hidden_states(...))``."""
+    return self.logits(
+        self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
+    )
+
+  def hidden_states(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """The last block's output [B, T, D] for input_ids [B, T], before the final norm.
 
     Args:
       input_ids: [B, T] token ids.
@@ -171,7 +184,7 @@ class Decoder(nnx.Module):
     x = self._embed(input_ids)
     masks, which = self._masks(key_mask, 0, input_ids.shape[1], segment_ids)
     x, _ = self._blocks(x, positions, masks, which)
-    return self._logits(x)
+    return x
 
   def init_cache(self, batch: int, size: int) -> KVCache:
     """An empty cache of ``size`` slots per row."""
@@ -184,9 +197,16 @@ class Decoder(nnx.Module):
     return KVCache(zeros, zeros, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
   def decode(
-      self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array, cache: KVCache
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array,
+      positions: jax.Array,
+      cache: KVCache,
+      *,
+      last_only: bool = False,
   ) -> tuple[jax.Array, KVCache]:
-    """Appends input_ids [B, T] to ``cache`` at slots index..index+T-1; returns logits, new cache."""
+    """Appends input_ids [B, T] to ``cache`` at slots index..index+T-1; returns logits [B, T, V]
+    (with ``last_only``, [B, 1, V]: a prompt's prefill needs no more) and the new cache."""
     key_mask = jax.lax.dynamic_update_slice_in_dim(
         cache.mask, attention_mask.astype(bool), cache.index, axis=1
     )
@@ -196,7 +216,7 @@ class Decoder(nnx.Module):
         x, positions, masks, which, (cache.keys, cache.values), cache.index
     )
     new = KVCache(keys, values, key_mask, cache.index + input_ids.shape[1])
-    return self._logits(x), new
+    return self.logits(x[:, -1:] if last_only else x), new
 
   def _blocks(self, x, positions, masks, which, kv=None, index=None):
     """Runs every block on x; returns x and the new caches (None without ``kv``)."""
@@ -244,7 +264,8 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     return x
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of hidden states x [..., D]: the final norm, then the head."""
     x = self.final_norm(x)
     head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     logits = dense(x, head, preferred_element_type=jnp.float32)
