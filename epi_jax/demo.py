@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from epi_jax.errors import input_errors_exit
 from epi_jax.train.compile_cache import shared_cache_env
 
 METHODS = ("multistage", "epi", "static")
@@ -53,6 +54,7 @@ def verdict(scores: dict[str, dict[str, float]]) -> str:
   return line + "."
 
 
+@input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.demo", description=__doc__.split("\n")[0]
@@ -76,14 +78,9 @@ def main(argv: list[str] | None = None) -> int:
   from epi_jax.train.loading import ConfigError, load_config
 
   for method in methods:  # every config is checked before any training
-    try:
-      config = load_config(args.config, [f"method.type={method}"])
-    except ConfigError as error:
-      print(f"error: {error}", file=sys.stderr)
-      return 2
+    config = load_config(args.config, [f"method.type={method}"])
     if "continual" not in config.eval.analyses:
-      print(f"error: {args.config}: eval.analyses must include continual (BWT)", file=sys.stderr)
-      return 2
+      raise ConfigError(f"{args.config}: eval.analyses must include continual (BWT)")
 
   def run(method: str) -> int:
     """One trainer process (the runs are independent: up to --jobs train at once)."""

@@ -312,14 +312,17 @@ def test_a_second_report_into_the_same_dir_leaves_only_its_own_plots(run_dirs, t
   assert second < first and second == linked
 
 
-def test_unfinished_or_broken_runs_are_named(run_dirs, tmp_path):
+def test_unfinished_or_broken_runs_are_named(run_dirs, tmp_path, capsys):
   unfinished = tmp_path / "unfinished"
   shutil.copytree(run_dirs[0], unfinished, ignore=shutil.ignore_patterns("checkpoints"))
   os.remove(unfinished / "summary.json")
   with pytest.raises(RunError, match=f"{unfinished}: no summary.json"):
     load_run(str(unfinished))
-  with pytest.raises(SystemExit, match=f"error: {unfinished}: no summary.json"):
-    main([run_dirs[1], str(unfinished), "--out", str(tmp_path / "out")])
+  assert main([run_dirs[1], str(unfinished), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err == (
+      f"error: {unfinished}: no summary.json: the run has not finished (or is not a run "
+      "directory)\n"
+  )
 
   broken = tmp_path / "broken"
   shutil.copytree(run_dirs[0], broken, ignore=shutil.ignore_patterns("checkpoints"))

@@ -7,13 +7,14 @@ before loading, so a bad record is reported as ``file:line: problem``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
-from datasets.exceptions import DatasetGenerationError
+from datasets.exceptions import DatasetGenerationError, DatasetsError
 
 from epi_jax.data.examples import EvalExample
 from epi_jax.data.records import DataError, json_records
@@ -138,6 +139,18 @@ def _convert(adapter: Adapter, record: object, where: str) -> EvalExample:
     raise DataError(f"{where}: {error}") from None
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+  """A local file loads in a moment: no progress bars on stderr (an error stays one line)."""
+  enabled = not datasets.are_progress_bars_disabled()
+  datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    if enabled:
+      datasets.enable_progress_bars()
+
+
 def load_chats(
     name: str,
     source: str | Path | None = None,
@@ -176,8 +189,9 @@ def load_examples(
     multiple-choice dataset, the options and the index of the correct one.
 
   Raises:
-    DataError: unknown name, missing file, or a record that does not fit the schema; the
-      message names the file and line (row for parquet and hub data).
+    DataError: unknown name, missing or empty file, a hub dataset that cannot be loaded, or a
+      record that does not fit the schema; the message names the file and line (row for
+      parquet and hub data).
   """
   if name not in ADAPTERS:
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
@@ -189,12 +203,17 @@ def load_examples(
     if path.suffix not in _BUILDERS:
       raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
     if _BUILDERS[path.suffix] == "json":
+      records = 0
       for line, record in json_records(path):
         _convert(adapter, record, f"{path}:{line}")
+        records += 1
+      if not records:
+        raise DataError(f"{path}: no records")
     try:
-      rows = datasets.load_dataset(
-          _BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir
-      )
+      with _no_progress_bars():
+        rows = datasets.load_dataset(
+            _BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir
+        )
     except (pa.ArrowException, DatasetGenerationError) as error:
       raise DataError(f"{path}: cannot load: {error}") from None
     where = f"{path} row"
@@ -202,8 +221,15 @@ def load_examples(
     hub_name = adapter.hub_name if source is None else str(source)
     split = split or adapter.default_split
     config = adapter.hub_config if source is None else None
-    rows = datasets.load_dataset(hub_name, config, split=split, cache_dir=cache_dir)
+    try:
+      rows = datasets.load_dataset(hub_name, config, split=split, cache_dir=cache_dir)
+    except (DatasetsError, ConnectionError, FileNotFoundError) as error:
+      raise DataError(
+          f"{hub_name}[{split}]: cannot load from the Hugging Face hub: {error}"
+      ) from None
     where = f"{hub_name}[{split}] row"
+  if not len(rows):
+    raise DataError(f"{where.removesuffix(' row')}: no records")
   examples = [_convert(adapter, row, f"{where} {i}") for i, row in enumerate(rows)]
   if system is not None:
     examples = [

@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from epi_jax.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
   """A data file or record that cannot be used; the message starts with where it is."""
 
 

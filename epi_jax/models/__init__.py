@@ -3,12 +3,13 @@ checkpoint folders or llama.cpp GGUF files and written to Hugging Face folders."
 
 from epi_jax.models.checkpoint import (
     CheckpointMismatchError,
+    check_checkpoint,
     checkpoint_config,
     from_pretrained,
     load_tokenizer,
     save_pretrained,
 )
-from epi_jax.models.config import FAMILIES, Llama3RopeScaling, ModelConfig
+from epi_jax.models.config import FAMILIES, CheckpointError, Llama3RopeScaling, ModelConfig
 from epi_jax.models.registry import ALIASES, resolve_checkpoint
 from epi_jax.models.sharding import RULES, make_mesh, shard_model
 from epi_jax.models.transformer import Decoder, KVCache
@@ -17,11 +18,13 @@ __all__ = [
     "ALIASES",
     "FAMILIES",
     "RULES",
+    "CheckpointError",
     "CheckpointMismatchError",
     "Decoder",
     "KVCache",
     "Llama3RopeScaling",
     "ModelConfig",
+    "check_checkpoint",
     "checkpoint_config",
     "from_pretrained",
     "load_tokenizer",

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from epi_jax.models.config import ModelConfig
+from epi_jax.models.config import CheckpointError, ModelConfig, read_json
 from epi_jax.models.gguf import GGUFSource, is_gguf
 from epi_jax.models.gguf import load_tokenizer as gguf_tokenizer
 from epi_jax.models.hf_names import (
@@ -46,7 +46,7 @@ SINGLE_FILE = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint cannot be loaded; lists every problem of the file (architecture, metadata),
   every tensor of an unsupported type, and every missing, unexpected and mis-shaped tensor."""
 
@@ -100,10 +100,13 @@ class SafetensorsSource:
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._files: dict[str, str] = {}
     for file in _shard_files(path):
-      with safe_open(file, framework="np") as f:
-        for name in f.keys():  # noqa: SIM118 (a safetensors handle)
-          self._files[name] = file
-          self.shapes[name] = tuple(f.get_slice(name).get_shape())
+      try:
+        with safe_open(file, framework="np") as f:
+          for name in f.keys():  # noqa: SIM118 (a safetensors handle)
+            self._files[name] = file
+            self.shapes[name] = tuple(f.get_slice(name).get_shape())
+      except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file: {error}") from None
 
   def label(self, name: str) -> str:
     return name
@@ -116,26 +119,37 @@ class SafetensorsSource:
 def _shard_files(path: str) -> list[str]:
   index = os.path.join(path, INDEX_FILE)
   if os.path.exists(index):
-    with open(index, encoding="utf-8") as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+      raise CheckpointError(f'{index}: needs a "weight_map" of tensor name -> file name')
+    files = sorted(set(weight_map.values()))
   elif os.path.exists(os.path.join(path, SINGLE_FILE)):
     files = [SINGLE_FILE]
   else:
     files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
   if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {path}")
+    raise CheckpointError(f"{path}: no *.safetensors files")
   return [os.path.join(path, f) for f in files]
+
+
+def _resolve(path: str | os.PathLike) -> str:
+  """The folder or .gguf file of a checkpoint path or alias."""
+  path = resolve_checkpoint(path)
+  if not is_gguf(path) and not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a checkpoint: a Hugging Face folder or a .gguf file")
+  return path
 
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
   """The tensor source of a Hugging Face folder, a .gguf file, or an alias (registry.ALIASES)."""
-  path = resolve_checkpoint(path)
+  path = _resolve(path)
   return GGUFSource(path) if is_gguf(path) else SafetensorsSource(path)
 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
   """The ModelConfig of a checkpoint (folder, .gguf file or alias), read without its tensors."""
-  path = resolve_checkpoint(path)
+  path = _resolve(path)
   return _config(GGUFSource(path)) if is_gguf(path) else ModelConfig.from_hf(path)
 
 
@@ -231,11 +245,7 @@ def from_pretrained(
   config = dataclasses.replace(
       _config(source), scan_layers=scan_layers, remat=remat, compute_dtype=compute_dtype
   )
-  abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  leaves = dict(nnx.to_flat_state(state))
-  slots = _slots(leaves, config)
-  plan = _match(source, leaves, slots, NameMap(config.family))
+  graphdef, leaves, slots, plan = _plan(source, config, dtype)
   loaded = []
   for path_, variable in leaves.items():
     host = np.empty(variable.shape, dtype)
@@ -246,6 +256,30 @@ def from_pretrained(
     sharding = variable_sharding(variable, mesh) if mesh is not None else None
     loaded.append((path_, variable.replace(jax.device_put(host, sharding))))
   return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
+
+
+def _plan(source: TensorSource, config: ModelConfig, dtype):
+  """(graphdef, abstract parameters by path, their slots, the tensor of every slot) of the
+  model ``config`` describes, matched against ``source``'s names and shapes."""
+  abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves = dict(nnx.to_flat_state(state))
+  slots = _slots(leaves, config)
+  return graphdef, leaves, slots, _match(source, leaves, slots, NameMap(config.family))
+
+
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+  """A checkpoint's config, after checking its headers against the model it describes: every
+  file readable, every tensor present, known and of the right shape. No tensor is read.
+
+  Raises:
+    CheckpointError: naming the file and what is wrong (``CheckpointMismatchError``: every
+      bad tensor at once).
+  """
+  source = open_checkpoint(path)
+  config = _config(source)
+  _plan(source, config, jnp.float32)
+  return config
 
 
 def _host_slices(leaves: dict[tuple, nnx.Variable], slots: Slots):
@@ -314,11 +348,14 @@ def save_pretrained(
 def load_tokenizer(path: str | os.PathLike):
   """The checkpoint's transformers tokenizer: from a folder's tokenizer files (None when it has
   none), or from a .gguf file's metadata (``gguf.load_tokenizer``), chat template included."""
-  path = resolve_checkpoint(path)
+  path = _resolve(path)
   if is_gguf(path):
     return gguf_tokenizer(path)
   if not any(os.path.exists(os.path.join(path, n)) for n in _TOKENIZER_FILES):
     return None
+  for name in ("tokenizer.json", "tokenizer_config.json"):  # named on a parse error
+    if os.path.exists(os.path.join(path, name)):
+      read_json(os.path.join(path, name))
   from transformers import AutoTokenizer  # imported lazily: transformers is slow to import
 
   return AutoTokenizer.from_pretrained(path)

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from epi_jax.errors import InputError
+
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -20,6 +22,36 @@ _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "
 REMAT = ("none", "block", "dots")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+"""config.json fields every checkpoint needs: positive integers."""
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+"""config.json fields that, when given, are positive integers."""
+
+
+class CheckpointError(InputError, ValueError):
+  """A checkpoint (folder, file or its tokenizer) that cannot be used; the message starts
+  with the file."""
+
+
+def read_json(path: str) -> Any:
+  """The JSON value of file ``path``.
+
+  Raises:
+    CheckpointError: ``path:line: invalid JSON: ...``, or the file cannot be read.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+  except (OSError, UnicodeDecodeError) as error:
+    raise CheckpointError(f"{path}: cannot read: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -263,11 +295,41 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, source: str | os.PathLike | dict[str, Any]) -> ModelConfig:
-    """Reads a Hugging Face config.json (a folder, the file, or its dict) of a supported family."""
-    hf = source if isinstance(source, dict) else _read_json(source)
+    """Reads a Hugging Face config.json (a folder, the file, or its dict) of a supported family.
+
+    Raises:
+      CheckpointError: for a file, naming it and what is wrong: unreadable, not JSON, an
+        unsupported architecture, a missing or mistyped field.
+      ValueError: the same problems of a dict.
+    """
+    if isinstance(source, dict):
+      return cls._from_hf_dict(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    hf = read_json(path)
+    try:
+      if not isinstance(hf, dict):
+        raise ValueError(f"must hold a JSON object, got {type(hf).__name__}")
+      return cls._from_hf_dict(hf)
+    except ValueError as error:
+      raise CheckpointError(f"{path}: {error}") from None
+
+  @classmethod
+  def _from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
     family = hf.get("model_type")
     if family not in FAMILIES:
       raise ValueError(f"model_type={family!r} is not supported; expected one of {FAMILIES}")
+    bad = [
+        f"field {key!r} must be a positive integer, got {hf[key]!r}"
+        if key in hf
+        else f"missing field {key!r}"
+        for key in _SIZES + _OPTIONAL_SIZES
+        if (key in _SIZES or hf.get(key) is not None)
+        and (not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] < 1)
+    ]
+    if bad:
+      raise ValueError("; ".join(bad))
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     if act not in _ACTIVATIONS:
       raise ValueError(
@@ -395,11 +457,3 @@ def _rope_scaling(rope: dict[str, Any]) -> Llama3RopeScaling | None:
       high_freq_factor=float(rope["high_freq_factor"]),
       original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
   )
-
-
-def _read_json(source: str | os.PathLike) -> dict[str, Any]:
-  path = os.fspath(source)
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)

@@ -25,7 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from epi_jax.models.config import ModelConfig
+from epi_jax.models.config import CheckpointError, ModelConfig
 
 # general.architecture -> family (Mistral files use "llama", as llama.cpp converts them).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
@@ -59,6 +59,18 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)")
 
 def is_gguf(path: str) -> bool:
   return path.endswith(".gguf")
+
+
+def read_gguf(path: str) -> gguf.GGUFReader:
+  """The reader of GGUF file ``path``.
+
+  Raises:
+    CheckpointError: the file is cut short or not GGUF (numpy's errors of the reader).
+  """
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, OSError) as error:
+    raise CheckpointError(f"{path}: not a complete GGUF file ({error})") from None
 
 
 def hf_name(name: str, family: str) -> str | None:
@@ -109,7 +121,7 @@ class GGUFSource:
 
   def __init__(self, path: str):
     self.path = path
-    self._reader = gguf.GGUFReader(path)
+    self._reader = read_gguf(path)
     self.config, self.problems = config_from_metadata(
         self._reader.fields, [t.name for t in self._reader.tensors]
     )
@@ -238,7 +250,9 @@ def load_tokenizer(path: str):
       convert_gguf_tokenizer,
   )
 
-  fields = gguf.GGUFReader(path).fields
+  fields = read_gguf(path).fields
+  if "tokenizer.ggml.tokens" not in fields:
+    raise CheckpointError(f"{path}: no tokenizer: metadata tokenizer.ggml.tokens is missing")
   metadata = {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
   tokenizer, config = (
       {

@@ -10,6 +10,8 @@ import dataclasses
 import importlib.util
 import os
 
+from epi_jax.models.config import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class Alias:
@@ -36,7 +38,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
   """``path`` itself, or the file of the alias it names (an existing path always wins).
 
   Raises:
-    FileNotFoundError: ``path`` neither exists nor is an alias, or the alias's package or file
+    CheckpointError: ``path`` neither exists nor is an alias, or the alias's package or file
       is not installed (the message says how to install it).
   """
   path = os.fspath(path)
@@ -44,7 +46,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     return path
   alias = ALIASES.get(path)
   if alias is None:
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"checkpoint {path!r} is neither a Hugging Face folder, a .gguf "
         f"file nor an alias (known aliases: {sorted(ALIASES)})"
     )
@@ -59,6 +61,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
       if not folders
       else (f"{alias.file} is not in {folders}")
   )
-  raise FileNotFoundError(
+  raise CheckpointError(
       f"checkpoint alias {path!r} cannot be resolved: {where}. Install it with: {alias.install}"
   )

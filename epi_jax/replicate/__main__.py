@@ -21,9 +21,10 @@ import time
 import numpy as np
 import yaml
 
+from epi_jax.errors import InputError, input_errors_exit
 from epi_jax.replicate import compare, grid, measure, paper
 from epi_jax.train.compile_cache import shared_cache_env
-from epi_jax.train.loading import ConfigError, load_config, resume_conflicts
+from epi_jax.train.loading import load_config, resume_conflicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,7 +81,7 @@ def status(job: Job) -> str:
   """done (summary.json of this very config), partial (a checkpoint to resume) or new."""
   config = load_config(os.path.join(ROOT, job.config), job.overrides)
   saved = os.path.join(job.run_dir, "config.yaml")
-  if os.path.exists(os.path.join(job.run_dir, "summary.json")) and os.path.exists(saved):
+  if _finished(job) and os.path.exists(saved):
     with open(saved) as f:
       return "new" if resume_conflicts(yaml.safe_load(f), config) else "done"
   from epi_jax.train.checkpointing import RunCheckpoints  # orbax: only when a run is unfinished
@@ -144,7 +145,12 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
 
 
 def _finished(job: Job) -> bool:
-  return os.path.exists(os.path.join(job.run_dir, "summary.json"))
+  """A summary.json with scores: a run stopped by divergence writes one without."""
+  path = os.path.join(job.run_dir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return "final_accuracy" in json.load(f)
 
 
 def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float) -> str:
@@ -196,12 +202,13 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
       if key not in plans:
         plans[key] = memory_plan(config)["parameters"]
       print(f"ok   {job.run_dir}: {plans[key]:,} parameters")
-    except (ConfigError, ValueError) as error:
+    except InputError as error:
       bad += 1
       print(f"FAIL {job.run_dir}: {error}")
   return 2 if bad else 0
 
 
+@input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.replicate", description=__doc__.splitlines()[0]
@@ -247,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   if not args.report_only:
-    try:
-      states = {job: status(job) for job in jobs}
-    except ConfigError as error:
-      print(f"error: {error}", file=sys.stderr)
-      return 2
+    states = {job: status(job) for job in jobs}
     todo = [j for j in jobs if states[j] != "done"]
     print(
         f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from epi_jax.errors import input_errors_exit
 from epi_jax.report.document import write_report
-from epi_jax.report.runs import RunError
 
 
-def main(argv: list[str] | None = None) -> None:
+@input_errors_exit
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.report",
       description="Write report.md, report.json and PNG plots of finished runs; runs that "
@@ -19,12 +20,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
   parser.add_argument("--title", default="EPI runs", help="the report's heading")
   args = parser.parse_args(argv)
-  try:
-    path = write_report(args.run_dirs, args.out, title=args.title)
-  except (RunError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  print(path)
+  print(write_report(args.run_dirs, args.out, title=args.title))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import yaml
 
+from epi_jax.errors import InputError
+
 LEARNED = 0.5
 """A task counts as learned when its score right after its own stage reaches this."""
 SEED_KEYS = ("run_dir", "data.seed", "train.seed")
@@ -34,7 +36,7 @@ SUMMARY_KEYS = (
 """The summary.json entries the report reads."""
 
 
-class RunError(ValueError):
+class RunError(InputError, ValueError):
   """A run directory the report cannot read; the message names the run and the file."""
 
 
@@ -123,6 +125,12 @@ def load_run(run_dir: str) -> Run:
   if problems:
     raise RunError(f"{paths['config.yaml']}: {'; '.join(problems)}")
   summary = _read_json(paths["summary.json"])
+  if (summary.get("divergence") or {}).get("reason") and "final_accuracy" not in summary:
+    event = summary["divergence"]
+    raise RunError(
+        f"{paths['summary.json']}: the run diverged at step {event.get('step')} "
+        f"({event['reason']}) and was stopped"
+    )
   missing = [key for key in SUMMARY_KEYS if key not in summary]
   if missing:
     raise RunError(f"{paths['summary.json']}: missing {', '.join(missing)}")

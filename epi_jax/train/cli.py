@@ -1,10 +1,17 @@
 """The trainer's command line: ``python train.py`` or ``python -m epi_jax.train``, with
---config FILE [--set KEY=VALUE ...] [--run-dir DIR] [--resume] [--dry-run]. See docs/trainer.md."""
+--config FILE [--set KEY=VALUE ...] [--run-dir DIR] [--resume] [--dry-run]. See docs/trainer.md.
+
+Exit codes: 0 done; 2 bad input (one ``error:`` line on stderr, nothing trained or removed);
+3 the training diverged (``train.on_divergence: stop``); 1 anything else (a traceback).
+"""
 
 import argparse
 import sys
 
+from epi_jax.errors import input_errors_exit
 
+
+@input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="train.py", description="Train a decoder on a task stream (docs/trainer.md)."
@@ -30,13 +37,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
 
-  from epi_jax.train.loading import ConfigError, load_config
+  from epi_jax.train.loading import load_config
 
-  try:
-    config = load_config(args.config, args.set)
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  config = load_config(args.config, args.set)
   if args.dry_run:
     from epi_jax.train.memory import format_plan, memory_plan
 
@@ -45,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
   from epi_jax.train.distributed import initialize_from_env
 
   initialize_from_env()
+  from epi_jax.train.divergence import EXIT_DIVERGED, TrainingDiverged
   from epi_jax.train.loop import train
 
   try:
     train(config, run_dir=args.run_dir, resume=args.resume)
-  except ConfigError as error:
+  except TrainingDiverged as error:
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return EXIT_DIVERGED
   return 0

@@ -176,6 +176,10 @@ class TrainSection:
   """If > 0, optimizer steps per stage instead of ``epochs``."""
   seed: int = bounded(0, ge=0)
   """Seed of the model initialization."""
+  on_divergence: Literal["stop", "warn"] = "stop"
+  """When the run diverges (the logged loss NaN/inf, or at 3 logged steps in a row above
+  2 x ln(vocab_size) or flat at ln(vocab_size); docs/trainer.md, "Divergence"): stop (write
+  summary.json with the reason, save nothing more, exit 3) or warn (log it and train on)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +274,7 @@ class Config:
 # Keys whose change does not alter the trained parameters: a resume may change them.
 RESUME_FREE = (
     "run_dir",
+    "train.on_divergence",
     "checkpoint.every",
     "checkpoint.keep",
     "log.every",

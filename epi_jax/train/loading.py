@@ -6,17 +6,20 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
+from epi_jax.data import DATASET_NAMES, TASK_NAMES
+from epi_jax.errors import InputError
 from epi_jax.train.config import RESUME_FREE, Config
 from epi_jax.train.methods import METHODS, make_method
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
   """A configuration that cannot be used; the message names the file and every bad key."""
 
 
@@ -135,11 +138,48 @@ def _cross_checks(config: Config) -> list[str]:
     problems.append(
         f"method.num_stages: must be <= the {len(config.data.tasks)} tasks, " f"got {m.num_stages}"
     )
+  problems += _data_problems(config) + _judge_problems(config)
   if m.type not in METHODS:
     return problems + [
         f"method.type: unknown method {m.type!r}, expected one of " f"{', '.join(METHODS)}"
     ]
   return problems + make_method(config).problems() + _analyses_problems(config)
+
+
+def _data_problems(config: Config) -> list[str]:
+  """Problems of data.tasks and data.files against data.source and model.checkpoint."""
+  d, problems = config.data, []
+  known = TASK_NAMES if d.source == "synthetic" else DATASET_NAMES
+  unknown = [t for t in d.tasks if t not in known]
+  if unknown:
+    problems.append(
+        f"data.tasks: unknown task {', '.join(map(repr, unknown))} for data.source={d.source}; "
+        f"known: {', '.join(known)}"
+    )
+  if not d.tasks or len(set(d.tasks)) != len(d.tasks):
+    problems.append(f"data.tasks: must name each task once, got {d.tasks}")
+  if d.source == "synthetic" and d.files:
+    problems.append("data.files: only data.source=hf reads files")
+  stray = sorted(set(d.files) - set(d.tasks))
+  if stray:
+    problems.append(f"data.files: {', '.join(stray)} not in data.tasks")
+  return problems
+
+
+def _judge_problems(config: Config) -> list[str]:
+  """eval.judge: a URL with a model, and the environment variable of the key set."""
+  j = config.eval.judge
+  if not j.url:
+    given = [k for k in ("model", "api_key_env") if getattr(j, k)]
+    return [f"eval.judge.{k}: set, but eval.judge.url is empty (no judge)" for k in given]
+  problems = []
+  if not j.url.startswith(("http://", "https://")):
+    problems.append(f"eval.judge.url: must start with http:// or https://, got {j.url!r}")
+  if not j.model:
+    problems.append("eval.judge.model: needed with eval.judge.url")
+  if j.api_key_env and not os.environ.get(j.api_key_env):
+    problems.append(f"eval.judge.api_key_env: environment variable {j.api_key_env} is not set")
+  return problems
 
 
 def _analyses_problems(config: Config) -> list[str]:

@@ -28,9 +28,11 @@ from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.judge import Judge
 from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.eval.metrics import avg_norm_score, headline_row
+from epi_jax.models import check_checkpoint
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import host_array, writes_files
+from epi_jax.train.divergence import Divergence, TrainingDiverged
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.metrics import MetricsWriter
@@ -70,7 +72,11 @@ def _resume_step(ckpt: RunCheckpoints, run_dir: str, config: Config) -> int:
   latest = ckpt.latest_step()
   if latest is None:
     raise ConfigError(f"--resume: no complete checkpoint in {run_dir}/checkpoints")
-  conflicts = resume_conflicts(ckpt.record(latest).config, config)
+  try:
+    saved = ckpt.record(latest).config
+  except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged or missing record
+    raise ConfigError(f"--resume: {run_dir}/checkpoints/{latest}: unreadable: {error}") from None
+  conflicts = resume_conflicts(saved, config)
   if conflicts:
     raise ConfigError(
         f"--resume: the config differs from checkpoint {latest} of {run_dir} in "
@@ -151,11 +157,30 @@ def _summary(method, stages, record: RunRecord, module, optimizer, *, wall_time:
   return summary | method.summary(module, optimizer)
 
 
+def _stop_diverged(run_dir: str, summary: dict) -> None:
+  """Writes the summary of a run stopped by divergence and raises TrainingDiverged."""
+  event = summary["divergence"]
+  if writes_files():
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  raise TrainingDiverged(
+      f"{run_dir}: training diverged at step {event['step']} ({event['reason']}); stopped by "
+      "train.on_divergence=stop, nothing saved after the last checkpoint"
+  )
+
+
 def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
   """Runs (or resumes) the training described by ``config``; returns the summary it writes."""
   run_dir = run_dir or config.run_dir
-  os.makedirs(run_dir, exist_ok=True)
   session_start = time.perf_counter()
+  # Every input is read and checked before the run directory is touched (docs/trainer.md).
+  if config.model.checkpoint:
+    check_checkpoint(config.model.checkpoint)
+  method = make_method(config)
+  task_data = load_tasks(config)
+  if resume and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    raise ConfigError(f"--resume: {run_dir}/checkpoints: no such directory, nothing to resume")
+  os.makedirs(run_dir, exist_ok=True)
   if not resume:  # before any process's checkpoint manager reads the directory
     _clear_outputs(run_dir)
     if jax.process_count() > 1:
@@ -167,8 +192,6 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
       yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
 
-  method = make_method(config)
-  task_data = load_tasks(config)
   stages = method.stages()
   lengths = steps_per_stage(config, stages, task_data)
   bounds = np.cumsum([0] + lengths).tolist()  # stage k runs steps bounds[k]+1 .. bounds[k+1]
@@ -186,6 +209,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   )
 
   model = build_model(config.model, seed=config.train.seed, mesh=mesh)
+  divergence = Divergence(model.config.vocab_size)
   group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param), config.method.layer_of).names
   trainable = method.trainable(model, run)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
@@ -303,6 +327,15 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
             protected=f"{protected:.4f}",
         )
         tokens, tick = 0.0, now
+        if (event := divergence.update(step, loss)) is not None:
+          writer.write("divergence", step, event)
+          print(f"training diverged at step {step}: {event['reason']}", file=sys.stderr)
+          if config.train.on_divergence == "stop":
+            _stop_diverged(
+                run_dir,
+                {"method": config.method.type, "stages": stages, "steps": step}
+                | {"divergence": event, "wall_time_s": earlier_wall + now - session_start},
+            )
       progress.update(1)
       tick += analyses.after_step(step, graphdef, state)  # analysis time is not training time
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < bounds[k + 1]:
@@ -348,6 +381,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       wall_time=earlier_wall + time.perf_counter() - session_start,
   )
   summary["analyses"] = analyses.summary(record)
+  summary["divergence"] = divergence.event
   method.export(module, run_dir)
   if writes_files():
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 import epi_jax.data as data
-from epi_jax.models import load_tokenizer
+from epi_jax.models import CheckpointError, load_tokenizer
 from epi_jax.train.config import Config
 
 
@@ -21,23 +21,33 @@ class TaskData:
 
 
 def load_tasks(config: Config) -> TaskData:
-  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``."""
+  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``.
+
+  Raises:
+    DataError: a data file or hub dataset that cannot be used, or too few records.
+    CheckpointError: data.source=hf and the checkpoint's tokenizer cannot encode chats.
+  """
   d = config.data
   if d.source == "synthetic":
     encoder = data.ByteTokenizer()
     splits = {}
     for t in d.tasks:
-      train, held_out = data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+      try:
+        train, held_out = data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+      except ValueError as error:  # too few distinct prompts for n_train + n_eval
+        raise data.DataError(f"data.n_train, data.n_eval: {error}") from None
       splits[t] = (train, [data.EvalExample(chat) for chat in held_out])
     metrics = {t: data.TASK_METRICS[t] for t in d.tasks}
   else:
-    tokenizer = load_tokenizer(config.model.checkpoint) if config.model.checkpoint else None
-    if tokenizer is None:
-      raise ValueError("data.source=hf needs model.checkpoint with tokenizer files")
-    encoder = data.ChatTemplateEncoder(tokenizer)
+    encoder = _chat_encoder(config.model.checkpoint)
     splits = {}
     for t in d.tasks:
       examples = data.load_examples(t, d.files.get(t))
+      if len(examples) <= d.n_train:
+        raise data.DataError(
+            f"{d.files.get(t, t)}: {len(examples)} records leave none to evaluate: the "
+            f"held-out rows follow the first data.n_train={d.n_train}"
+        )
       splits[t] = (
           [e.turns for e in examples[: d.n_train]],
           examples[d.n_train : d.n_train + d.n_eval],
@@ -49,6 +59,22 @@ def load_tasks(config: Config) -> TaskData:
       evaluation={t: ev for t, (_, ev) in splits.items()},
       metrics=metrics,
   )
+
+
+def _chat_encoder(checkpoint: str) -> data.ChatTemplateEncoder:
+  """The chat encoder of the checkpoint's tokenizer."""
+  if not checkpoint:
+    raise CheckpointError("model.checkpoint: data.source=hf needs a checkpoint (its tokenizer)")
+  tokenizer = load_tokenizer(checkpoint)
+  if tokenizer is None:
+    raise CheckpointError(
+        f"{checkpoint}: no tokenizer files (tokenizer.json, tokenizer_config.json or "
+        "tokenizer.model); data.source=hf encodes the chats with them"
+    )
+  try:
+    return data.ChatTemplateEncoder(tokenizer)
+  except ValueError as error:  # not a fast tokenizer, or neither a chat template nor eos
+    raise CheckpointError(f"{checkpoint}: tokenizer: {error}") from None
 
 
 def steps_per_stage(config: Config, stages: list[list[str]], task_data: TaskData) -> list[int]:

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from epi_jax.models import (
+    CheckpointError,
     CheckpointMismatchError,
     Decoder,
     ModelConfig,
@@ -65,7 +66,7 @@ def test_unsupported_family_is_refused(tmp_path):
 
 def test_folder_without_weights_is_refused(saved, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(saved[1].to_hf()))
-  with pytest.raises(FileNotFoundError, match="safetensors"):
+  with pytest.raises(CheckpointError, match="no .*safetensors files"):
     from_pretrained(tmp_path)
 
 

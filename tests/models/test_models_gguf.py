@@ -22,6 +22,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from epi_jax.models import (
     ALIASES,
+    CheckpointError,
     CheckpointMismatchError,
     ModelConfig,
     from_pretrained,
@@ -375,10 +376,10 @@ def alias(untied, tmp_path, monkeypatch):
 def test_alias_resolves_without_importing_its_package(alias):
   assert resolve_checkpoint(alias) == os.path.join(sys.path[0], "tiny_gguf_pkg", "tiny.gguf")
   assert "tiny_gguf_pkg" not in sys.modules
-  with pytest.raises(FileNotFoundError, match="'absent-gguf'.*not installed.*make absent"):
+  with pytest.raises(CheckpointError, match="'absent-gguf'.*not installed.*make absent"):
     from_pretrained("absent-gguf")
   assert "make smollm2" in ALIASES["smollm2-135m-instruct"].install
-  with pytest.raises(FileNotFoundError, match="'no/such.gguf' is neither .* nor an alias"):
+  with pytest.raises(CheckpointError, match="'no/such.gguf' is neither .* nor an alias"):
     load_tokenizer("no/such.gguf")
 
 

@@ -41,7 +41,7 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   assert [r["step"] for r in full["mask_history"]] == [2, 4, 6]
   summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
   assert summary["params_sha256"] == full["params_sha256"]
-  with pytest.raises(ConfigError, match="no complete checkpoint"):
+  with pytest.raises(ConfigError, match="nothing to resume"):
     train(config, run_dir=str(tmp_path / "empty"), resume=True)
   assert len(summary["accuracy_matrix"]) == 2 and set(summary["forgetting_ratio"]) == {
       "logic_choice",
