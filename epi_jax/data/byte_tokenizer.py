@@ -14,6 +14,12 @@ VOCAB_SIZE = 259 + len(ROLES)  # 262
 _SPECIAL_NAMES = {PAD: "<pad>", BOS: "<bos>", EOS: "<eos>"} | {
     token: f"<|{role}|>" for role, token in ROLE_IDS.items()
 }
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""``encode_chat`` and ``encode_prompt`` as a Jinja chat template, for ``to_transformers``."""
 
 
 class ByteTokenizer:
@@ -73,3 +79,32 @@ class ByteTokenizer:
   ) -> tuple[np.ndarray, np.ndarray]:
     """Ids of the generation prompt of ``turns`` and ids [C] int32 of ``completion`` after it."""
     return self.encode_prompt(turns), np.asarray(self.encode(completion), np.int32)
+
+  def to_transformers(self):
+    """This tokenizer as a transformers ``PreTrainedTokenizerFast`` with the same ids.
+
+    A byte-level BPE without merges: byte b is the token spelling b in GPT-2's byte alphabet
+    (id b), the special tokens keep their ids, and ``CHAT_TEMPLATE`` renders chats as
+    ``encode_chat`` does. Like any transformers tokenizer it reads the special tokens' names
+    (``<eos>``, ``<|user|>``, ...) inside text as those tokens, where ``encode`` spells them out
+    byte by byte.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab |= {name: token for token, name in _SPECIAL_NAMES.items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(name, special=True, normalized=False) for name in _SPECIAL_NAMES.values()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=_SPECIAL_NAMES[BOS],
+        eos_token=_SPECIAL_NAMES[EOS],
+        pad_token=_SPECIAL_NAMES[PAD],
+        chat_template=CHAT_TEMPLATE,
+    )

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -43,6 +44,7 @@ from epi_jax.models.transformer import Decoder
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -164,7 +166,7 @@ def _config(source: TensorSource) -> ModelConfig:
 Slots = dict[tuple, list[tuple[str, int | None]]]
 
 
-def _slots(leaves: dict[tuple, nnx.Variable], config: ModelConfig) -> Slots:
+def layer_slots(leaves: dict[tuple, nnx.Variable], config: ModelConfig) -> Slots:
   """Each parameter's per-block paths (those of the unscanned model, "layers/3/attn/q") with
   their index along its stacked layer axis; an unstacked parameter has one path and None."""
   slots: Slots = {}
@@ -264,7 +266,7 @@ def _plan(source: TensorSource, config: ModelConfig, dtype):
   abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   leaves = dict(nnx.to_flat_state(state))
-  slots = _slots(leaves, config)
+  slots = layer_slots(leaves, config)
   return graphdef, leaves, slots, _match(source, leaves, slots, NameMap(config.family))
 
 
@@ -282,13 +284,33 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
   return config
 
 
-def _host_slices(leaves: dict[tuple, nnx.Variable], slots: Slots):
+def host_slices(leaves: dict[tuple, nnx.Variable], slots: Slots):
   """(per-block path, numpy value) of every parameter slice, in ``slots`` order; gathers one
-  parameter at a time."""
+  parameter at a time (from every process when it spans several: all must iterate)."""
   for path, variable in leaves.items():
-    value = np.asarray(jax.device_get(variable.get_value()))
+    value = variable.get_value()
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+      value = multihost_utils.process_allgather(value, tiled=True)
+    value = np.asarray(jax.device_get(value))
     for ours, layer in slots[path]:
       yield ours, value if layer is None else value[layer]
+
+
+def generation_config(config: ModelConfig) -> dict:
+  """The generation_config.json of ``config``: its special token ids (transformers' ``generate``
+  stops at ``eos_token_id``)."""
+  eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+  ids = {
+      "bos_token_id": config.bos_token_id,
+      "eos_token_id": eos,
+      "pad_token_id": config.pad_token_id,
+  }
+  return {k: v for k, v in ids.items() if v is not None}
+
+
+def _write_json(path: str, content: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(content, f, indent=2)
 
 
 def save_pretrained(
@@ -299,20 +321,24 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 10**9,
     tokenizer=None,
 ) -> None:
-  """Writes config.json and safetensors (shards + index above ``max_shard_bytes``) to ``path``.
+  """Writes config.json, generation_config.json and safetensors (shards + index above
+  ``max_shard_bytes``) to ``path``.
 
   The folder loads unchanged with transformers' ``AutoModelForCausalLM.from_pretrained``,
   whatever the model was loaded from; stacked (scanned) parameters are written per block.
   Only one shard and one parameter at a time are gathered on the host. ``tokenizer`` (a
-  transformers tokenizer), if given, is saved beside the weights.
+  transformers tokenizer), if given, is saved beside the weights. With several processes every
+  process must call it (parameters are gathered from all of them); process 0 writes.
   """
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config.to_hf(), f, indent=2)
+  writes = jax.process_index() == 0
+  if writes:
+    os.makedirs(path, exist_ok=True)
+    _write_json(os.path.join(path, "config.json"), config.to_hf())
+    _write_json(os.path.join(path, GENERATION_FILE), generation_config(config))
   names = NameMap(config.family)
   leaves = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  slots = _slots(leaves, model.config)
+  slots = layer_slots(leaves, model.config)
   shards: list[list[str]] = [[]]  # per-block paths of each file
   size = total = 0
   for path_, variable in leaves.items():
@@ -330,18 +356,19 @@ def save_pretrained(
       else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
   )
   weight_map: dict[str, str] = {}
-  slices = _host_slices(leaves, slots)
+  slices = host_slices(leaves, slots)
   for file, shard in zip(files, shards):
     tensors = {}
     for ours, value in itertools.islice(slices, len(shard)):
       name, layout = names.to_hf(ours)
       tensors[name] = to_hf_layout(value, layout)
       weight_map[name] = file
-    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-  if len(shards) > 1:
-    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  if tokenizer is not None:
+    if writes:
+      save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+  if writes and len(shards) > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(os.path.join(path, INDEX_FILE), index)
+  if writes and tokenizer is not None:
     tokenizer.save_pretrained(path)
 
 

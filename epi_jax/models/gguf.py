@@ -108,6 +108,12 @@ def unpermute_rows(x: np.ndarray, heads: int) -> np.ndarray:
   return x.reshape(heads, -1, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
+def permute_rows(x: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (the inverse of ``unpermute_rows``): per head, rows
+  (half, pair) -> (pair, half)."""
+  return x.reshape(heads, 2, -1, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
 class GGUFSource:
   """A GGUF file as a tensor source: Hugging Face names and shapes first, then tensor by tensor.
 

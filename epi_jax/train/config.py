@@ -87,9 +87,6 @@ class LoraSection:
       default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
   )
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
-  save_merged: bool = True
-  """At the end, also write the merged model (W + alpha/r a@b) to ``<run_dir>/merged`` as a
-  Hugging Face folder; the PEFT adapter always goes to ``<run_dir>/adapter``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +187,10 @@ class CheckpointSection:
   """How many of the latest checkpoints to keep."""
   mask_history: Literal["stats", "full"] = "stats"
   """stats: statistics of every refresh; full: also the bit-packed mask of every refresh."""
+  save_model: bool = True
+  """At the end, write the trained model (lora: merged with its adapters) to
+  ``<run_dir>/model`` as a Hugging Face folder with the run's tokenizer; any checkpoint
+  exports with ``python -m epi_jax.export``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +278,8 @@ RESUME_FREE = (
     "train.on_divergence",
     "checkpoint.every",
     "checkpoint.keep",
+    "checkpoint.save_model",
+    "method.lora.save_merged",  # retired (checkpoint.save_model): in checkpoints of older runs
     "log.every",
     "log.tensorboard",
     "log.progress",

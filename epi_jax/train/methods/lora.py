@@ -1,5 +1,6 @@
 """LoRA as a method of the trainer: the base Decoder frozen, adapters (``epi_jax.methods.lora``)
-trained with AdamW, evaluated as the adapted model, saved as a PEFT adapter."""
+trained with AdamW, evaluated (and saved to ``<run_dir>/model``) as the adapted model, saved
+as a PEFT adapter too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 from flax import nnx, traverse_util
 
 from epi_jax.methods import lora
-from epi_jax.models import Decoder, save_pretrained
+from epi_jax.models import Decoder
 from epi_jax.train.methods.base import Method, Run, Trainable
 from epi_jax.train.optimizer import inner_optimizer
 
@@ -75,8 +76,8 @@ class LoRA(Method):
     return {"lora": {"adapter_parameters": trained, "fraction_of_base": trained / base}}
 
   def export(self, module: LoraModel, run_dir: str) -> None:
-    """The adapter alone in PEFT's format (``<run_dir>/adapter``) and, with
-    ``method.lora.save_merged``, the merged model as a Hugging Face folder (``merged``)."""
+    """The adapter alone in PEFT's format (``<run_dir>/adapter``); the merged model goes to
+    ``<run_dir>/model`` as every method's (``eval_model``, ``train.export``)."""
     lora.save_adapter(
         module.base,
         module.adapter_values(),
@@ -84,6 +85,3 @@ class LoRA(Method):
         os.path.join(run_dir, "adapter"),
         base_model_name_or_path=self.config.model.checkpoint or None,
     )
-    if self.config.method.lora.save_merged:
-      merged = lora.merge(module.base, module.adapter_values(), module.config)
-      save_pretrained(merged, merged.config, os.path.join(run_dir, "merged"))
