@@ -80,6 +80,9 @@ class LoraSection:
       default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
   )
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
+  lr: float = bounded(0.0, ge=0.0)
+  """Peak learning rate of the adapters (same warm-up and cosine schedule as ``optim.lr``);
+  0: ``optim.lr``. LoRA usually wants about 10x the full fine-tuning rate."""
   save_merged: bool = True
   """At the end, also write the merged model (W + alpha/r a@b) to ``<run_dir>/merged`` as a
   Hugging Face folder; the PEFT adapter always goes to ``<run_dir>/adapter``."""

@@ -207,7 +207,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     state, record, masks = ckpt.restore(start_step, abstract, with_masks=masks is not None)
   step = record.step
 
-  schedule = learning_rate(config, total)
+  schedule = learning_rate(config, total, peak=method.peak_learning_rate())
   iterators = stage_iterators(config, stages, task_data)
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
   analyses = RunAnalyses(

@@ -66,6 +66,10 @@ class Method:
       return data.skill_grouping(tasks, data.TASK_SKILLS if synthetic else data.DATASET_SKILLS)
     return [list(s) for s in m.stages] or [[t] for t in tasks]
 
+  def peak_learning_rate(self) -> float:
+    """The peak of the learning-rate schedule this method trains with (``optim.lr``)."""
+    return self.config.optim.lr
+
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     """What the step trains: every parameter of ``model`` with AdamW."""
     return Trainable(model, inner_optimizer(self.config, run.total_steps))
