@@ -50,7 +50,15 @@ def _packed_masks(opt_state) -> dict:
   }
 
 
-OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "adapter", "merged")
+OUTPUTS = (
+    "checkpoints",
+    "tensorboard",
+    "metrics.jsonl",
+    "summary.json",
+    "heldout_nll.json",
+    "adapter",
+    "merged",
+)
 """What a run writes into its directory besides config.yaml (and the judge's cache)."""
 
 
@@ -221,9 +229,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       record=record,
   )
 
-  def run_eval(module):
+  def run_eval(model):
     return evaluate(
-        method.eval_model(module),
+        model,
         task_data.encoder,
         task_data.evaluation,
         task_data.metrics,
@@ -234,8 +242,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
 
   if not step:
     analyses.before_training(
-        nnx.merge(graphdef, state)[0],
-        lambda module: headline_row(run_eval(module), task_data.metrics),
+        method.eval_model(nnx.merge(graphdef, state)[0]),
+        lambda model: headline_row(run_eval(model), task_data.metrics),
     )
   progress = tqdm(
       total=total,
@@ -309,7 +317,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
         save(k, it)
     module, optimizer = nnx.merge(graphdef, state)
     eval_start = time.perf_counter()
-    results = run_eval(module)
+    eval_model = method.eval_model(module)
+    results = run_eval(eval_model)
     row = headline_row(results, task_data.metrics)
     scores = {
         "results": results,
@@ -329,7 +338,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     )
     record.matrix.append(row)
     record.eval_metrics.append(scores)
-    analyses.after_stage(k, step, method.eval_model(module))
+    analyses.after_stage(k, step, eval_model)
     logged = method.after_stage(k, module, optimizer, run)
     if logged:
       writer.write("method", step, logged)
@@ -350,8 +359,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   summary["analyses"] = analyses.summary(record)
   method.export(module, run_dir)
   if writes_files():
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    for name, content in {"summary.json": summary, **analyses.files()}.items():
+      with open(os.path.join(run_dir, name), "w") as f:
+        json.dump(content, f, indent=1)
   writer.close()
   ckpt.close()
   print(format_table(record.matrix, stages, summary["forgetting_ratio"]))

@@ -18,36 +18,44 @@ class TaskData:
   train: dict[str, list[data.Encoded]]  # task -> tokenized training examples
   evaluation: dict[str, list[data.EvalExample]]  # task -> held-out examples
   metrics: dict[str, str]  # task -> its metric (a key of epi_jax.eval.METRICS)
+  probes: dict[str, list[data.EvalExample]] = dataclasses.field(default_factory=dict)
+  """probe task (``eval.probe_tasks``, never trained) -> its held-out examples."""
+
+
+def _encoder(config: Config) -> data.ChatEncoder:
+  if config.data.source == "synthetic":
+    return data.ByteTokenizer()
+  tokenizer = load_tokenizer(config.model.checkpoint) if config.model.checkpoint else None
+  if tokenizer is None:
+    raise ValueError("data.source=hf needs model.checkpoint with tokenizer files")
+  return data.ChatTemplateEncoder(tokenizer)
+
+
+def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data.EvalExample]]:
+  """(training chats, held-out examples) of ``task``; the held-out ones depend on the data
+  config alone (synthetic: ``data.seed`` and ``n_eval``; hf: the rows after the first
+  ``n_train``)."""
+  d = config.data
+  if d.source == "synthetic":
+    train, held_out = data.task_splits(task, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+    return train, [data.EvalExample(chat) for chat in held_out]
+  examples = data.load_examples(task, d.files.get(task))
+  return [e.turns for e in examples[: d.n_train]], examples[d.n_train : d.n_train + d.n_eval]
 
 
 def load_tasks(config: Config) -> TaskData:
-  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``."""
+  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``,
+  and the held-out examples of every probe task of ``config.eval.probe_tasks``."""
   d = config.data
-  if d.source == "synthetic":
-    encoder = data.ByteTokenizer()
-    splits = {}
-    for t in d.tasks:
-      train, held_out = data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
-      splits[t] = (train, [data.EvalExample(chat) for chat in held_out])
-    metrics = {t: data.TASK_METRICS[t] for t in d.tasks}
-  else:
-    tokenizer = load_tokenizer(config.model.checkpoint) if config.model.checkpoint else None
-    if tokenizer is None:
-      raise ValueError("data.source=hf needs model.checkpoint with tokenizer files")
-    encoder = data.ChatTemplateEncoder(tokenizer)
-    splits = {}
-    for t in d.tasks:
-      examples = data.load_examples(t, d.files.get(t))
-      splits[t] = (
-          [e.turns for e in examples[: d.n_train]],
-          examples[d.n_train : d.n_train + d.n_eval],
-      )
-    metrics = {t: data.DATASET_METRICS[t] for t in d.tasks}
+  encoder = _encoder(config)
+  splits = {t: _splits(config, t) for t in d.tasks}
+  metrics = data.TASK_METRICS if d.source == "synthetic" else data.DATASET_METRICS
   return TaskData(
       encoder=encoder,
       train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
       evaluation={t: ev for t, (_, ev) in splits.items()},
-      metrics=metrics,
+      metrics={t: metrics[t] for t in d.tasks},
+      probes={t: _splits(config, t)[1] for t in config.eval.probe_tasks},
   )
 
 

@@ -46,7 +46,7 @@ class Trainable:
 class Method:
   """Stages in sequence with plain AdamW; subclasses override what they change."""
 
-  analyses: ClassVar[tuple[str, ...]] = ("continual", "gradient_conflict", "task_overlap")
+  analyses: ClassVar[tuple[str, ...]] = ("continual", "gradient_conflict", "task_overlap", "nll")
   """The ``eval.analyses`` this method can serve."""
 
   def __init__(self, config: Config):
