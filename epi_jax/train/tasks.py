@@ -43,6 +43,16 @@ def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data
   return [e.turns for e in examples[: d.n_train]], examples[d.n_train : d.n_train + d.n_eval]
 
 
+def probe_examples(config: Config, task: str) -> list[data.EvalExample]:
+  """The held-out examples of probe task ``task`` (no stage trains it): the first ``n_eval``
+  (synthetic: its eval split, as a stream task's; hf: the file's first rows, so a small
+  local file serves)."""
+  d = config.data
+  if d.source == "synthetic":
+    return _splits(config, task)[1]
+  return data.load_examples(task, d.files.get(task))[: d.n_eval]
+
+
 def load_tasks(config: Config) -> TaskData:
   """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``,
   and the held-out examples of every probe task of ``config.eval.probe_tasks``."""
@@ -55,7 +65,7 @@ def load_tasks(config: Config) -> TaskData:
       train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
       evaluation={t: ev for t, (_, ev) in splits.items()},
       metrics={t: metrics[t] for t in d.tasks},
-      probes={t: _splits(config, t)[1] for t in config.eval.probe_tasks},
+      probes={t: probe_examples(config, t) for t in config.eval.probe_tasks},
   )
 
 

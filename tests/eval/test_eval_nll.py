@@ -16,7 +16,7 @@ from epi_jax.eval.nll import nll_forgetting, nll_row, response_nlls, task_nll
 from epi_jax.models import Decoder, ModelConfig
 from epi_jax.train.loading import ConfigError, load_config
 from epi_jax.train.loop import train
-from epi_jax.train.tasks import load_tasks
+from epi_jax.train.tasks import load_tasks, probe_examples
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "train"))
 from tiny_run import tiny_config_file  # noqa: E402
@@ -137,6 +137,25 @@ def test_before_training_is_read_back_from_the_cache(tmp_path, model):
       "nll_sum": first.results["before"]["logic_choice"][0][0],
       "tokens": first.results["before"]["logic_choice"][0][1],
   }
+
+
+def test_an_hf_probe_takes_the_first_rows_of_its_file(tmp_path):
+  rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(6)]
+  path = tmp_path / "alpaca.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  config = load_config(
+      tiny_config_file(tmp_path),
+      [
+          "data.source=hf",
+          "data.tasks=[gsm8k]",
+          f"data.files={{alpaca: {path}}}",
+          "data.n_train=100",
+          "eval.analyses=[nll]",
+          "eval.probe_tasks=[alpaca]",
+      ],
+  )
+  probes = probe_examples(config, "alpaca")
+  assert [e.reference for e in probes] == ["0", "1", "2", "3"]  # n_eval = 4, whatever n_train
 
 
 def test_bad_nll_options_are_named(tmp_path):
