@@ -7,6 +7,7 @@ from epi_jax.eval.gradient_conflict import gradient_conflict, task_gradient_conf
 from epi_jax.eval.gsm8k import gsm8k_answer, gsm8k_reference
 from epi_jax.eval.judge import Judge, parse_rating
 from epi_jax.eval.mask_drift import flip_rates, refresh_flip_rates
+from epi_jax.eval.paired import PairedDifference, paired_difference
 from epi_jax.eval.metrics import METRICS, Metric, avg_norm_score, exact_match, headline_row
 from epi_jax.eval.perturbation import importance_vs_perturbation
 from epi_jax.eval.rouge import rouge_l
@@ -16,6 +17,7 @@ __all__ = [
     "METRICS",
     "Judge",
     "Metric",
+    "PairedDifference",
     "avg_norm_score",
     "code_scores",
     "evaluate",
@@ -23,6 +25,7 @@ __all__ = [
     "gsm8k_answer",
     "gsm8k_reference",
     "headline_row",
+    "paired_difference",
     "parse_rating",
     "rouge_l",
     "continual_summary",

@@ -22,15 +22,19 @@ import epi_jax.data as data
 from epi_jax.eval.continual import continual_summary
 from epi_jax.eval.gradient_conflict import task_gradient_conflict
 from epi_jax.eval.heldout import heldout_batch, mean_loss
+from epi_jax.eval.heldout_nll import HeldoutNll
 from epi_jax.eval.mask_drift import flip_rates, refresh_flip_rates
+from epi_jax.eval.nll import nll_row
 from epi_jax.eval.perturbation import importance_vs_perturbation
 from epi_jax.eval.task_overlap import task_overlap
+from epi_jax.train.checkpointing import params_sha256
 from epi_jax.train.config import Config
+from epi_jax.train.distributed import writes_files
 from epi_jax.train.metrics import MetricsWriter
 from epi_jax.train.sharding import put_batch
 from epi_jax.train.tasks import TaskData
 
-ANALYSES = ("continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation")
+ANALYSES = ("continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation", "nll")
 """The names ``eval.analyses`` accepts."""
 PERTURBATION_POINTS = (("early", 0.25), ("middle", 0.5), ("late", 1.0))
 """Training progress of the perturbation analysis (the step round(fraction * total), >= 1)."""
@@ -106,15 +110,38 @@ class RunAnalyses:
       for label, fraction in PERTURBATION_POINTS:
         self.points.setdefault(max(1, round(fraction * self.bounds[-1])), []).append(label)
     self._loss_fn: Callable | None = None
+    self.nll = (
+        HeldoutNll(
+            self.encoder,
+            task_data.evaluation | task_data.probes,
+            stream=config.data.tasks,
+            probes=config.eval.probe_tasks,
+            examples=config.eval.nll_examples or d.n_eval,
+            batch_size=config.eval.batch_size,
+            results=self.results.setdefault("nll", {}),
+        )
+        if "nll" in self.names
+        else None
+    )
 
   def before_training(self, model, evaluate_row: Callable) -> None:
-    """With ``continual``: the scores of the untrained model (FWT's reference row)."""
-    if "continual" not in self.names or "before" in self.results:
-      return
-    start = time.perf_counter()
-    self.results["before"] = evaluate_row(model)
-    self.results["before_time_s"] = time.perf_counter() - start
-    self.writer.write("eval_before", 0, self.results["before"])
+    """On the untrained (evaluated) model: with ``continual``, the scores (FWT's reference
+    row); with ``nll``, the per-example NLL (read from ``eval.nll_cache`` when there)."""
+    if "continual" in self.names and "before" not in self.results:
+      start = time.perf_counter()
+      self.results["before"] = evaluate_row(model)
+      self.results["before_time_s"] = time.perf_counter() - start
+      self.writer.write("eval_before", 0, self.results["before"])
+    if self.nll is not None and "before" not in self.nll.results:
+      self.nll.before_training(
+          model,
+          cache_dir=self.config.eval.nll_cache,
+          key=lambda: self.nll.cache_key(
+              params_sha256(nnx.state(model, nnx.Param)), repr(model.config)
+          ),
+          writes=writes_files(),
+      )
+      self.writer.write("nll_before", 0, nll_row(self.nll.results["before"]))
 
   def after_refresh(self, history: Sequence[dict]) -> None:
     """With ``flip_rate``: log the per-group flip rate of the refresh just recorded."""
@@ -175,8 +202,13 @@ class RunAnalyses:
     return time.perf_counter() - start
 
   def after_stage(self, stage: int, step: int, model) -> None:
-    """With ``gradient_conflict`` / ``task_overlap``: measure them on the model as it is."""
+    """With ``nll`` / ``gradient_conflict`` / ``task_overlap``: measure them on the model as it
+    is."""
     m = self.config.method
+    if self.nll is not None:
+      start = time.perf_counter()
+      row = self.nll.after_stage(model)
+      self.writer.write("nll", step, {"stage": stage, "time_s": time.perf_counter() - start} | row)
     if "gradient_conflict" in self.names:
       start = time.perf_counter()
       result = task_gradient_conflict(
@@ -235,4 +267,11 @@ class RunAnalyses:
       out["flip_rate"] = flip_rates(record.mask_history, self.group_names)
     if "perturbation" in self.names:
       out["perturbation"] = self.results.get("perturbation", {})
+    if self.nll is not None:
+      out["nll"] = self.nll.summary(self.stages)
+      self.writer.write("nll_forgetting", record.step, {"bwt": out["nll"].get("bwt")})
     return out
+
+  def files(self) -> dict[str, dict]:
+    """JSON files for the run directory: ``heldout_nll.json`` with ``nll``."""
+    return {"heldout_nll.json": self.nll.per_example(self.stages)} if self.nll is not None else {}

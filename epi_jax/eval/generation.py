@@ -104,6 +104,30 @@ def _row_loglikelihoods(graphdef, state, ids, mask, scored):
   return jnp.sum(jnp.where(scored[:, 1:], token, 0.0), axis=-1)
 
 
+def row_loglikelihoods(
+    model, rows: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, batch_size: int
+) -> np.ndarray:
+  """Per row (ids [T], scored [T] bool), sum over t >= 1 of log p(ids[t] | ids[:t]) where
+  scored[t]; float64 [len(rows)] of float32 log-softmax values.
+
+  Rows are right padded to their length bucket, ``batch_rows`` of them per call: one compiled
+  program per (length, rows) shape, reused while the model's shapes stay.
+  """
+  graphdef, state = nnx.split(model)
+  scores = np.zeros(len(rows))
+  for length, index in _batches([len(ids) for ids, _ in rows], batch_size):
+    batch = batch_rows(len(index), batch_size)
+    ids = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    scored = np.zeros((batch, length), bool)
+    for r, i in enumerate(index):
+      row, keep = rows[i]
+      ids[r, : len(row)], mask[r, : len(row)], scored[r, : len(row)] = row, 1, keep
+    values = np.asarray(_row_loglikelihoods(graphdef, state, ids, mask, scored))
+    scores[index] = values[: len(index)]
+  return scores
+
+
 def option_loglikelihoods(
     model, encoder: data.ChatEncoder, examples: Sequence[data.EvalExample], *, batch_size: int
 ) -> list[np.ndarray]:
@@ -126,21 +150,11 @@ def option_loglikelihoods(
     for option in example.choices:
       prompt, completion = encoder.encode_completion(example.prompt, option)
       row = np.concatenate([prompt, completion])[-limit:]
-      rows.append((row, len(completion)))
+      scored = np.zeros(len(row), bool)
+      scored[max(len(row) - len(completion), 1) :] = True
+      rows.append((row, scored))
       owner.append(e)
-  graphdef, state = nnx.split(model)
-  scores = np.zeros(len(rows))
-  for length, index in _batches([len(row) for row, _ in rows], batch_size):
-    batch = batch_rows(len(index), batch_size)
-    ids = np.full((batch, length), encoder.pad_id, np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    scored = np.zeros((batch, length), bool)
-    for r, i in enumerate(index):
-      row, n = rows[i]
-      ids[r, : len(row)], mask[r, : len(row)] = row, 1
-      scored[r, max(len(row) - n, 1) : len(row)] = True
-    values = np.asarray(_row_loglikelihoods(graphdef, state, ids, mask, scored))
-    scores[index] = values[: len(index)]
+  scores = row_loglikelihoods(model, rows, pad_id=encoder.pad_id, batch_size=batch_size)
   out = [[] for _ in examples]
   for e, value in zip(owner, scores):
     out[e].append(value)

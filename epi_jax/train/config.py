@@ -87,6 +87,9 @@ class LoraSection:
       default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
   )
   """Kernels that get adapters (q, k, v, o, gate, up, down)."""
+  lr: float = bounded(0.0, ge=0.0)
+  """Peak learning rate of the adapters (same warm-up and cosine schedule as ``optim.lr``);
+  0: ``optim.lr``. LoRA usually wants about 10x the full fine-tuning rate."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,12 +233,25 @@ class EvalSection:
   judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
   """The LLM judge; replies are cached in ``<run_dir>/judge_cache.jsonl``."""
   analyses: list[
-      Literal["continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation"]
+      Literal["continual", "gradient_conflict", "flip_rate", "task_overlap", "perturbation", "nll"]
   ] = dataclasses.field(default_factory=lambda: ["continual"])
   """Analyses to run (docs/evaluation.md, "Analyses"): continual (ACC, BWT, FWT,
   max-forgetting; one evaluation before training), gradient_conflict (TGC at stage ends),
   flip_rate (per-group mask flips, epi), task_overlap (Jaccard of per-task top-p masks at
-  stage ends), perturbation (S against measured loss changes at 25/50/100%, epi)."""
+  stage ends), perturbation (S against measured loss changes at 25/50/100%, epi), nll
+  (held-out response NLL per example before training and after each stage; forgetting in
+  nats per token; ``<run_dir>/heldout_nll.json``)."""
+  nll_examples: int = bounded(0, ge=0)
+  """nll: held-out examples scored per task (the first ones, the same for every method of a
+  data seed); 0: all ``data.n_eval``. Paired comparisons want 64 or more."""
+  probe_tasks: list[str] = dataclasses.field(default_factory=list)
+  """nll: tasks no stage trains whose held-out NLL is measured too (the general-ability
+  probe): synthetic, a task of TASK_NAMES not in data.tasks; hf, a dataset of DATASET_NAMES
+  (its file from data.files, else the hub), e.g. alpaca."""
+  nll_cache: str = ""
+  """nll: directory of before-training evaluations, keyed by a hash of the untrained model
+  and the examples: runs of other methods of the seed read it instead of recomputing it;
+  empty: no cache."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,4 +303,5 @@ RESUME_FREE = (
     "eval.judge.timeout",
     "eval.judge.retries",
     "eval.judge.workers",
+    "eval.nll_cache",
 )

@@ -203,6 +203,30 @@ def _analyses_problems(config: Config) -> list[str]:
     )
   if "task_overlap" in names and config.method.p == 0:
     problems.append("eval.analyses: task_overlap selects top-p masks: method.p must be > 0")
+  return problems + _nll_problems(config)
+
+
+def _nll_problems(config: Config) -> list[str]:
+  """Problems of the nll analysis's keys: too many examples, probe tasks that cannot serve."""
+  e, d, problems = config.eval, config.data, []
+  if e.nll_examples > d.n_eval:
+    problems.append(
+        f"eval.nll_examples: must be <= data.n_eval={d.n_eval} (the held-out examples), "
+        f"got {e.nll_examples}"
+    )
+  if e.probe_tasks and "nll" not in e.analyses:
+    problems.append("eval.probe_tasks: probe tasks are scored by nll: add nll to eval.analyses")
+  known = TASK_NAMES if d.source == "synthetic" else DATASET_NAMES
+  for task in e.probe_tasks:
+    if task not in known:
+      problems.append(
+          f"eval.probe_tasks: unknown {d.source} task {task!r}; known: {', '.join(known)}"
+      )
+    elif task in d.tasks:
+      problems.append(f"eval.probe_tasks: {task} is trained (in data.tasks); a probe must not be")
+  repeated = sorted({t for t in e.probe_tasks if e.probe_tasks.count(t) > 1})
+  if repeated:
+    problems.append(f"eval.probe_tasks: lists {', '.join(repeated)} more than once")
   return problems
 
 

@@ -58,6 +58,7 @@ OUTPUTS = (
     "tensorboard",
     "metrics.jsonl",
     "summary.json",
+    "heldout_nll.json",
     "adapter",
     "merged",  # written by lora before <run_dir>/model
     MODEL_DIR,
@@ -241,7 +242,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     state, record, masks = ckpt.restore(start_step, abstract, with_masks=masks is not None)
   step = record.step
 
-  schedule = learning_rate(config, total)
+  schedule = learning_rate(config, total, peak=method.peak_learning_rate())
   iterators = stage_iterators(config, stages, task_data)
   writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
   analyses = RunAnalyses(
@@ -255,9 +256,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       record=record,
   )
 
-  def run_eval(module):
+  def run_eval(model):
     return evaluate(
-        method.eval_model(module),
+        model,
         task_data.encoder,
         task_data.evaluation,
         task_data.metrics,
@@ -268,8 +269,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
 
   if not step:
     analyses.before_training(
-        nnx.merge(graphdef, state)[0],
-        lambda module: headline_row(run_eval(module), task_data.metrics),
+        method.eval_model(nnx.merge(graphdef, state)[0]),
+        lambda model: headline_row(run_eval(model), task_data.metrics),
     )
   progress = tqdm(
       total=total,
@@ -352,7 +353,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
         save(k, it)
     module, optimizer = nnx.merge(graphdef, state)
     eval_start = time.perf_counter()
-    results = run_eval(module)
+    eval_model = method.eval_model(module)
+    results = run_eval(eval_model)
     row = headline_row(results, task_data.metrics)
     scores = {
         "results": results,
@@ -372,7 +374,7 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
     )
     record.matrix.append(row)
     record.eval_metrics.append(scores)
-    analyses.after_stage(k, step, method.eval_model(module))
+    analyses.after_stage(k, step, eval_model)
     logged = method.after_stage(k, module, optimizer, run)
     if logged:
       writer.write("method", step, logged)
@@ -396,8 +398,9 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   if config.checkpoint.save_model:
     save_model(method.eval_model(module), config, os.path.join(run_dir, MODEL_DIR))
   if writes_files():
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    for name, content in {"summary.json": summary, **analyses.files()}.items():
+      with open(os.path.join(run_dir, name), "w") as f:
+        json.dump(content, f, indent=1)
   writer.close()
   ckpt.close()
   print(format_table(record.matrix, stages, summary["forgetting_ratio"]))

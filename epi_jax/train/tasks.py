@@ -18,46 +18,64 @@ class TaskData:
   train: dict[str, list[data.Encoded]]  # task -> tokenized training examples
   evaluation: dict[str, list[data.EvalExample]]  # task -> held-out examples
   metrics: dict[str, str]  # task -> its metric (a key of epi_jax.eval.METRICS)
+  probes: dict[str, list[data.EvalExample]] = dataclasses.field(default_factory=dict)
+  """probe task (``eval.probe_tasks``, never trained) -> its held-out examples."""
+
+
+def _encoder(config: Config) -> data.ChatEncoder:
+  if config.data.source == "synthetic":
+    return data.ByteTokenizer()
+  return _chat_encoder(config.model.checkpoint)
+
+
+def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data.EvalExample]]:
+  """(training chats, held-out examples) of ``task``; the held-out ones depend on the data
+  config alone (synthetic: ``data.seed`` and ``n_eval``; hf: the rows after the first
+  ``n_train``)."""
+  d = config.data
+  if d.source == "synthetic":
+    try:
+      train, held_out = data.task_splits(task, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
+    except ValueError as error:  # too few distinct prompts for n_train + n_eval
+      raise data.DataError(f"data.n_train, data.n_eval: {error}") from None
+    return train, [data.EvalExample(chat) for chat in held_out]
+  examples = data.load_examples(task, d.files.get(task))
+  if len(examples) <= d.n_train:
+    raise data.DataError(
+        f"{d.files.get(task, task)}: {len(examples)} records leave none to evaluate: the "
+        f"held-out rows follow the first data.n_train={d.n_train}"
+    )
+  return [e.turns for e in examples[: d.n_train]], examples[d.n_train : d.n_train + d.n_eval]
+
+
+def probe_examples(config: Config, task: str) -> list[data.EvalExample]:
+  """The held-out examples of probe task ``task`` (no stage trains it): the first ``n_eval``
+  (synthetic: its eval split, as a stream task's; hf: the file's first rows, so a small
+  local file serves)."""
+  d = config.data
+  if d.source == "synthetic":
+    return _splits(config, task)[1]
+  return data.load_examples(task, d.files.get(task))[: d.n_eval]
 
 
 def load_tasks(config: Config) -> TaskData:
-  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``.
+  """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``,
+  and the held-out examples of every probe task of ``config.eval.probe_tasks``.
 
   Raises:
     DataError: a data file or hub dataset that cannot be used, or too few records.
     CheckpointError: data.source=hf and the checkpoint's tokenizer cannot encode chats.
   """
   d = config.data
-  if d.source == "synthetic":
-    encoder = data.ByteTokenizer()
-    splits = {}
-    for t in d.tasks:
-      try:
-        train, held_out = data.task_splits(t, seed=d.seed, n_train=d.n_train, n_eval=d.n_eval)
-      except ValueError as error:  # too few distinct prompts for n_train + n_eval
-        raise data.DataError(f"data.n_train, data.n_eval: {error}") from None
-      splits[t] = (train, [data.EvalExample(chat) for chat in held_out])
-    metrics = {t: data.TASK_METRICS[t] for t in d.tasks}
-  else:
-    encoder = _chat_encoder(config.model.checkpoint)
-    splits = {}
-    for t in d.tasks:
-      examples = data.load_examples(t, d.files.get(t))
-      if len(examples) <= d.n_train:
-        raise data.DataError(
-            f"{d.files.get(t, t)}: {len(examples)} records leave none to evaluate: the "
-            f"held-out rows follow the first data.n_train={d.n_train}"
-        )
-      splits[t] = (
-          [e.turns for e in examples[: d.n_train]],
-          examples[d.n_train : d.n_train + d.n_eval],
-      )
-    metrics = {t: data.DATASET_METRICS[t] for t in d.tasks}
+  encoder = _encoder(config)
+  splits = {t: _splits(config, t) for t in d.tasks}
+  metrics = data.TASK_METRICS if d.source == "synthetic" else data.DATASET_METRICS
   return TaskData(
       encoder=encoder,
       train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
       evaluation={t: ev for t, (_, ev) in splits.items()},
-      metrics=metrics,
+      metrics={t: metrics[t] for t in d.tasks},
+      probes={t: probe_examples(config, t) for t in config.eval.probe_tasks},
   )
 
 

@@ -55,7 +55,7 @@ def without_times(tree):
 
 @pytest.mark.slow
 def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
-  config = load_config(tiny_config_file(tmp_path), [ALL])
+  config = load_config(tiny_config_file(tmp_path), [ALL, "eval.probe_tasks=[arithmetic]"])
   full = train(config, run_dir=str(tmp_path / "full"))
   saved = json.loads((tmp_path / "full" / "summary.json").read_text())
   analyses = saved["analyses"]
@@ -78,6 +78,13 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
   assert [points[p]["step"] for p in ("early", "middle", "late")] == [2, 3, 6]
   assert all(-1 <= points[p]["spearman"] <= 1 and points[p]["n"] > 0 for p in points)
   assert points["late"]["old_tasks"] == ["logic_choice"]
+  nll = analyses["nll"]
+  assert [r["point"] for r in nll["matrix"]] == ["before", "after_stage_0", "after_stage_1"]
+  assert all(set(r["nll"]) == {"logic_choice", "rewrite", "arithmetic"} for r in nll["matrix"])
+  assert nll["forgetting"]["rewrite"] is None and nll["bwt"] == nll["forgetting"]["logic_choice"]
+  assert set(nll["probe"]) == {"arithmetic"} and nll["probe"]["arithmetic"]["change"] is not None
+  per_example = json.loads((tmp_path / "full" / "heldout_nll.json").read_text())
+  assert len(per_example["records"]) == 3 * 3 * 4  # points x tasks x examples
 
   with open(tmp_path / "full" / "metrics.jsonl") as f:
     kinds = {json.loads(line)["kind"] for line in f}
@@ -88,6 +95,9 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
       "flip_rate",
       "perturbation",
       "continual",
+      "nll_before",
+      "nll",
+      "nll_forgetting",
   } <= kinds
 
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
@@ -96,3 +106,4 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
   resumed = train(config, run_dir=str(tmp_path / "cut"), resume=True)
   assert resumed["params_sha256"] == full["params_sha256"]
   assert without_times(resumed["analyses"]) == without_times(full["analyses"])
+  assert (tmp_path / "cut" / "heldout_nll.json").read_text() == json.dumps(per_example, indent=1)

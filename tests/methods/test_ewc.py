@@ -239,3 +239,35 @@ def test_scanned_model_has_the_same_fisher(setup, tmp_path):
         rtol=1e-5,
         atol=1e-12,
     )
+
+
+def test_penalty_gradient_adds_the_gradient_of_the_penalty_to_the_loss_gradient():
+  """The updates ``penalty_gradient`` passes on are the gradient of task loss + ``penalty``
+  (lambda/2 sum F (theta - theta*)^2 + C), checked against jax.grad of the penalized loss and
+  against NumPy float64: g + lambda * F * (theta - theta*)."""
+  rng = np.random.default_rng(3)
+  state = ewc.init(_tree(rng))
+  for _ in range(2):  # offline: the merged anchor differs from either stage's weights
+    state = ewc.consolidate(state, _tree(rng), jax.tree.map(jnp.square, _tree(rng)))
+  theta, weights, lam = _tree(rng), _tree(rng), 7.5
+
+  def task_loss(params):  # any smooth loss with a non-trivial gradient
+    terms = jax.tree.map(lambda p, w: jnp.sum(jnp.sin(w * p)), params, weights)
+    return sum(jax.tree.leaves(terms))
+
+  grads = jax.grad(task_loss)(theta)
+  tx = ewc.penalty_gradient(lam)
+  updates, out_state = jax.jit(tx.update)(grads, state, theta)
+  chex.assert_trees_all_equal(out_state, state)  # the state passes through
+  penalized = jax.grad(lambda p: task_loss(p) + ewc.penalty(p, state, lam=lam))(theta)
+  chex.assert_trees_all_close(updates, penalized, rtol=1e-5, atol=1e-6)
+  want = [
+      g + lam * f * (x - a)
+      for g, x, f, a in zip(_f64(grads), _f64(theta), _f64(state.fisher), _f64(state.anchor))
+  ]
+  for got, ref in zip(_f64(updates), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  penalty_part = [r - g for r, g in zip(want, _f64(grads))]
+  assert min(np.abs(p).max() for p in penalty_part) > 1e-2  # the penalty term is not negligible
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(grads, state)

@@ -24,8 +24,9 @@ from epi_jax.train.methods import METHODS, Run, make_method
 from epi_jax.train.methods.ewc import FISHER_SEED
 from epi_jax.train.methods.lora import LoraParam
 from epi_jax.train.model import build_model
-from epi_jax.train.sharding import build_mesh, put_batch
-from epi_jax.train.tasks import load_tasks
+from epi_jax.train.sharding import build_mesh, like_params, put_batch
+from epi_jax.train.step import make_train_step
+from epi_jax.train.tasks import load_tasks, stage_iterators
 from tiny_run import tiny_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -178,3 +179,28 @@ def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
   resumed = train(config, run_dir=str(tmp_path / "cut"), resume=True)
   assert resumed["params_sha256"] == full["params_sha256"]
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("lora_lr, peak", [(0.0, 3e-3), (3e-2, 3e-2)])
+def test_lora_adapters_train_at_method_lora_lr(tmp_path, lora_lr, peak):
+  """Adam's first step moves each entry by about the peak rate (no warm-up): the adapters'
+  first update is ``method.lora.lr``-sized, ``optim.lr``-sized when it is unset."""
+  config = load_config(
+      tiny_config_file(tmp_path),
+      ["method.type=lora", f"method.lora.lr={lora_lr}", "optim.warmup_ratio=0.0"],
+  )
+  assert make_method(config).peak_learning_rate() == peak
+  trainable, task_data, mesh = _trainable(config, resuming=False)
+  graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
+  before = jax.tree.map(np.asarray, nnx.merge(graphdef, state)[0].adapter_values())
+  step = make_train_step(graphdef, 2, wrt=trainable.wrt, shardings=like_params(state, mesh))
+  it = stage_iterators(config, make_method(config).stages(), task_data)[0]
+  state, _ = step(state, put_batch(next(it), mesh))
+  after = nnx.merge(graphdef, state)[0].adapter_values()
+  moved = [
+      np.abs(np.asarray(x) - np.asarray(y)).max()
+      for x, y in zip(*map(jax.tree.leaves, (after, before)))
+  ]
+  # b starts at 0, so a gets no gradient at step 1; every b moves by the rate (|g| >> eps).
+  np.testing.assert_allclose(max(moved), peak, rtol=1e-3)
+  assert min(moved) == 0.0

@@ -46,7 +46,7 @@ class Trainable:
 class Method:
   """Stages in sequence with plain AdamW; subclasses override what they change."""
 
-  analyses: ClassVar[tuple[str, ...]] = ("continual", "gradient_conflict", "task_overlap")
+  analyses: ClassVar[tuple[str, ...]] = ("continual", "gradient_conflict", "task_overlap", "nll")
   """The ``eval.analyses`` this method can serve."""
 
   def __init__(self, config: Config):
@@ -65,6 +65,10 @@ class Method:
       synthetic = self.config.data.source == "synthetic"
       return data.skill_grouping(tasks, data.TASK_SKILLS if synthetic else data.DATASET_SKILLS)
     return [list(s) for s in m.stages] or [[t] for t in tasks]
+
+  def peak_learning_rate(self) -> float:
+    """The peak of the learning-rate schedule this method trains with (``optim.lr``)."""
+    return self.config.optim.lr
 
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     """What the step trains: every parameter of ``model`` with AdamW."""

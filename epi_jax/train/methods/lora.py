@@ -61,11 +61,16 @@ class LoRA(Method):
       return [f"method.lora: {error}"]
     return []
 
+  def peak_learning_rate(self) -> float:
+    """``method.lora.lr``, or ``optim.lr`` when it is 0 (unset)."""
+    return self.config.method.lora.lr or self.config.optim.lr
+
   def trainable(self, model: Decoder, run: Run) -> Trainable:
     config, seed = self.lora_config(), self.config.train.seed
     adapters = lora.init_adapters(model, config, key=jax.random.key(seed), mesh=run.mesh)
     module = LoraModel(model, adapters, config, seed=seed)
-    return Trainable(module, inner_optimizer(self.config, run.total_steps), wrt=LoraParam)
+    tx = inner_optimizer(self.config, run.total_steps, peak=self.peak_learning_rate())
+    return Trainable(module, tx, wrt=LoraParam)
 
   def eval_model(self, module: LoraModel) -> Decoder:
     return lora.adapted(module.base, module.adapter_values(), module.config)
