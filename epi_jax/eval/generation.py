@@ -18,6 +18,7 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax.models.generate import generate
+from epi_jax.models.loss import target_log_probs
 
 MIN_BUCKET = 16
 
@@ -98,9 +99,7 @@ def generate_texts(
 def _row_loglikelihoods(graphdef, state, ids, mask, scored):
   """Sum over t of log p(ids[:, t] | ids[:, :t]) where scored[:, t]; [R] float32."""
   model = nnx.merge(graphdef, state)
-  logits = model(ids, mask)[:, :-1].astype(jnp.float32)  # (R, T-1, V)
-  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-  token = target - jax.nn.logsumexp(logits, axis=-1)  # log-softmax at the next token only
+  token = target_log_probs(model, model.hidden_states(ids, mask)[:, :-1], ids[:, 1:])
   return jnp.sum(jnp.where(scored[:, 1:], token, 0.0), axis=-1)
 
 

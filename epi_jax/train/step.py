@@ -12,44 +12,22 @@ import optax
 from flax import nnx
 
 import epi_jax
+from epi_jax.models.loss import target_log_probs
 
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
-
-
-# Logits of at most this many bytes at a time: over a 49k vocabulary, [B * T, V] float32 logits
-# and their gradient would otherwise be the step's largest buffers (about 0.8 GB at 4 x 512).
-LOGIT_CHUNK_BYTES = 128 * 2**20
 
 
 def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy over response tokens and their count; logits[:, t] predict
   input_ids[:, t + 1], weighted by loss_mask[:, t + 1]. Packed rows attend within their
-  segments only (a padded row is one segment).
-
-  The logits are made and consumed in chunks of tokens (``LOGIT_CHUNK_BYTES``), each
-  rematerialized in the backward pass, so the whole [B, T, V] array never exists; a batch whose
-  logits fit one chunk takes one plain pass.
-  """
+  segments only (a padded row is one segment). The logits come in chunks
+  (``models.loss.target_log_probs``): the whole [B, T, V] array never exists."""
   hidden = model.hidden_states(
       batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"]
-  )[:, :-1]
-  hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D), N = B * (T - 1)
-  targets = batch["input_ids"][:, 1:].reshape(-1)
-  weight = batch["loss_mask"][:, 1:].reshape(-1).astype(jnp.float32)
-
-  def summed(x, t, w):
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(model.logits(x), t) * w)
-
-  n = hidden.shape[0]
-  chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size))
-  if n <= chunk:
-    return summed(hidden, targets, weight), jnp.sum(weight)
-  pad = -n % chunk  # padded tokens weigh 0
-  chunks = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (hidden, targets, weight)]
-  chunks = [a.reshape(-1, chunk, *a.shape[1:]) for a in chunks]
-  body = jax.checkpoint(lambda total, xs: (total + summed(*xs), None))
-  total, _ = jax.lax.scan(body, jnp.float32(0), chunks)
-  return total, jnp.sum(weight)
+  )
+  log_probs = target_log_probs(model, hidden[:, :-1], batch["input_ids"][:, 1:])
+  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return -jnp.sum(log_probs * weight), jnp.sum(weight)
 
 
 def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:

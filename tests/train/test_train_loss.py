@@ -8,6 +8,8 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax.models import Decoder, ModelConfig
+from epi_jax.eval import generation
+from epi_jax.models import loss as loss_module
 from epi_jax.train import step as step_module
 
 
@@ -43,7 +45,7 @@ def _reference(model, batch):
 def test_response_loss_matches_float64(model_and_batch, monkeypatch, chunk_tokens):
   model, batch = model_and_batch
   if chunk_tokens:  # 3 x 31 tokens in chunks that do not divide them
-    monkeypatch.setattr(step_module, "LOGIT_CHUNK_BYTES", chunk_tokens * 4 * 320)
+    monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", chunk_tokens * 4 * 320)
   total, count = step_module.response_loss(model, batch)
   want_total, want_count = _reference(model, batch)
   assert float(count) == want_count > 0
@@ -53,7 +55,7 @@ def test_response_loss_matches_float64(model_and_batch, monkeypatch, chunk_token
 def test_chunked_gradients_equal_whole(model_and_batch, monkeypatch):
   model, batch = model_and_batch
   whole, _, _ = step_module.mean_loss_and_grads(model, batch, 1)
-  monkeypatch.setattr(step_module, "LOGIT_CHUNK_BYTES", 7 * 4 * 320)
+  monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", 7 * 4 * 320)
   chunked, _, _ = step_module.mean_loss_and_grads(model, batch, 1)
   chex.assert_trees_all_close(chunked, whole, atol=1e-6, rtol=1e-5)
 
@@ -67,3 +69,18 @@ def test_prefill_last_only_equals_the_last_logits(model_and_batch):
   last, _ = model.decode(ids, mask, positions, model.init_cache(ids.shape[0], 40), last_only=True)
   assert last.shape == (ids.shape[0], 1, 320)
   np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-5)
+
+
+def test_row_loglikelihoods_in_chunks_equal_whole(model_and_batch, monkeypatch):
+  model, _ = model_and_batch
+  rng = np.random.default_rng(4)
+  rows = [
+      (rng.integers(3, 320, n).astype(np.int32), rng.random(n) < 0.5)
+      for n in rng.integers(6, 30, size=5)
+  ]
+  whole = generation.row_loglikelihoods(model, rows, pad_id=0, batch_size=4)
+  monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", 5 * 4 * 320)
+  generation._row_loglikelihoods.clear_cache()  # chunking is fixed when a program is traced
+  chunked = generation.row_loglikelihoods(model, rows, pad_id=0, batch_size=4)
+  assert np.all(whole < 0)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
