@@ -3,8 +3,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
+CUDA := $(VENV)/.cuda
 
-.PHONY: test lint bench install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
+.PHONY: test lint bench bench-gpu install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,17 @@ test: lint $(SMOLLM2)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/optimizer.py
+
+# JAX for NVIDIA GPUs (CUDA 12 wheels from PyPI) on top of the venv.
+$(CUDA): $(STAMP)
+	$(BIN)/pip install -e '.[cuda]'
+	touch $(CUDA)
+
+# Throughput, MFU, EPI / AdamW, refresh cost, compile times and memory of SmolLM2-135M and a
+# 1.1B LLaMA on the accelerator JAX sees (under 8 min; runs/bench_gpu.json). Without one it
+# says so and exits 0. ARGS passes more flags, e.g. ARGS="--repeats 20".
+bench-gpu: $(CUDA)
+	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

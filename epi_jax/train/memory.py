@@ -12,6 +12,7 @@ from jax.sharding import AbstractMesh
 
 import epi_jax
 from epi_jax.methods import ewc, lora
+from epi_jax.models import ModelConfig
 from epi_jax.models.sharding import MESH_AXES, logical_spec
 from epi_jax.train.config import Config
 from epi_jax.train.methods.lora import LoRA
@@ -40,7 +41,7 @@ def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
   return total, held / total
 
 
-def activation_bytes(config: Config) -> float:
+def activation_bytes(config: Config, architecture: ModelConfig | None = None) -> float:
   """Estimate of the activations one device keeps for the backward pass of a micro-batch.
 
   Per block, in 16-bit (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4 and 5), scaled to
@@ -49,7 +50,7 @@ def activation_bytes(config: Config) -> float:
   ``block`` each block keeps only its 2*s*b*h-byte input, plus one block's full activations
   while it is recomputed. Plus the float32 logits and their gradient.
   """
-  c, o, mesh = model_config(config.model), config.optim, config.mesh
+  c, o, mesh = model_config(config.model, architecture), config.optim, config.mesh
   rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
   s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
   scale = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize / 2
@@ -64,10 +65,13 @@ def activation_bytes(config: Config) -> float:
   return kept + logits
 
 
-def memory_plan(config: Config) -> dict:
-  """Parameter count and per-device GiB of params, grads, Adam moments, EPI state, activations."""
+def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict:
+  """Parameter count and per-device GiB of params, grads, Adam moments, EPI state, activations.
+
+  ``architecture`` plans for a decoder of those shapes in place of the one ``config.model``
+  names (its other switches still apply): shapes no preset has, as benchmarks/gpu.py's."""
   mesh = AbstractMesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), MESH_AXES)
-  model = abstract_model(config.model)
+  model = abstract_model(config.model, architecture)
   params_state = nnx.state(model, nnx.Param)
   count, fraction = _device_fraction(params_state, mesh)
   params = nnx.to_pure_dict(params_state)
@@ -84,7 +88,7 @@ def memory_plan(config: Config) -> dict:
       "adam_moments_gib": per_device(  # mu and nu; the scalar counters are negligible
           [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params32)) if leaf.ndim]
       ),
-      "activations_gib": activation_bytes(config) / GIB,
+      "activations_gib": activation_bytes(config, architecture) / GIB,
       "epi": {},
   }
   for sensitivity, dtype in SENSITIVITY_OPTIONS:

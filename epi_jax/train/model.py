@@ -11,11 +11,11 @@ from epi_jax.models import Decoder, ModelConfig, checkpoint_config, from_pretrai
 from epi_jax.train.config import ModelSection
 
 
-def model_config(section: ModelSection) -> ModelConfig:
-  """The architecture of ``section`` with its layer scanning, rematerialization and compute
-  dtype switches."""
+def model_config(section: ModelSection, architecture: ModelConfig | None = None) -> ModelConfig:
+  """The architecture of ``section`` (or ``architecture``, for shapes no preset names) with the
+  section's layer scanning, rematerialization and compute dtype switches."""
   return dataclasses.replace(
-      _architecture(section),
+      architecture or _architecture(section),
       scan_layers=section.scan_layers,
       remat=section.remat,
       compute_dtype=section.compute_dtype or None,
@@ -57,7 +57,9 @@ def build_model(section: ModelSection, *, seed: int, mesh=None) -> Decoder:
   return model if mesh is None else shard_model(model, mesh)
 
 
-def abstract_model(section: ModelSection) -> Decoder:
-  """The model with ShapeDtypeStruct parameters: nothing is allocated."""
+def abstract_model(section: ModelSection, architecture: ModelConfig | None = None) -> Decoder:
+  """The model (of ``architecture`` where given) with ShapeDtypeStruct parameters: nothing is
+  allocated."""
+  config = model_config(section, architecture)
   dtype = jnp.dtype(section.dtype)
-  return nnx.eval_shape(lambda: Decoder(model_config(section), dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))

@@ -1,5 +1,6 @@
 """--dry-run of every shipped config, the paper's 7-9B ones included, from shapes alone."""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from epi_jax.models import ModelConfig
 from epi_jax.train.loading import load_config
 from epi_jax.train.memory import memory_plan
 
@@ -47,6 +49,20 @@ def test_bfloat16_parameters_halve_only_themselves():
   assert half["params_gib"] == pytest.approx(full["params_gib"] / 2, rel=1e-3)
   for key in ("grads_gib", "adam_moments_gib", "activations_gib"):
     assert half[key] == pytest.approx(full[key]), key
+
+
+def test_architecture_stands_in_for_the_preset():
+  """``memory_plan(config, architecture=...)``: shapes no preset names (benchmarks/gpu.py's)."""
+  config = load_config(os.path.join(ROOT, "configs", "paper", "llama3_8b.yaml"))
+  named = memory_plan(config)
+  tiny = dataclasses.replace(config, model=dataclasses.replace(config.model, preset="tiny"))
+  assert memory_plan(tiny)["parameters"] < 1e6
+  assert memory_plan(tiny, architecture=ModelConfig.llama3_8b()) == named
+  blocks = dataclasses.replace(ModelConfig.llama3_8b(), num_layers=4, vocab_size=32_000)
+  short = memory_plan(config, architecture=blocks)
+  # 4 x 218,112,000 per block + 2 x 32,000 x 4096 untied embeddings + the final norm.
+  assert short["parameters"] == 4 * 218_112_000 + 2 * 32_000 * 4096 + 4096
+  assert short["activations_gib"] < named["activations_gib"]
 
 
 def test_cli_dry_run_prints_the_plan():
