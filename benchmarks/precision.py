@@ -16,6 +16,7 @@ benchmarks/tiny_step.py-style ratios in docs/benchmarks.md for speed).
 
     python benchmarks/precision.py [--model smollm2|tiny] [--lr 1e-5 5e-5] [--steps 10]
                                    [--batch 4] [--seq 256] [--gsm8k FILE] [--json OUT]
+    python benchmarks/precision.py --speed [--batch 4] [--seq 512] [--repeats 5]
 
 ``smollm2`` needs ``make smollm2`` (the GGUF checkpoint) and the GSM8K train file in the hub
 schema; ``tiny`` (a random 2-block llama on random tokens) needs nothing: the tests run it.
@@ -24,6 +25,7 @@ schema; ``tiny`` (a random 2-block llama on random tokens) needs nothing: the te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -39,6 +41,8 @@ from flax import nnx
 import epi_jax.data as data
 from epi_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer
 from epi_jax.train.step import make_optimizer, make_train_step, mean_loss_and_grads
+from optimizer import interleaved_medians
+from train_step import TrainStep, random_batch
 
 MODES = {  # name: (parameter dtype, compute dtype, stochastic rounding)
     "float32": ("float32", "float32", True),
@@ -147,6 +151,21 @@ def study(model_name: str, lrs, modes, batches: list[dict]):
       yield row | against(ref, run, late)
 
 
+def speed(batch: int, seq: int, repeats: int) -> dict[str, float]:
+  """Median seconds of one SmolLM2-135M train step (random weights, scanned, AdamW) per
+  precision, timed round-robin after a warm-up (compile excluded)."""
+  runs = {}
+  for mode in ("float32", "mixed", "bf16_sr"):
+    dtype, compute, _ = MODES[mode]
+    config = dataclasses.replace(
+        ModelConfig.smollm2_135m(), scan_layers=True, compute_dtype=compute
+    )
+    runs[mode] = TrainStep(
+        config, optax.adamw(1e-5), random_batch(config, batch, seq), dtype=jnp.dtype(dtype)
+    )
+  return interleaved_medians(runs, repeats)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -162,7 +181,19 @@ def main() -> None:
       ),
   )
   parser.add_argument("--json", help="also write the results here")
+  parser.add_argument(
+      "--speed", action="store_true", help="only time float32, mixed and bf16_sr train steps"
+  )
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
+  if args.speed:
+    times = speed(args.batch, args.seq, args.repeats)
+    print(f"SmolLM2-135M train step, {args.batch} x {args.seq}, median of {args.repeats}")
+    print("| mode | step s | / float32 |")
+    print("|---|---|---|")
+    for mode, seconds in times.items():
+      print(f"| {mode} | {seconds:.2f} | {seconds / times['float32']:.3f} |")
+    return
   if args.model == "smollm2":
     batches = gsm8k_batches(args.gsm8k, args.batch, args.seq, args.steps)
   else:

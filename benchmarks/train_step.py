@@ -65,9 +65,11 @@ def step_flops(config: ModelConfig, params: int, batch: int, seq: int) -> float:
   )
 
 
-def model_and_optimizer(config: ModelConfig, tx) -> tuple[Decoder, nnx.Optimizer]:
-  """A fresh model (seed 0) and ``make_optimizer`` of ``tx`` on it."""
-  model = Decoder(config, rngs=nnx.Rngs(0))
+def model_and_optimizer(
+    config: ModelConfig, tx, dtype=jnp.float32
+) -> tuple[Decoder, nnx.Optimizer]:
+  """A fresh model (seed 0) with ``dtype`` parameters and ``make_optimizer`` of ``tx`` on it."""
+  model = Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))
   return model, make_optimizer(model, tx)
 
 
@@ -77,15 +79,17 @@ class TrainStep:
   The state is initialized inside ``jit``: its buffers are the step's own, with no eager copy.
   """
 
-  def __init__(self, config: ModelConfig, tx, batch: dict):
-    self.config, self.batch = config, batch
-    self.state = jax.jit(lambda: nnx.split(model_and_optimizer(config, tx))[1])()
+  def __init__(self, config: ModelConfig, tx, batch: dict, dtype=jnp.float32):
+    self.config, self.batch, self.dtype = config, batch, dtype
+    self.state = jax.jit(lambda: nnx.split(model_and_optimizer(config, tx, dtype))[1])()
     self.graphdef, self.step, self.compile_s = self.compile(tx)
 
   def compile(self, tx):
     """(graphdef, step, compile seconds) of the train step with ``tx`` in place of the
     optimizer's own (an optimizer state of the same structure, e.g. EPI at another interval)."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_and_optimizer(self.config, tx)))
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: model_and_optimizer(self.config, tx, self.dtype))
+    )
     start = time.perf_counter()
     step = make_train_step(graphdef, 1).lower(self.state, self.batch).compile()
     return graphdef, step, time.perf_counter() - start

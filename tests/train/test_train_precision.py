@@ -10,6 +10,7 @@ old behaviour, moves almost none and projects near 0.
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -18,8 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def precision():
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  if benchmarks not in sys.path:  # its sibling modules
+    sys.path.insert(0, benchmarks)
   spec = importlib.util.spec_from_file_location(
-      "precision", os.path.join(ROOT, "benchmarks", "precision.py")
+      "precision", os.path.join(benchmarks, "precision.py")
   )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
