@@ -4,8 +4,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
 CUDA := $(VENV)/.cuda
+TUNIX_VENV := .venv-tunix
+TUNIX := $(TUNIX_VENV)/.installed
 
-.PHONY: test lint bench bench-gpu install clean demo smollm2 smollm2-epi replicate-cpu replicate-smollm2
+.PHONY: test lint bench bench-gpu install clean demo smollm2 smollm2-epi replicate-cpu \
+	replicate-smollm2 tunix-env tunix-example
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/pyink --check --quiet .
 	$(BIN)/ruff check --quiet .
 
-test: lint $(SMOLLM2)
+test: lint $(SMOLLM2) $(TUNIX)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
@@ -38,7 +41,7 @@ bench-gpu: $(CUDA)
 	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TUNIX_VENV) .pytest_cache
 
 # Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo);
 # ARGS=--methods=multistage,epi leaves static out.
@@ -78,3 +81,16 @@ replicate-smollm2: $(SMOLLM2)
 		--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
 		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
 		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl
+
+# google-tunix in its own venv (its safetensors<0.8 conflicts with our transformers pin), this
+# checkout on PYTHONPATH: examples/tunix_epi.py and tests/test_tunix_example.py run there.
+$(TUNIX): examples/tunix-requirements.txt
+	test -d $(TUNIX_VENV) || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/pip install -r examples/tunix-requirements.txt
+	touch $(TUNIX)
+
+tunix-env: $(TUNIX)
+
+# EPI as the optimizer of tunix's PeftTrainer on the tiny decoder (docs/integrations.md).
+tunix-example: $(TUNIX)
+	PYTHONPATH=$(CURDIR) $(TUNIX_VENV)/bin/python examples/tunix_epi.py

@@ -3,6 +3,8 @@
 import warnings
 
 import chex
+import flax.linen
+import flax.training.train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +168,55 @@ def test_nnx_optimizer():
   for m, a, b in zip(mask, after, jax.tree.leaves(before)):
     np.testing.assert_array_equal(np.asarray(a)[np.asarray(m)], np.asarray(b)[np.asarray(m)])
     assert np.all(np.asarray(a)[~np.asarray(m)] != np.asarray(b)[~np.asarray(m)])
+
+
+class _LinenBlock(flax.linen.Module):
+
+  @flax.linen.compact
+  def __call__(self, x, _):
+    init = flax.linen.with_logical_partitioning(
+        flax.linen.initializers.normal(0.5), ("embed", "mlp")
+    )
+    return jnp.tanh(x @ self.param("w", init, (8, 8))), None
+
+
+class _ScannedLinen(flax.linen.Module):
+  """MaxText's layout: 3 blocks stacked by ``nn.scan`` under ``layers``, logically boxed."""
+
+  scan_axis: int
+
+  @flax.linen.compact
+  def __call__(self, x):
+    scan = flax.linen.scan(
+        _LinenBlock,
+        variable_axes={"params": self.scan_axis},
+        split_rngs={"params": True},
+        length=3,
+        metadata_params={flax.linen.PARTITION_NAME: "layers"},
+    )
+    return scan(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("scan_axis, groups", [(0, 3), (1, 8)])
+def test_linen_train_state_with_logical_boxes(scan_axis, groups):
+  # MaxText's Linen path: tx.init on boxed parameters, updates on unboxed ones.
+  model = _ScannedLinen(scan_axis)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+  tx = epi_jax.epi(optax.adamw(1e-2), p=0.2, interval=1)
+  boxed = model.init(jax.random.PRNGKey(0), x)
+  state = flax.training.train_state.TrainState.create(apply_fn=model.apply, params=boxed, tx=tx)
+  specs = flax.linen.get_partition_spec(state.opt_state.mask)
+  assert jax.tree.leaves(specs)[0] == flax.linen.get_partition_spec(boxed)["params"]["layers"]["w"]
+  state = flax.linen.meta.unbox(state)
+  # The "block" grouping splits a stacked leaf along axis 0: the layer axis only when it is 0.
+  assert len(epi_jax.layer_groups(state.params).names) == groups
+  grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(state.params)
+  new = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
+  (mask,) = jax.tree.leaves(epi_jax.protection_mask(new.opt_state))
+  (before,), (after,) = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
+  assert int(mask.sum()) == int(0.2 * mask.size)
+  np.testing.assert_array_equal(after[mask], before[mask])
+  assert np.all(after[~mask] != before[~mask])
 
 
 def test_integer_and_none_leaves_pass_through():
