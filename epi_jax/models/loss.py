@@ -13,7 +13,8 @@ LOGIT_CHUNK_BYTES = 128 * 2**20
 
 
 def target_log_probs(model, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets) [...] under ``model.logits(hidden)``, for hidden [..., D], targets [...].
+  """log p(targets) [...] under ``model.logits(hidden)``, for hidden [..., D], targets [...]
+  (``model``: anything with the Decoder's ``logits``).
 
   The logits are made and consumed in chunks of tokens (``LOGIT_CHUNK_BYTES``), each
   rematerialized in the backward pass; inputs whose logits fit one chunk take one plain pass.
@@ -25,7 +26,8 @@ def target_log_probs(model, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     return -optax.softmax_cross_entropy_with_integer_labels(model.logits(x), t)
 
   n = t.shape[0]
-  chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size))
+  vocab = model.logits(x[:1]).shape[-1]  # traced for its shape only: dead code to XLA
+  chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
   if n <= chunk:
     return log_probs(x, t).reshape(shape)
   pad = -n % chunk  # padded tokens are cut off again below

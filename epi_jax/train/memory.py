@@ -13,6 +13,7 @@ from jax.sharding import AbstractMesh
 import epi_jax
 from epi_jax.methods import ewc, lora
 from epi_jax.models import ModelConfig
+from epi_jax.models.loss import LOGIT_CHUNK_BYTES
 from epi_jax.models.sharding import MESH_AXES, logical_spec
 from epi_jax.train.config import Config
 from epi_jax.train.methods.lora import LoRA
@@ -45,24 +46,46 @@ def activation_bytes(config: Config, architecture: ModelConfig | None = None) ->
   """Estimate of the activations one device keeps for the backward pass of a micro-batch.
 
   Per block, in 16-bit (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4 and 5), scaled to
-  the compute dtype: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation; with
-  ``model.remat: dots`` the attention scores are recomputed (the 5*a*s/(h*t) term goes); with
-  ``block`` each block keeps only its 2*s*b*h-byte input, plus one block's full activations
-  while it is recomputed. Plus the float32 logits and their gradient.
+  the compute dtype: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation. With
+  ``model.remat: dots`` only the outputs of the weight matmuls stay (q, k, v, o, gate, up, down:
+  s*b*(H*Dh + 2*K*Dh + 2*h + 2*f)/t values); with ``block`` each block keeps only its s*b*h
+  input, plus one block's full activations while it is recomputed. Plus the logits of one
+  chunk and their gradient (``models.loss``: never the whole [s*b, V]).
   """
   c, o, mesh = model_config(config.model, architecture), config.optim, config.mesh
   rows = math.ceil((o.micro_batch_size or o.batch_size) / (mesh.data * mesh.fsdp))
   s, h, a, t = config.data.seq_len, c.hidden_size, c.num_heads, mesh.tensor
-  scale = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize / 2
-  linear = s * rows * h * (10 + 24 / t) * scale
-  scores = s * rows * h * 5 * a * s / (h * t) * scale
-  logits = 2 * rows * s * c.vocab_size / t * 4
+  width = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
+  linear = s * rows * h * (10 + 24 / t) * width / 2
+  scores = s * rows * h * 5 * a * s / (h * t) * width / 2
+  matmul_outputs = (
+      c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim + 2 * h + 2 * c.intermediate_size
+  )
   kept = {
       "none": c.num_layers * (linear + scores),
-      "dots": c.num_layers * linear,
-      "block": c.num_layers * 2 * s * rows * h * scale + linear + scores,
+      "dots": c.num_layers * s * rows * matmul_outputs / t * width,
+      "block": c.num_layers * s * rows * h * width + linear + scores,
   }[c.remat]
-  return kept + logits
+  return kept + 2 * logit_bytes(rows * s, c.vocab_size / t)
+
+
+def logit_bytes(tokens: int, vocab: float) -> float:
+  """Float32 logits of ``tokens`` tokens as ``models.loss`` makes them: one chunk at a time."""
+  return min(tokens, max(1, LOGIT_CHUNK_BYTES // (4 * vocab))) * vocab * 4
+
+
+def evaluation_bytes(config: Config, architecture: ModelConfig | None = None) -> dict[str, float]:
+  """Estimates of the evaluation's largest buffers on one device: generation's KV cache for
+  ``eval.batch_size`` prompts of up to ``data.seq_len`` tokens plus ``eval.max_new_tokens``
+  (twice: the decode loop's carry is copied), and the scoring pass's logit chunk."""
+  c, e = model_config(config.model, architecture), config.eval
+  width = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
+  slots = config.data.seq_len + e.max_new_tokens
+  cache = 2 * c.num_layers * e.batch_size * slots * c.num_kv_heads * c.head_dim * width
+  return {
+      "generation": 2 * cache,
+      "scoring": logit_bytes(e.batch_size * config.data.seq_len, c.vocab_size),
+  }
 
 
 def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict:
@@ -89,6 +112,10 @@ def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict
           [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params32)) if leaf.ndim]
       ),
       "activations_gib": activation_bytes(config, architecture) / GIB,
+      **{
+          f"{name}_gib": value / GIB
+          for name, value in evaluation_bytes(config, architecture).items()
+      },
       "epi": {},
   }
   for sensitivity, dtype in SENSITIVITY_OPTIONS:
@@ -138,7 +165,7 @@ def format_plan(plan: dict, config: Config) -> str:
   n = plan["parameters"]
   size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
   lines = [
-      f"model {config.model.preset} ({config.model.dtype} parameters, "
+      f"model {config.model.checkpoint or config.model.preset} ({config.model.dtype} parameters, "
       f"{config.model.compute_dtype or config.model.dtype} compute): {n:,} parameters ({size})",
       f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} ({plan['devices']} devices), "
       f"micro-batch {config.optim.micro_batch_size or config.optim.batch_size} x "
@@ -148,6 +175,9 @@ def format_plan(plan: dict, config: Config) -> str:
       f"  grads             {plan['grads_gib']:9.2f}",
       f"  Adam mu + nu      {plan['adam_moments_gib']:9.2f}",
       f"  activations (est) {plan['activations_gib']:9.2f}   (remat={config.model.remat})",
+      f"  eval generation   {plan['generation_gib']:9.2f}   (KV cache, eval.batch_size="
+      f"{config.eval.batch_size})",
+      f"  eval scoring      {plan['scoring_gib']:9.2f}",
       f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
       "  EPI sensitivity option   sensitivity   mask   total",
   ]

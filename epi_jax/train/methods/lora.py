@@ -41,10 +41,19 @@ class LoraModel(nnx.Module):
         lambda v: v.get_value(), self.adapters, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
-  def __call__(self, input_ids, attention_mask=None, **kwargs):
+  def adapted(self) -> Decoder:
+    """The base with the adapters added (dropout keys drawn from ``self.rngs``)."""
     key = self.rngs.dropout() if self.config.dropout > 0 else None
-    model = lora.adapted(self.base, self.adapter_values(), self.config, dropout_key=key)
-    return model(input_ids, attention_mask, **kwargs)
+    return lora.adapted(self.base, self.adapter_values(), self.config, dropout_key=key)
+
+  def __call__(self, input_ids, attention_mask=None, **kwargs):
+    return self.adapted()(input_ids, attention_mask, **kwargs)
+
+  def hidden_states(self, input_ids, attention_mask=None, **kwargs):
+    return self.adapted().hidden_states(input_ids, attention_mask, **kwargs)
+
+  def logits(self, x):
+    return self.base.logits(x)  # LoRA adapts block kernels only: the head is the base's
 
 
 class LoRA(Method):
