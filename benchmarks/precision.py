@@ -151,18 +151,26 @@ def study(model_name: str, lrs, modes, batches: list[dict]):
       yield row | against(ref, run, late)
 
 
-def speed(batch: int, seq: int, repeats: int) -> dict[str, float]:
+SPEED_VARIANTS = (  # (mode, remat)
+    ("float32", "none"),
+    ("float32", "dots"),
+    ("mixed", "none"),
+    ("mixed", "dots"),
+    ("bf16_sr", "dots"),
+)
+
+
+def speed(batch: int, seq: int, repeats: int) -> dict[tuple[str, str], float]:
   """Median seconds of one SmolLM2-135M train step (random weights, scanned, AdamW) per
-  precision, timed round-robin after a warm-up (compile excluded)."""
+  (precision, remat) of ``SPEED_VARIANTS``, timed round-robin after a warm-up."""
   runs = {}
-  for mode in ("float32", "mixed", "bf16_sr"):
+  for mode, remat in SPEED_VARIANTS:
     dtype, compute, _ = MODES[mode]
     config = dataclasses.replace(
-        ModelConfig.smollm2_135m(), scan_layers=True, compute_dtype=compute
+        ModelConfig.smollm2_135m(), scan_layers=True, remat=remat, compute_dtype=compute
     )
-    runs[mode] = TrainStep(
-        config, optax.adamw(1e-5), random_batch(config, batch, seq), dtype=jnp.dtype(dtype)
-    )
+    tokens = random_batch(config, batch, seq)
+    runs[mode, remat] = TrainStep(config, optax.adamw(1e-5), tokens, dtype=jnp.dtype(dtype))
   return interleaved_medians(runs, repeats)
 
 
@@ -182,17 +190,18 @@ def main() -> None:
   )
   parser.add_argument("--json", help="also write the results here")
   parser.add_argument(
-      "--speed", action="store_true", help="only time float32, mixed and bf16_sr train steps"
+      "--speed", action="store_true", help="only time train steps of SPEED_VARIANTS"
   )
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   if args.speed:
     times = speed(args.batch, args.seq, args.repeats)
     print(f"SmolLM2-135M train step, {args.batch} x {args.seq}, median of {args.repeats}")
-    print("| mode | step s | / float32 |")
-    print("|---|---|---|")
-    for mode, seconds in times.items():
-      print(f"| {mode} | {seconds:.2f} | {seconds / times['float32']:.3f} |")
+    base = times[SPEED_VARIANTS[0]]
+    print("| mode | remat | step s | / float32 without remat |")
+    print("|---|---|---|---|")
+    for (mode, remat), seconds in times.items():
+      print(f"| {mode} | {remat} | {seconds:.2f} | {seconds / base:.3f} |")
     return
   if args.model == "smollm2":
     batches = gsm8k_batches(args.gsm8k, args.batch, args.seq, args.steps)
