@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+REPORT_STAMP := $(VENV)/.installed-report
 SMOLLM2 := $(VENV)/.smollm2
 CUDA := $(VENV)/.cuda
 TUNIX_VENV := .venv-tunix
@@ -10,11 +11,19 @@ TUNIX := $(TUNIX_VENV)/.installed
 .PHONY: test lint bench bench-gpu install clean demo smollm2 smollm2-epi replicate-cpu \
 	replicate-smollm2 tunix-env tunix-example
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+$(BIN)/pip:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+
+# Everything: the library with every extra, the test tools and the tests' oracles (torch).
+$(STAMP): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install $(if $(wildcard /opt/wheels),--find-links /opt/wheels) -e '.[dev]'
 	touch $(STAMP)
+
+# The demo and the CPU grid need the core and the report's plots only (no torch).
+$(REPORT_STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install -e '.[report]'
+	touch $(REPORT_STAMP)
 
 install: $(STAMP)
 
@@ -45,11 +54,11 @@ clean:
 
 # Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo);
 # ARGS=--methods=multistage,epi leaves static out.
-demo: $(STAMP)
+demo: $(REPORT_STAMP)
 	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo $(ARGS)
 
 # The paper's grid at CPU scale, 3 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
-replicate-cpu: $(STAMP)
+replicate-cpu: $(REPORT_STAMP)
 	$(BIN)/python -m epi_jax.replicate --preset cpu --seeds 3 --jobs 2 --out runs/replicate/cpu
 
 # SmolLM2-135M-Instruct as a GGUF file (98 MB), the checkpoint alias `smollm2-135m-instruct`.

@@ -12,13 +12,12 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 from epi_jax.errors import input_errors_exit
-from epi_jax.train.compile_cache import shared_cache_env
+from epi_jax.progress import ProgressBoard, run_trainer
 
 METHODS = ("multistage", "epi", "static")
 LABELS = {"multistage": "sequential SFT", "epi": "EPI", "static": "static isolation"}
@@ -68,17 +67,25 @@ def main(argv: list[str] | None = None) -> int:
       "are needed for the verdict; static is the third run)",
   )
   parser.add_argument("--jobs", type=int, default=2, help="trainer processes at once")
+  parser.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="override of every run's config, e.g. train.steps_per_stage=20",
+  )
   args = parser.parse_args(argv)
   methods = args.methods.split(",")
   if not {"multistage", "epi"} <= set(methods) <= set(METHODS):
     parser.error(f"--methods: need multistage and epi, among {', '.join(METHODS)}")
 
   from epi_jax.eval.forgetting import format_table
-  from epi_jax.report import write_report
+  from epi_jax.report import require_plotting, write_report
   from epi_jax.train.loading import ConfigError, load_config
 
+  require_plotting()  # the demo ends with the report's plots
   for method in methods:  # every config is checked before any training
-    config = load_config(args.config, [f"method.type={method}"])
+    config = load_config(args.config, [*args.set, f"method.type={method}"])
     if "continual" not in config.eval.analyses:
       raise ConfigError(f"{args.config}: eval.analyses must include continual (BWT)")
 
@@ -86,33 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     """One trainer process (the runs are independent: up to --jobs train at once)."""
     out = os.path.join(args.out, method)
     os.makedirs(out, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "epi_jax.train",
-        "--config",
-        args.config,
-        "--run-dir",
-        out,
-        "--set",
-        f"method.type={method}",
-        "--set",
-        "log.progress=false",
+    sets = [
+        x for o in [*args.set, f"method.type={method}", "log.progress=false"] for x in ("--set", o)
     ]
-    with open(os.path.join(args.out, f"{method}.log"), "w") as log:
-      code = subprocess.run(
-          command,
-          stdout=log,
-          stderr=subprocess.STDOUT,
-          env=shared_cache_env(os.path.join(args.out, "jax_cache")),
-      ).returncode
-    print(f"{LABELS[method]}: {'done' if code == 0 else f'FAILED (see {log.name})'}", flush=True)
+    log = os.path.join(args.out, f"{method}.log")
+    code = run_trainer(
+        [sys.executable, "-m", "epi_jax.train", "--config", args.config, "--run-dir", out, *sets],
+        run_dir=out,
+        log_path=log,
+        cache_dir=os.path.join(args.out, "jax_cache"),
+        board=board,
+        label=LABELS[method],
+        append=False,
+    )
+    board.message(f"{LABELS[method]}: {'done' if code == 0 else f'FAILED (see {log})'}")
     return code
 
   print(f"training {', '.join(LABELS[m] for m in methods)} ({args.jobs} at a time)", flush=True)
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    if any(list(pool.map(run, methods))):
-      return 1
+  with ProgressBoard() as board, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    codes = list(pool.map(run, methods))
+  if any(codes):
+    return 1
   summaries = {}
   for method in methods:
     with open(os.path.join(args.out, method, "summary.json")) as f:

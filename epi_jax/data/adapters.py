@@ -1,7 +1,7 @@
 """Adapters from the paper's five Hugging Face datasets to chat turns.
 
-``load_chats(name, source)`` loads through ``datasets.load_dataset``, from the hub or from a local
-.jsonl/.json/.parquet file in the hub schema. Local JSON files are checked record by record
+``load_chats(name, source)`` loads through ``datasets.load_dataset`` (the ``data`` extra), from
+the hub or from a local .jsonl/.json/.parquet file in the hub schema. Local JSON files are checked record by record
 before loading, so a bad record is reported as ``file:line: problem``.
 """
 
@@ -12,13 +12,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import datasets
-import pyarrow as pa
-from datasets.exceptions import DatasetGenerationError, DatasetsError
-
 from epi_jax.data.examples import EvalExample
 from epi_jax.data.records import DataError, json_records
 from epi_jax.data.turns import ROLES, Turn, user_assistant
+from epi_jax.extras import require
 
 
 def _text(record: Mapping, key: str) -> str:
@@ -140,7 +137,7 @@ def _convert(adapter: Adapter, record: object, where: str) -> EvalExample:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def _no_progress_bars(datasets):
   """A local file loads in a moment: no progress bars on stderr (an error stays one line)."""
   enabled = not datasets.are_progress_bars_disabled()
   datasets.disable_progress_bars()
@@ -192,9 +189,14 @@ def load_examples(
     DataError: unknown name, missing or empty file, a hub dataset that cannot be loaded, or a
       record that does not fit the schema; the message names the file and line (row for
       parquet and hub data).
+    MissingExtra: the ``datasets`` package (the ``data`` extra) is not installed.
   """
   if name not in ADAPTERS:
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+  datasets = require("datasets", "data", f"loading the dataset {name!r} (data.source: hf)")
+  from datasets.exceptions import DatasetGenerationError, DatasetsError
+  from pyarrow import ArrowException  # a dependency of datasets
+
   adapter = ADAPTERS[name]
   path = Path(source) if source is not None else None
   if path is not None and (path.suffix in _BUILDERS or path.exists()):
@@ -210,11 +212,11 @@ def load_examples(
       if not records:
         raise DataError(f"{path}: no records")
     try:
-      with _no_progress_bars():
+      with _no_progress_bars(datasets):
         rows = datasets.load_dataset(
             _BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir
         )
-    except (pa.ArrowException, DatasetGenerationError) as error:
+    except (ArrowException, DatasetGenerationError) as error:
       raise DataError(f"{path}: cannot load: {error}") from None
     where = f"{path} row"
   else:

@@ -1,4 +1,5 @@
-"""CodeBLEU of generated code (CodeAlpaca), computed by the ``codebleu`` package.
+"""CodeBLEU of generated code (CodeAlpaca), computed by the ``codebleu`` package (the ``eval``
+extra).
 
 References:
   Ren et al., "CodeBLEU: a Method for Automatic Evaluation of Code Synthesis",
@@ -9,9 +10,19 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from epi_jax.extras import require
 
 _COMPONENTS = ("ngram_match", "weighted_ngram_match", "syntax_match", "dataflow_match")
+
+
+def require_codebleu() -> Callable:
+  """``codebleu.calc_codebleu`` (the package and its Python grammar, the ``eval`` extra), or
+  ``epi_jax.extras.MissingExtra``."""
+  codebleu = require("codebleu", "eval", "the codebleu metric")
+  require("tree_sitter_python", "eval", "the codebleu metric")  # codebleu imports it on use
+  return codebleu.calc_codebleu
 
 
 def code_scores(
@@ -31,9 +42,7 @@ def code_scores(
     raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
   if not predictions:
     return dict.fromkeys(("codebleu", *_COMPONENTS, "bleu"))
-  from codebleu import calc_codebleu  # imported on use: it loads the tree-sitter grammar
-
-  raw = calc_codebleu(list(references), list(predictions), lang=lang)
+  raw = require_codebleu()(list(references), list(predictions), lang=lang)
   out = {"codebleu": float(raw["codebleu"])}
   out |= {name: float(raw[f"{name}_score"]) for name in _COMPONENTS}
   out["bleu"] = out["ngram_match"]

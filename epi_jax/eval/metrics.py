@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 import epi_jax.data as data
-from epi_jax.eval.code_bleu import code_scores
+from epi_jax.eval.code_bleu import code_scores, require_codebleu
 from epi_jax.eval.gsm8k import gsm8k_scores
 from epi_jax.eval.judge import Judge, judge_question
 from epi_jax.eval.rouge import rouge_l
@@ -81,13 +81,16 @@ class Metric:
   """Factor taking the headline to the paper's 0-10 scale (Section 3.1)."""
   proxy: str | None = None
   """The headline when the ``headline`` key is absent (no judge configured), scored 0-1."""
+  requires: Callable[[], object] | None = None
+  """Imports the metric's optional dependencies or raises ``epi_jax.extras.MissingExtra``
+  (checked before a run trains)."""
 
 
 METRICS: dict[str, Metric] = {
     "exact_match": Metric("generation", _exact_match, "exact_match", 10.0),
     "gsm8k": Metric("generation", _gsm8k, "exact_match_strict", 10.0),
     "multiple_choice": Metric("loglikelihood", _multiple_choice, "acc", 10.0),
-    "codebleu": Metric("generation", _codebleu, "codebleu", 10.0),
+    "codebleu": Metric("generation", _codebleu, "codebleu", 10.0, requires=require_codebleu),
     "judge": Metric("generation", _judge, "judge_score", 1.0, proxy="rougeL_proxy"),
 }
 

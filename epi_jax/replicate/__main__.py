@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,8 +21,9 @@ import numpy as np
 import yaml
 
 from epi_jax.errors import InputError, input_errors_exit
+from epi_jax.progress import ProgressBoard, run_trainer
 from epi_jax.replicate import compare, grid, measure, paper
-from epi_jax.train.compile_cache import shared_cache_env
+from epi_jax.report import load_run, require_plotting, write_report
 from epi_jax.train.loading import load_config, resume_conflicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,10 +96,11 @@ def status(job: Job) -> str:
 
 
 class Progress:
-  """Overall progress lines: finished runs, running ones, elapsed time and an estimate."""
+  """Overall progress: a line on ``board`` per finished run, with the elapsed time and an
+  estimate (the board shows the running runs)."""
 
-  def __init__(self, total: int, skipped: int, jobs: int):
-    self.total, self.done, self.jobs = total, skipped, jobs
+  def __init__(self, total: int, skipped: int, jobs: int, board: ProgressBoard):
+    self.total, self.done, self.jobs, self.board = total, skipped, jobs, board
     self.durations: list[float] = []
     self.failed: list[str] = []
     self.start = time.perf_counter()
@@ -113,11 +114,10 @@ class Progress:
         self.failed.append(job.run_dir)
       left = self.total - self.done
       eta = np.mean(self.durations) * left / self.jobs
-      print(
+      self.board.message(
           f"[{self.done}/{self.total}] {job.entry.name} seed {job.seed} "
           f"{'done' if ok else 'FAILED'} in {seconds:.0f} s; elapsed "
-          f"{(time.perf_counter() - self.start) / 60:.1f} min, about {eta / 60:.0f} min left",
-          flush=True,
+          f"{(time.perf_counter() - self.start) / 60:.1f} min, about {eta / 60:.0f} min left"
       )
 
 
@@ -129,18 +129,17 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
   log = os.path.join(logs, f"{job.entry.name}_seed{job.seed}.log")
   command = job.command(f"{sys.executable} -m epi_jax.train") + ["--set", "log.progress=false"]
   start = time.perf_counter()
-  with open(log, "a") as f:
-    f.write(" ".join(command + (["--resume"] if resume else [])) + "\n")
-    f.flush()
-    code = subprocess.run(
-        command + (["--resume"] if resume else []),
-        cwd=ROOT,
-        stdout=f,
-        stderr=subprocess.STDOUT,
-        env=shared_cache_env(os.path.join(out, "jax_cache")),
-    ).returncode
+  code = run_trainer(
+      command + (["--resume"] if resume else []),
+      run_dir=job.run_dir,
+      log_path=log,
+      cache_dir=os.path.join(out, "jax_cache"),
+      board=progress.board,
+      label=f"{job.entry.name} seed {job.seed}",
+      cwd=ROOT,
+  )
   if code:
-    print(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}", file=sys.stderr)
+    progress.board.message(f"{job.run_dir}: the trainer exited with {code}; its output is in {log}")
   progress.finished(job, time.perf_counter() - start, code == 0)
 
 
@@ -159,8 +158,6 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
   The report's "learned" table is the check that every task reached 0.5 right after
   its own stage (the ``sequential`` run: forgetting is defined only for what was learned).
   """
-  from epi_jax.report import load_run, write_report  # matplotlib: only with runs to plot
-
   done = [j for j in jobs if _finished(j)]
   per_run: dict[str, dict[str, list]] = {}
   runs = {job: load_run(job.run_dir) for job in done}  # each run read once
@@ -251,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
       print(" ".join(job.command()))
     print(f"# {len(jobs)} runs; checking each config:")
     return dry_run(preset, jobs)
+  require_plotting()  # the runner ends with the report: refused now, not after the runs
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   if not args.report_only:
@@ -262,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(states[j] == 'new' for j in todo)} to start",
         flush=True,
     )
-    progress = Progress(len(jobs), len(jobs) - len(todo), args.jobs)
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    board = ProgressBoard()
+    progress = Progress(len(jobs), len(jobs) - len(todo), args.jobs, board)
+    with board, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       list(pool.map(lambda j: _train(j, states[j] == "partial", args.out, progress), todo))
     if progress.failed:
       print("failed runs:\n  " + "\n  ".join(progress.failed), file=sys.stderr)

@@ -2,10 +2,11 @@
 
 ``load_run`` reads a run directory, ``group_runs`` puts runs that differ only by seed together,
 ``run_metrics``/``aggregate`` give the numbers of a run / a group as plain dicts, and
-``write_report`` writes report.md, report.json and the PNG plots (docs/trainer.md, "Report").
+``write_report`` writes report.md, report.json and the PNG plots (docs/trainer.md, "Report";
+the plots need the ``report`` extra, matplotlib).
 """
 
-from epi_jax.report.document import write_report
+from epi_jax.report.document import require_plotting, write_report
 from epi_jax.report.runs import (
     LEARNED,
     Run,
@@ -24,6 +25,7 @@ __all__ = [
     "aggregate",
     "group_runs",
     "load_run",
+    "require_plotting",
     "run_metrics",
     "stats",
     "write_report",

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from epi_jax.report import plots
+from epi_jax.extras import require
 from epi_jax.report.runs import LEARNED, Run, aggregate, group_runs, load_run, run_metrics
 
 SCALARS = (  # (run_metrics key, column title, decimals)
@@ -158,10 +158,18 @@ def _tables(
   ]
 
 
+def require_plotting() -> None:
+  """Refuses (``epi_jax.extras.MissingExtra``) where matplotlib, which draws the plots, is
+  absent: a caller with hours of runs ahead checks before them."""
+  require("matplotlib", "report", "drawing the report's plots")
+
+
 def _plots(
     groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict], plot_dir: str
 ) -> list[str]:
   """Draws every plot the runs have data for; the markdown that shows them or says why not."""
+  from epi_jax.report import plots  # matplotlib: checked by write_report
+
   runs = [(label, r) for label, members in groups.items() for r in members]
   names = {
       r.run_dir: f"{i:02d}_{_slug(label)}_s{r.seeds[0]}-{r.seeds[1]}"
@@ -276,6 +284,7 @@ def write_report(
   """
   if not run_dirs:
     raise ValueError("write_report: no run directories")
+  require_plotting()
   runs = [load_run(d) for d in run_dirs]
   groups = group_runs(runs, labels)
   aggregates = {label: aggregate(members) for label, members in groups.items()}

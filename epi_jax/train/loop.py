@@ -267,7 +267,8 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
         judge=judge,
     )
 
-  if not step:
+  if not step:  # the length of the run, for whoever follows metrics.jsonl (epi_jax.progress)
+    writer.write("plan", 0, {"total_steps": total, "stages": len(stages)})
     analyses.before_training(
         method.eval_model(nnx.merge(graphdef, state)[0]),
         lambda model: headline_row(run_eval(model), task_data.metrics),

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import epi_jax.data as data
+from epi_jax.eval.metrics import METRICS
 from epi_jax.models import CheckpointError, load_tokenizer
 from epi_jax.train.config import Config
 
@@ -65,16 +66,21 @@ def load_tasks(config: Config) -> TaskData:
   Raises:
     DataError: a data file or hub dataset that cannot be used, or too few records.
     CheckpointError: data.source=hf and the checkpoint's tokenizer cannot encode chats.
+    MissingExtra: a task's metric or the data source needs an extra that is not installed.
   """
   d = config.data
+  table = data.TASK_METRICS if d.source == "synthetic" else data.DATASET_METRICS
+  metrics = {t: table[t] for t in d.tasks}
+  for name in sorted(set(metrics.values())):
+    if METRICS[name].requires is not None:
+      METRICS[name].requires()
   encoder = _encoder(config)
   splits = {t: _splits(config, t) for t in d.tasks}
-  metrics = data.TASK_METRICS if d.source == "synthetic" else data.DATASET_METRICS
   return TaskData(
       encoder=encoder,
       train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
       evaluation={t: ev for t, (_, ev) in splits.items()},
-      metrics={t: metrics[t] for t in d.tasks},
+      metrics=metrics,
       probes={t: probe_examples(config, t) for t in config.eval.probe_tasks},
   )
 

@@ -288,6 +288,40 @@ def test_bad_input_is_one_line_and_exit_2(setup, expected, hf_folder, tmp_path, 
   assert sorted(os.walk(run)) == before
 
 
+CODE_ALPACA = json.dumps({"instruction": "Add.", "input": "", "output": "x + y"}) + "\n"
+MISSING = [
+    (
+        "datasets",
+        "gsm8k",
+        gsm8k_lines(3),
+        "loading the dataset 'gsm8k' (data.source: hf) needs the data extra (no module "
+        "datasets): pip install 'epi-jax[data]'",
+    ),
+    (
+        "codebleu",
+        "code_alpaca",
+        CODE_ALPACA * 3,
+        "the codebleu metric needs the eval extra (no module codebleu): pip install 'epi-jax[eval]'",
+    ),
+]
+
+
+@pytest.mark.parametrize("module, task, records, expected", MISSING, ids=[m[0] for m in MISSING])
+def test_a_missing_extra_is_one_line_and_exit_2(
+    module, task, records, expected, hf_folder, tmp_path, capsys, monkeypatch
+):
+  """A run whose data or metric needs an extra that is not installed stops before any work."""
+  monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+  file = data_file(tmp_path, f"{task}.jsonl", records)
+  sets = [f"model.checkpoint={hf_folder}", f"data.tasks=[{task}]", f"data.files={{{task}: {file}}}"]
+  sets += ["data.source=hf", "data.n_train=2", "data.n_eval=1", "method.stages=[]"]
+  run = tmp_path / "run"
+  argv = ["--config", tiny_config_file(tmp_path), "--run-dir", str(run)]
+  assert cli.main(argv + [x for o in sets for x in ("--set", o)]) == 2
+  assert capsys.readouterr().err == f"error: {expected}\n"
+  assert not run.exists()
+
+
 def train_py(args, tmp_path, **env):
   return subprocess.run(
       [sys.executable, "train.py", "--config", tiny_config_file(tmp_path), *args],

@@ -10,9 +10,13 @@ from epi_jax.train.loop import train
 from tiny_run import tiny_config_file
 
 
-def train_losses(run_dir):
+def records(run_dir, kind):
   with open(run_dir / "metrics.jsonl") as f:
-    return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "train"]
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def train_losses(run_dir):
+  return [(r["step"], r["loss"]) for r in records(run_dir, "train")]
 
 
 @pytest.mark.slow
@@ -38,6 +42,9 @@ def test_resume_is_bit_identical_and_refuses_a_changed_config(tmp_path):
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert resumed["mask_history"] == full["mask_history"]
   assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+  # The run's length, written once at its start (the live progress of epi_jax.progress).
+  plan = [{"kind": "plan", "step": 0, "total_steps": 6, "stages": 2}]
+  assert records(tmp_path / "cut", "plan") == records(tmp_path / "full", "plan") == plan
   assert [r["step"] for r in full["mask_history"]] == [2, 4, 6]
   summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
   assert summary["params_sha256"] == full["params_sha256"]
