@@ -77,14 +77,18 @@ def logit_bytes(tokens: int, vocab: float) -> float:
 def evaluation_bytes(config: Config, architecture: ModelConfig | None = None) -> dict[str, float]:
   """Estimates of the evaluation's largest buffers on one device: generation's KV cache for
   ``eval.batch_size`` prompts of up to ``data.seq_len`` tokens plus ``eval.max_new_tokens``
-  (twice: the decode loop's carry is copied), and the scoring pass's logit chunk."""
+  (twice: the decode loop's carry is copied), and the scoring pass's logit chunk plus its
+  widest activation (one block's MLP: rows * seq_len * intermediate_size values)."""
   c, e = model_config(config.model, architecture), config.eval
   width = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
   slots = config.data.seq_len + e.max_new_tokens
   cache = 2 * c.num_layers * e.batch_size * slots * c.num_kv_heads * c.head_dim * width
   return {
       "generation": 2 * cache,
-      "scoring": logit_bytes(e.batch_size * config.data.seq_len, c.vocab_size),
+      "scoring": (
+          logit_bytes(e.batch_size * config.data.seq_len, c.vocab_size)
+          + e.batch_size * config.data.seq_len * c.intermediate_size * width
+      ),
   }
 
 
