@@ -153,22 +153,28 @@ def _initial_stats(selector: selection.Selector) -> MaskStats:
 # Phase 1: online sensitivity accumulation.
 
 
-def _ema(s: jax.Array, g: jax.Array, seed: jax.Array, beta: float, dtype: jnp.dtype) -> jax.Array:
-  """One leaf of Eq. 5 in float32; a non-finite result keeps S_{t-1}."""
+def _ema(s: jax.Array, g: jax.Array, seed: jax.Array | None, beta: float) -> jax.Array:
+  """One leaf of Eq. 5 in float32; a non-finite result keeps S_{t-1}. Rounded to bfloat16
+  stochastically from ``seed``, else kept in ``s``'s dtype."""
   g = g.astype(jnp.float32)
   new = beta * s.astype(jnp.float32) + (1 - beta) * (g * g)
   new = jnp.where(jnp.isfinite(new), new, s.astype(jnp.float32))
-  if dtype == jnp.bfloat16:
+  if seed is not None:
     return round_bfloat16_stochastic(new, seed)
-  return new.astype(dtype)
+  return new.astype(s.dtype)
 
 
 def accumulate_sensitivity(
     sens: list, grads: list, eligible: list[bool], count: jax.Array, beta: float, dtype: jnp.dtype
 ) -> list:
-  """S_t = beta S_{t-1} + (1 - beta) g_t^2 (Eq. 5) on the eligible leaves."""
+  """S_t = beta S_{t-1} + (1 - beta) g_t^2 (Eq. 5) on the eligible leaves.
+
+  Only a bfloat16 S takes a per-leaf seed: any leaf-specific constant makes XLA compile that
+  leaf's kernel on its own.
+  """
+  seed = lambda i: count * len(grads) + i if dtype == jnp.bfloat16 else None
   return [
-      _ema(s, g, count * len(grads) + i, beta, dtype) if e else s
+      _ema(s, g, seed(i), beta) if e else s
       for i, (s, g, e) in enumerate(zip(sens, grads, eligible))
   ]
 
@@ -194,11 +200,9 @@ def _refresh_stats(
 ) -> MaskStats:
   """The statistics of a refresh from ``old`` (m_{t-1}) to ``new`` (m_t), ``first`` packed."""
   # One pass counts every statistic: bit 0 = new mask, 1 = previous, 2 = first.
-  codes = [
-      None if ids is None else n.astype(jnp.int32) + 2 * o.astype(jnp.int32) + 4 * bitmask.unpack(f)
-      for n, o, f, ids in zip(new, old, first, groups.leaf_ids)
-  ]
-  c = grouping.group_code_counts(codes, groups, 8)
+  code = lambda n, of: n.astype(jnp.int32) + 2 * of[0].astype(jnp.int32) + 4 * bitmask.unpack(of[1])
+  new = [None if ids is None else n for n, ids in zip(new, groups.leaf_ids)]
+  c = grouping.group_code_counts(new, list(zip(old, first)), code, groups, 8)
   bit = lambda b: (np.arange(8) >> b) & 1
   count_if = lambda sel: jnp.sum(c * sel, axis=1)
   protected = count_if(bit(0))

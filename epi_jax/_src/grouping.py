@@ -7,6 +7,7 @@ per-layer budgets and the mask statistics all work group by group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -15,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epi_jax._src.parts import LeafIds, Parts, make_parts
+
 LAYER_OF = ("block", "leaf")
 LayerOf = str | Callable[[tuple[Any, ...], Any], Hashable]
-LeafIds = int | tuple[int, ...] | None
 
 INT32_MAX = np.iinfo(np.int32).max
 # A transformer block container: ``layers/3``, ``h/3``, ``blocks/3``, or ``layers_3``.
@@ -46,6 +48,11 @@ class Groups:
   @property
   def num_eligible(self) -> int:
     return sum(self.sizes)
+
+  @functools.cached_property
+  def parts(self) -> Parts:
+    """The groups arranged in parts (``epi_jax._src.parts``)."""
+    return make_parts(self.leaf_ids, len(self.names))
 
 
 def is_float(leaf: Any) -> bool:
@@ -151,47 +158,34 @@ def layer_groups(tree: Any, layer_of: LayerOf = "block") -> Groups:
   return Groups(tuple(names), tuple(sizes), tuple(leaf_ids))
 
 
-def expand(values: jax.Array, ids: int | tuple[int, ...], ndim: int) -> jax.Array:
-  """Per-group ``values`` gathered for a leaf: a scalar or a (L, 1, ...) column."""
-  if isinstance(ids, int):
-    return values[ids]
-  return values[np.asarray(ids)].reshape((len(ids),) + (1,) * (ndim - 1))
-
-
 def _reduce(leaf: jax.Array, ids: int | tuple[int, ...], fn: Callable[..., jax.Array]) -> jax.Array:
   if isinstance(ids, int):
     return fn(leaf)
   return fn(leaf.reshape(len(ids), -1), axis=1)
 
 
-def group_minmax(leaves: Sequence[jax.Array], groups: Groups) -> tuple[jax.Array, jax.Array]:
-  """Per-group minimum and maximum (Eq. 7) as float32 arrays of shape (G,)."""
-  num = len(groups.names)
-  lo = jnp.full((num,), jnp.inf, jnp.float32)
-  hi = jnp.full((num,), -jnp.inf, jnp.float32)
-  for leaf, ids in zip(leaves, groups.leaf_ids):
-    if ids is None:
-      continue
-    leaf = leaf.astype(jnp.float32)
-    lo = lo.at[np.asarray(ids)].min(_reduce(leaf, ids, jnp.min))
-    hi = hi.at[np.asarray(ids)].max(_reduce(leaf, ids, jnp.max))
-  return lo, hi
+def group_minmax(leaves: Sequence[jax.Array], groups: Groups) -> tuple[list, list]:
+  """Per-group minimum and maximum (Eq. 7) in float32, per part of ``groups.parts``."""
+  leaves = [
+      None if ids is None else x.astype(jnp.float32) for x, ids in zip(leaves, groups.leaf_ids)
+  ]
+  units = lambda fn: [
+      None if x is None else _reduce(x, ids, fn) for x, ids in zip(leaves, groups.leaf_ids)
+  ]
+  return groups.parts.reduce(units(jnp.min), "min"), groups.parts.reduce(units(jnp.max), "max")
 
 
 def group_code_counts(
-    codes: Sequence[jax.Array | None], groups: Groups, num_codes: int
+    leaves: Sequence[jax.Array | None],
+    values: Sequence[Any],
+    code_fn: Callable[[jax.Array, Any], jax.Array],
+    groups: Groups,
+    num_codes: int,
 ) -> jax.Array:
-  """Per-group histogram of small integer codes, int32 of shape (G, num_codes).
+  """Per-group histogram of small integer codes ``code_fn(leaf, value)``, int32 of shape
+  (G, num_codes); ``None`` leaves are skipped.
 
-  One scatter pass per leaf counts any number of boolean combinations at once (e.g.
-  code = new + 2 * old for locked/freed counts); ``None`` leaves are skipped.
+  One pass per leaf counts any number of boolean combinations at once (e.g. code = new +
+  2 * old for locked/freed counts).
   """
-  total = jnp.zeros((len(groups.names) * num_codes,), jnp.int32)
-  for code, ids in zip(codes, groups.leaf_ids):
-    if ids is None:
-      continue
-    slot = code.astype(jnp.int32) + expand(
-        jnp.arange(len(groups.names), dtype=jnp.int32) * num_codes, ids, code.ndim
-    )
-    total = total.at[slot.reshape(-1)].add(1)
-  return total.reshape(len(groups.names), num_codes)
+  return groups.parts.histograms(leaves, values, code_fn, num_codes)

@@ -2,19 +2,21 @@
 
 Non-negative floats order like their bit patterns read as unsigned integers, so a few
 histogram passes over digit ranges fix the threshold's bits from the top. It never
-sorts, never concatenates the leaves, and each pass is a scatter-add per leaf, which
-also works on sharded arrays.
+sorts, never concatenates the leaves, and each pass is a scatter-add per leaf (in one loop
+over the leaves of each shape, ``Parts.histograms``), which also works on sharded arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epi_jax._src.grouping import INT32_MAX, LeafIds, expand
+from epi_jax._src.grouping import INT32_MAX
+from epi_jax._src.parts import Parts
 
 # Below this many entries, histogram counts are exact in int32; above, they saturate at k.
 _EXACT_COUNT_LIMIT = INT32_MAX
@@ -26,69 +28,84 @@ _WIDTHS_MANY_BUDGETS = (10, 10, 11)
 
 def kth_largest_bits(
     scores: Sequence[jax.Array | None],
-    budget_ids: Sequence[LeafIds],
+    budgets: Parts,
     k: Sequence[int],
     num_entries: int,
+    key_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
+    params: Sequence[Any] | None = None,
 ) -> jax.Array:
   """Bit pattern of the k-th largest score per budget, uint32 of shape (B,).
 
   Args:
     scores: per leaf, float32 scores >= 0, or ``None`` for a leaf that takes no part.
-    budget_ids: per leaf, the budget of the whole leaf (an ``int``) or of each of its
-      slices along axis 0 (a tuple), ``None`` where ``scores`` is ``None``.
+    budgets: the budgets (segments) of each leaf, or of each of its slices along axis 0,
+      arranged in parts.
     k: number of entries to select per budget.
     num_entries: total number of scores; above 2**31 the counts saturate at k.
+    key_fn: ``key_fn(leaf, param)``, the uint32 bit patterns of a leaf's scores, computed
+      where they are counted (e.g. a normalization, fused); default: the leaf's own bits.
+    params: per leaf, the ``param`` of ``key_fn``.
 
   Returns:
     Per budget, the k-th largest score's float32 bit pattern (``NO_THRESHOLD`` where k=0).
   """
+  if key_fn is None:
+    key_fn = lambda x, _: jax.lax.bitcast_convert_type(x, jnp.uint32)
+  params = [None] * len(scores) if params is None else params
   k = np.asarray(k, np.uint32)
-  num = len(k)
-  widths = _WIDTHS_FEW_BUDGETS if num <= 16 else _WIDTHS_MANY_BUDGETS
-  keys = [None if s is None else jax.lax.bitcast_convert_type(s, jnp.uint32) for s in scores]
+  widths = _WIDTHS_FEW_BUDGETS if len(k) <= 16 else _WIDTHS_MANY_BUDGETS
   # Counts cannot overflow int32 below 2**31 entries; above, add per leaf, saturating at k.
   saturate = num_entries > _EXACT_COUNT_LIMIT
-  prefix = jnp.zeros((num,), jnp.uint32)  # threshold bits found so far
-  above = jnp.zeros((num,), jnp.uint32)  # entries above the current bucket (< k)
+  prefix = jnp.zeros((len(k),), jnp.uint32)  # threshold bits found so far
+  above = jnp.zeros((len(k),), jnp.uint32)  # entries above the current bucket (< k)
   done = 1  # bits fixed so far, sign bit included
   for width in widths:
     shift = 32 - done - width
     bins = 1 << width
-    outside = num * bins  # slot of entries outside the current bucket
-    hist = jnp.zeros((outside + 1,), jnp.uint32 if saturate else jnp.int32)
-    for key, ids in zip(keys, budget_ids):
-      if key is None:
-        continue
-      ndim = key.ndim
-      slot = ((key >> shift) & (bins - 1)).astype(jnp.int32) + expand(
-          jnp.arange(num, dtype=jnp.int32) * bins, ids, ndim
-      )
-      if done > 1:
-        in_bucket = (key >> (shift + width)) == (expand(prefix, ids, ndim) >> (shift + width))
-        slot = jnp.where(in_bucket, slot, outside)
-      if saturate:
-        leaf_hist = jnp.zeros((outside + 1,), jnp.int32).at[slot.reshape(-1)].add(1)
-        hist = jnp.minimum(hist + leaf_hist.astype(jnp.uint32), np.append(np.repeat(k, bins), 0))
-      else:
-        hist = hist.at[slot.reshape(-1)].add(1)
-    hist = jnp.minimum(hist[:outside].astype(jnp.uint32), np.repeat(k, bins))
-    hist = hist.reshape(num, bins)
-    # Entries at or above each digit: a suffix sum, saturated at k when it could overflow.
-    if saturate:
-      at_or_above = jax.lax.associative_scan(
-          lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1
-      )
-    else:
-      at_or_above = jax.lax.cumsum(hist, axis=1, reverse=True)
-    at_or_above = jnp.minimum(at_or_above + above[:, None], k[:, None])
-    digit = (jnp.sum(at_or_above >= k[:, None], axis=1) - 1).astype(jnp.uint32)
-    nxt = jnp.minimum(digit + 1, bins - 1)
-    above_next = jnp.where(
-        digit + 1 < bins,
-        jnp.take_along_axis(at_or_above, nxt[:, None].astype(jnp.int32), 1)[:, 0],
-        above,
-    )
-    above = jnp.minimum(above_next, k)
+
+    def code(x: jax.Array, value: Any, shift=shift, bins=bins, width=width, done=done):
+      """The digit of each key, or bins where the key is outside the current bucket."""
+      param, p = value
+      key = key_fn(x, param)
+      digit = (key >> shift) & (bins - 1)
+      if done == 1:
+        return digit
+      return jnp.where((key >> (shift + width)) == (p >> (shift + width)), digit, bins)
+
+    prefix_parts = budgets.split(prefix)
+    values = [
+        None if x is None else (param, budgets.leaf_value(prefix_parts, i, x.ndim))
+        for i, (x, param) in enumerate(zip(scores, params))
+    ]
+    # Saturating counts: at most k per digit; the outside slot counts nothing.
+    cap = np.concatenate([np.repeat(k[:, None], bins, 1), np.zeros_like(k)[:, None]], 1)
+    hist = budgets.histograms(scores, values, code, bins + 1, cap.reshape(-1) if saturate else None)
+    digit, above = _next_digit(hist[:, :bins], k, above, saturate)
     prefix = prefix | (digit << shift)
     done += width
   return jnp.where(k > 0, prefix, NO_THRESHOLD)
+
+
+def _next_digit(
+    hist: jax.Array, k: np.ndarray, above: jax.Array, saturate: bool
+) -> tuple[jax.Array, jax.Array]:
+  """Per row of a bucket's digit histogram (n, bins): the k-th largest entry's digit, and the
+  entries above the bucket of that digit (both uint32, shape (n,))."""
+  bins = hist.shape[1]
+  hist = jnp.minimum(hist.astype(jnp.uint32), k[:, None])
+  # Entries at or above each digit: a suffix sum, saturated at k when it could overflow.
+  if saturate:
+    at_or_above = jax.lax.associative_scan(
+        lambda a, b: jnp.minimum(a + b, k[:, None]), hist, reverse=True, axis=1
+    )
+  else:
+    at_or_above = jax.lax.cumsum(hist, axis=1, reverse=True)
+  at_or_above = jnp.minimum(at_or_above + above[:, None], k[:, None])
+  digit = (jnp.sum(at_or_above >= k[:, None], axis=1) - 1).astype(jnp.uint32)
+  nxt = jnp.minimum(digit + 1, bins - 1)
+  above_next = jnp.where(
+      digit + 1 < bins,
+      jnp.take_along_axis(at_or_above, nxt[:, None].astype(jnp.int32), 1)[:, 0],
+      above,
+  )
+  return digit, jnp.minimum(above_next, k)

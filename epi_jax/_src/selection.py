@@ -7,27 +7,49 @@ threshold is the k-th largest normalized score, found by ``radix.kth_largest_bit
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from epi_jax._src import radix
+from epi_jax._src.parts import Parts, make_parts
 from epi_jax._src.grouping import (
     INT32_MAX,
     Groups,
     LayerOf,
     check_layer_of,
-    expand,
     group_minmax,
     layer_groups,
 )
 
 NORMALIZE = ("layer_minmax", "none")
 BUDGET = ("global", "per_layer")
+
+
+def normalization(leaves: Sequence[jax.Array | None], groups: Groups, normalize: str) -> list:
+  """Per leaf, the ``param`` of ``normalize_leaf``: its group's (min, max - min) views."""
+  if normalize == "none":
+    return [None] * len(leaves)
+  lo, hi = group_minmax(leaves, groups)
+  span = [h - low for low, h in zip(lo, hi)]
+  view = lambda v, i, x: groups.parts.leaf_value(v, i, jnp.ndim(x))
+  return [
+      None if ids is None else (view(lo, i, x), view(span, i, x))
+      for i, (x, ids) in enumerate(zip(leaves, groups.leaf_ids))
+  ]
+
+
+def normalize_leaf(leaf: jax.Array, param: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+  """Scores I >= 0 in float32 (Eq. 8) of one leaf, ``param`` from ``normalization``."""
+  leaf = leaf.astype(jnp.float32)
+  if param is not None:
+    lo, span = param
+    leaf = jnp.where(span > 0, (leaf - lo) / jnp.where(span > 0, span, 1), 0)
+  return jnp.where(leaf > 0, leaf, 0)
 
 
 def normalized_scores(
@@ -39,21 +61,11 @@ def normalized_scores(
   scores 0); ``"none"`` keeps the raw scores. Negative and NaN scores become 0, which
   is never protected.
   """
-  if normalize == "layer_minmax":
-    lo, hi = group_minmax(leaves, groups)
-    span = hi - lo
-  out = []
-  for leaf, ids in zip(leaves, groups.leaf_ids):
-    if ids is None:
-      out.append(None)
-      continue
-    leaf = leaf.astype(jnp.float32)
-    if normalize == "layer_minmax":
-      ndim = leaf.ndim
-      s = expand(span, ids, ndim)
-      leaf = jnp.where(s > 0, (leaf - expand(lo, ids, ndim)) / jnp.where(s > 0, s, 1), 0)
-    out.append(jnp.where(leaf > 0, leaf, 0))
-  return out
+  params = normalization(leaves, groups, normalize)
+  return [
+      None if ids is None else normalize_leaf(x, p)
+      for x, p, ids in zip(leaves, params, groups.leaf_ids)
+  ]
 
 
 def num_protected(p: float, size: int) -> int:
@@ -78,33 +90,42 @@ class Selector:
   sel_of_group: tuple[int, ...]
   k: tuple[int, ...]
 
+  @functools.cached_property
+  def budgets(self) -> Parts:
+    """The selection budgets arranged in parts (a stacked leaf in one budget has one)."""
+    ids = []
+    for g in self.groups.leaf_ids:
+      if g is None or isinstance(g, int):
+        ids.append(None if g is None else self.sel_of_group[g])
+        continue
+      b = tuple(self.sel_of_group[i] for i in g)
+      ids.append(b[0] if len(set(b)) == 1 else b)
+    return make_parts(ids, len(self.k))
+
   def thresholds(self, scores: Sequence[jax.Array | None]) -> jax.Array:
     """Bit pattern of the k-th largest score per budget (uint32, 2**32-1 when k=0)."""
-    sel_ids = [
-        None
-        if ids is None
-        else (
-            self.sel_of_group[ids]
-            if isinstance(ids, int)
-            else tuple(self.sel_of_group[i] for i in ids)
-        )
-        for ids in self.groups.leaf_ids
-    ]
-    return radix.kth_largest_bits(scores, sel_ids, self.k, self.groups.num_eligible)
+    return radix.kth_largest_bits(scores, self.budgets, self.k, self.groups.num_eligible)
 
   def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
-    """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32)."""
-    normed = normalized_scores(scores, self.groups, self.normalize)
-    tau = self.thresholds(normed)
-    sel = np.asarray(self.sel_of_group, np.int32)
+    """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32).
+
+    Each pass normalizes the raw scores where it reads them, so no normalized copy of the
+    scores is kept between passes.
+    """
+    scores = [None if ids is None else x for x, ids in zip(scores, self.groups.leaf_ids)]
+    params = normalization(scores, self.groups, self.normalize)
+    key_of = lambda x, p: jax.lax.bitcast_convert_type(normalize_leaf(x, p), jnp.uint32)
+    tau = radix.kth_largest_bits(
+        scores, self.budgets, self.k, self.groups.num_eligible, key_of, params
+    )
+    tau_parts = self.budgets.split(tau)
     masks = []
-    for s, ids in zip(normed, self.groups.leaf_ids):
-      if s is None:
+    for i, (x, p) in enumerate(zip(scores, params)):
+      if x is None:
         masks.append(None)
         continue
-      key = jax.lax.bitcast_convert_type(s, jnp.uint32)
-      t = expand(tau[sel], ids, s.ndim)
-      masks.append((key >= t) & (key > 0))
+      key = key_of(x, p)
+      masks.append((key >= self.budgets.leaf_value(tau_parts, i, x.ndim)) & (key > 0))
     tau_f = jnp.where(
         tau == radix.NO_THRESHOLD, jnp.inf, jax.lax.bitcast_convert_type(tau, jnp.float32)
     )
