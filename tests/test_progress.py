@@ -118,7 +118,9 @@ def test_eta_formats_hours_and_skips_a_non_finite_loss(tmp_path):
 
 
 def test_terminal_redraws_the_lines_in_place(tmp_path, monkeypatch):
-  monkeypatch.setattr(progress.shutil, "get_terminal_size", lambda: os.terminal_size((40, 24)))
+  # shutil is the module pytest uses too: the fake takes its arguments (fallback=...).
+  fake_size = lambda *_, **__: os.terminal_size((40, 24))
+  monkeypatch.setattr(progress.shutil, "get_terminal_size", fake_size)
   clock, out = Clock(), FakeTTY()
   board = ProgressBoard(out, clock=clock)
   a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
