@@ -160,9 +160,9 @@ def _data_problems(config: Config) -> list[str]:
     problems.append(f"data.tasks: must name each task once, got {d.tasks}")
   if d.source == "synthetic" and d.files:
     problems.append("data.files: only data.source=hf reads files")
-  stray = sorted(set(d.files) - set(d.tasks) - set(config.eval.probe_tasks))
+  stray = sorted(set(d.files) - set(known))
   if stray:
-    problems.append(f"data.files: {', '.join(stray)} not in data.tasks or eval.probe_tasks")
+    problems.append(f"data.files: unknown task {', '.join(stray)}; known: {', '.join(known)}")
   return problems
 
 

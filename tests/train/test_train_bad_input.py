@@ -235,6 +235,13 @@ CASES = [
         "known: arithmetic, string_code, logic_choice, rewrite, dialogue",
     ),
     (
+        "data file for an unknown task",
+        lambda t, hf: hf_data(hf, data_file(t, "g.jsonl", gsm8k_lines(3)))
+        + [f"data.files.gsm9k={t}/g.jsonl"],
+        "{config}: invalid config: data.files: unknown task gsm9k; known: gsm8k, code_alpaca, "
+        "logiqa, alpaca, ultrachat",
+    ),
+    (
         "judge model without a URL",
         lambda t, hf: ["eval.judge.model=gpt-judge"],
         "{config}: invalid config: eval.judge.model: set, but eval.judge.url is empty (no judge)",
