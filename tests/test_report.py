@@ -44,7 +44,9 @@ def _config(method: str, seed: int) -> Config:
       optim=OptimSection(lr=3e-3, batch_size=4),
       train=TrainSection(steps_per_stage=3, seed=seed),
       checkpoint=CheckpointSection(every=0),
-      eval=EvalSection(max_new_tokens=2, batch_size=2, analyses=["continual", "flip_rate"]),
+      eval=EvalSection(
+          max_new_tokens=2, batch_size=2, analyses=["continual", "flip_rate", "nll"]
+      ),
       log=LogSection(every=1, progress=False, tensorboard=False),
   )
 
@@ -260,7 +262,7 @@ def test_every_plot_is_a_non_empty_image_with_more_than_one_colour(cli_report):
   path, markdown = cli_report
   links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", markdown)
   kinds = sorted({os.path.basename(link).split("_")[0].removesuffix(".png") for link in links})
-  assert kinds == ["accuracy", "flip", "loss", "mask", "methods", "protected"]
+  assert kinds == ["accuracy", "flip", "loss", "mask", "methods", "nll", "paired", "protected"]
   assert sum(link.startswith("plots/accuracy_") for link in links) == len(METHODS) * len(SEEDS)
   assert sum(link.startswith("plots/flip_rate_") for link in links) == len(SEEDS)  # epi only
   for link in links:
@@ -272,6 +274,44 @@ def test_every_plot_is_a_non_empty_image_with_more_than_one_colour(cli_report):
     assert (pixels != pixels[0, 0]).any(axis=-1).any(), f"{link} has one colour"
   # The multistage runs have no mask: the report says so instead of drawing nothing.
   assert markdown.count("Absent for") == 2 and "only epi" in markdown
+
+
+def test_nll_tables_equal_the_per_example_files(run_dirs, cli_report):
+  """The NLL matrix cells are means over seeds of each file's per-token NLL, the paired row
+  is epi's mean minus multistage's on the same seeds and examples."""
+  _, markdown = cli_report
+  tables = _tables(markdown)
+  per_token = {}
+  for d in run_dirs:
+    with open(os.path.join(d, "heldout_nll.json")) as f:
+      for r in json.load(f)["records"]:
+        per_token.setdefault((d, r["point"], r["task"]), []).append(r["nll_sum"] / r["tokens"])
+  cells = {(row["group"], row["task"]): row for row in tables["Held-out NLL over the stages"]}
+  assert sorted(cells) == sorted((m, t) for m in METHODS for t in ("logic_choice", "rewrite"))
+  for (method, task), row in cells.items():
+    dirs = [d for d in run_dirs if os.path.basename(d).startswith(method)]
+    for column, point in (("before", "before"), ("after rewrite", "after_stage_1")):
+      mean = np.mean([per_token[d, point, task] for d in dirs])
+      assert row[column].split(" [")[0] == f"{mean:.3f}", (method, task, column)
+  rows = {row["quantity"]: row for row in tables["Paired differences of held-out NLL"]}
+  assert sorted(rows) == ["final stream NLL (nats/token)", "stream forgetting (nats/token)"]
+  final = rows["final stream NLL (nats/token)"]
+  assert final["comparison"] == "epi − multistage" and final["seeds"] == str(len(SEEDS))
+  diffs = [
+      np.mean(
+          [
+              a - b
+              for task in ("logic_choice", "rewrite")
+              for a, b in zip(
+                  per_token[d, "after_stage_1", task],
+                  per_token[d.replace("epi", "multistage"), "after_stage_1", task],
+              )
+          ]
+      )
+      for d in run_dirs
+      if os.path.basename(d).startswith("epi")
+  ]
+  assert final["mean"] == f"{np.mean(diffs):+.4f}"
 
 
 def test_flip_rates_without_records_come_from_the_mask_history(run_dirs):

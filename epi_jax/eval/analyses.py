@@ -207,7 +207,7 @@ class RunAnalyses:
     m = self.config.method
     if self.nll is not None:
       start = time.perf_counter()
-      row = self.nll.after_stage(model)
+      row = self.nll.after_stage(model, self.stages)
       self.writer.write("nll", step, {"stage": stage, "time_s": time.perf_counter() - start} | row)
     if "gradient_conflict" in self.names:
       start = time.perf_counter()

@@ -1,6 +1,7 @@
 """The ``nll`` analysis of a run: every task's (and probe task's) held-out response NLL per
-example before training and after each stage, the NLL matrix, forgetting and BWT
-(``epi_jax.eval.nll``), and the per-example file ``heldout_nll.json``.
+example before training, each stream task's after every stage from its own on, every probe's
+after the last stage; the NLL matrix, forgetting and BWT (``epi_jax.eval.nll``), and the
+per-example file ``heldout_nll.json``.
 
 The examples are the first ``eval.nll_examples`` held-out examples of each task: they depend
 on the data config only (``data.seed``, ``n_eval``; hf: the files, ``n_train``), never on the
@@ -78,13 +79,16 @@ class HeldoutNll:
     parts = [CACHE_VERSION, params_digest, model_config, self.examples_digest(), self.batch_size]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
-  def measure(self, model) -> dict[str, list[list[float]]]:
-    """task -> ``[nll_sum, tokens]`` per example, all tasks' chats in one batched pass."""
-    chats = [chat for task_chats in self.chats.values() for chat in task_chats]
+  def measure(self, model, tasks: Sequence[str] | None = None) -> dict[str, list[list[float]]]:
+    """task -> ``[nll_sum, tokens]`` per example of ``tasks`` (None: every stream and probe
+    task), their chats in one batched pass."""
+    tasks = list(self.chats) if tasks is None else tasks
+    chats = [chat for task in tasks for chat in self.chats[task]]
     scores = response_nlls(model, self.encoder, chats, batch_size=self.batch_size)
     out, start = {}, 0
-    for task, task_chats in self.chats.items():
-      out[task], start = scores[start : start + len(task_chats)], start + len(task_chats)
+    for task in tasks:
+      count = len(self.chats[task])
+      out[task], start = scores[start : start + count], start + count
     return out
 
   def before_training(self, model, *, cache_dir: str, key: Callable[[], str], writes: bool):
@@ -115,9 +119,13 @@ class HeldoutNll:
         "time_s": time.perf_counter() - start,
     }
 
-  def after_stage(self, model) -> dict[str, float | None]:
-    """Scores the model after a stage; returns the task means (the stage's matrix row)."""
-    self.results.setdefault("after_stage", []).append(self.measure(model))
+  def after_stage(self, model, stages: Sequence[Sequence[str]]) -> dict[str, float | None]:
+    """Scores the model after the next of ``stages`` on the stream tasks seen so far, and
+    after the last stage on the probes too; returns the task means (the matrix row)."""
+    k = len(self.results.get("after_stage", []))
+    seen = {t for stage in stages[: k + 1] for t in stage}
+    tasks = [t for t in self.stream if t in seen] + (self.probes if k == len(stages) - 1 else [])
+    self.results.setdefault("after_stage", []).append(self.measure(model, tasks))
     return nll_row(self.results["after_stage"][-1])
 
   def points(self) -> list[tuple[str, dict]]:
@@ -130,7 +138,9 @@ class HeldoutNll:
   def summary(self, stages: Sequence[Sequence[str]]) -> dict:
     """The ``analyses.nll`` entry of summary.json."""
     before = nll_row(self.results["before"]) if "before" in self.results else None
-    after = [nll_row(p) for p in self.results.get("after_stage", [])]
+    after = [  # a task not yet seen was not scored: None
+        {t: nll_row(p).get(t) for t in self.chats} for p in self.results.get("after_stage", [])
+    ]
     out = {
         "examples_per_task": {t: len(c) for t, c in self.chats.items()},
         "probe_tasks": self.probes,

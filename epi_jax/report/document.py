@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from epi_jax.extras import require
+from epi_jax.report import nll_study
 from epi_jax.report.runs import LEARNED, Run, aggregate, group_runs, load_run, run_metrics
 
 SCALARS = (  # (run_metrics key, column title, decimals)
@@ -158,6 +159,83 @@ def _tables(
   ]
 
 
+def _nll_section(
+    groups: Mapping[str, Sequence[Run]], reference: str | None, plot_dir: str
+) -> tuple[list[str], list[dict]]:
+  """The held-out NLL study (runs with ``heldout_nll.json``): each group's NLL matrix, the
+  paired differences of ``reference`` against every other group and their plots."""
+  from epi_jax.report import plots
+
+  with_nll = {
+      label: [r for r in members if nll_study.read_heldout(r) is not None]
+      for label, members in groups.items()
+  }
+  with_nll = {label: members for label, members in with_nll.items() if members}
+  if not with_nll:
+    return [], []
+  if reference not in with_nll:
+    epi = [label for label, members in with_nll.items() if members[0].method == "epi"]
+    reference = (epi or list(with_nll))[0]
+  rows = nll_study.paired_rows(with_nll, reference)
+  longest = max(
+      (nll_study.read_heldout(m[0]) for m in with_nll.values()), key=lambda s: len(s.stages)
+  )
+  stages = len(longest.stages)
+  bands = {label: nll_study.nll_bands(members, stages) for label, members in with_nll.items()}
+  table = []
+  for label, by_task in bands.items():
+    for task, points in by_task.items():
+      cells = {round(p[0], 6): f"{p[1]:.3f} [{p[2]:.3f}, {p[3]:.3f}]" for p in points}
+      table.append([label, task] + [cells.get(float(x), "") for x in range(stages + 1)])
+  lines = [
+      "## Held-out NLL over the stages",
+      "",
+      f"Each task's held-out response NLL (nats per token, mean over its examples), before "
+      f"training and after each stage, mean over seeds [{int(nll_study.CONFIDENCE * 100)}% "
+      "hierarchical bootstrap interval: seeds, then examples within each].",
+      "",
+      _table(
+          ["group", "task", "before"] + [f"after {'+'.join(s)}" for s in longest.stages],
+          table,
+      ),
+      "",
+  ]
+  if rows:
+    lines += [
+        "## Paired differences of held-out NLL",
+        "",
+        f"{reference} − other on the same seeds and examples: mean and "
+        f"{int(nll_study.CONFIDENCE * 100)}% interval; the verdict comes from the interval "
+        "alone (`epi_jax.eval.paired`).",
+        "",
+        _table(
+            ["comparison", "quantity", "tasks", "mean", "interval", "seeds", "examples/seed",
+             "reading"],
+            [
+                [
+                    f"{r['reference']} − {r['other']}",
+                    nll_study.QUANTITIES[r["quantity"]][0],
+                    ", ".join(r["tasks"]),
+                    f"{r['mean']:+.4f}",
+                    f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                    r["seeds"],
+                    r["examples"],
+                    nll_study.reading(r),
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+    ]
+  names = ["+".join(s) for s in longest.stages]
+  path = plots.nll_over_stages(bands, names, os.path.join(plot_dir, "nll_over_stages.png"))
+  lines += [f"![held-out NLL over the stages]({os.path.basename(plot_dir)}/{os.path.basename(path)})", ""]
+  if rows:
+    path = plots.paired_differences(rows, os.path.join(plot_dir, "paired_differences.png"))
+    lines += [f"![paired differences]({os.path.basename(plot_dir)}/{os.path.basename(path)})", ""]
+  return lines, rows
+
+
 def require_plotting() -> None:
   """Refuses (``epi_jax.extras.MissingExtra``) where matplotlib, which draws the plots, is
   absent: a caller with hours of runs ahead checks before them."""
@@ -268,6 +346,7 @@ def write_report(
     labels: Mapping[str, str] | None = None,
     title: str = "EPI runs",
     extra_markdown: str = "",
+    reference: str | None = None,
 ) -> str:
   """Writes ``out_dir/report.md``, ``out_dir/report.json`` and ``out_dir/plots/*.png`` (the PNGs
   of an earlier report there are removed first).
@@ -278,6 +357,8 @@ def write_report(
     labels: optional run_dir -> group label (see ``group_runs``).
     title: the report's heading.
     extra_markdown: appended to report.md as it is.
+    reference: the group the held-out NLL study compares every other group with (runs with
+      the ``nll`` analysis); None: the first epi group, else the first group.
 
   Returns:
     The path of report.md.
@@ -303,6 +384,8 @@ def write_report(
   ]
   lines += _tables(groups, aggregates, per_run)
   lines += _plots(groups, aggregates, plot_dir)
+  nll_lines, paired = _nll_section(groups, reference, plot_dir)
+  lines += nll_lines
   lines += ["## Sources of the numbers", "", SOURCES]
   if extra_markdown:
     lines += [extra_markdown]
@@ -310,5 +393,5 @@ def write_report(
   with open(path, "w") as f:
     f.write("\n".join(lines).rstrip("\n") + "\n")
   with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump({"groups": aggregates, "runs": per_run}, f, indent=1)
+    json.dump({"groups": aggregates, "runs": per_run, "nll_paired": paired}, f, indent=1)
   return path

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from epi_jax.eval.mask_drift import refresh_flip_rates
+from epi_jax.report.nll_study import QUANTITIES
 from epi_jax.report.runs import Run
 
 DPI = 100
@@ -204,4 +205,45 @@ def method_bars(aggregates: Mapping[str, Mapping], path: str) -> str:
     ax.set_xlabel(name)
     ax.set_title(f"{name}, mean ± std over seeds", fontsize=10)
   axes[0].invert_yaxis()  # the first group on top (the axes share y)
+  return _save(fig, path)
+
+
+def nll_over_stages(
+    bands: Mapping[str, Mapping[str, Sequence[tuple[float, ...]]]],
+    stage_names: Sequence[str],
+    path: str,
+) -> str:
+  """One panel per task: each group's held-out NLL before training and after each stage, the
+  band its confidence interval (``nll_study.nll_bands``)."""
+  tasks = list(dict.fromkeys(t for by_task in bands.values() for t in by_task))
+  fig, axes = _grid(len(tasks), width=4.6, height=3.4)
+  for ax, task in zip(axes, tasks):
+    for i, (label, by_task) in enumerate(bands.items()):
+      if task not in by_task:
+        continue
+      x, mean, low, high = np.array(by_task[task]).T
+      ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=_wrap(label, 30))
+      ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
+    ax.set_xticks(range(len(stage_names) + 1), ["before"] + [f"after\n{s}" for s in stage_names])
+    ax.set_title(task, fontsize=10)
+    ax.set_ylabel("NLL (nats/token)")
+  axes[0].legend(fontsize=7)
+  return _save(fig, path)
+
+
+def paired_differences(rows: Sequence[Mapping], path: str) -> str:
+  """Each paired difference (``nll_study.paired_rows``) as its mean and interval beside 0."""
+  quantities = list(dict.fromkeys(r["quantity"] for r in rows))
+  fig, axes = _grid(len(quantities), width=5.0, height=0.6 + 0.45 * len(rows))
+  for ax, quantity in zip(axes, quantities):
+    mine = [r for r in rows if r["quantity"] == quantity]
+    y = np.arange(len(mine))
+    means = np.array([r["mean"] for r in mine])
+    spans = np.array([[r["mean"] - r["low"], r["high"] - r["mean"]] for r in mine]).T
+    ax.errorbar(means, y, xerr=spans, fmt="o", capsize=4)
+    ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_yticks(y, [_wrap(f"{r['reference']} − {r['other']}", 30) for r in mine], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(_wrap(QUANTITIES[quantity][0], 40), fontsize=10)
+    ax.set_xlabel(f"difference, {int(mine[0]['confidence'] * 100)}% interval")
   return _save(fig, path)

@@ -241,6 +241,10 @@ class EvalSection:
   stage ends), perturbation (S against measured loss changes at 25/50/100%, epi), nll
   (held-out response NLL per example before training and after each stage; forgetting in
   nats per token; ``<run_dir>/heldout_nll.json``)."""
+  metric_examples: int = bounded(0, ge=0)
+  """Held-out examples per task that each task's own metric scores after every stage (the
+  first ones); 0: all ``data.n_eval``. Generation dominates a small model's evaluation: a
+  study scoring NLL on many examples may generate for fewer."""
   nll_examples: int = bounded(0, ge=0)
   """nll: held-out examples scored per task (the first ones, the same for every method of a
   data seed); 0: all ``data.n_eval``. Paired comparisons want 64 or more."""

@@ -207,8 +207,14 @@ def _analyses_problems(config: Config) -> list[str]:
 
 
 def _nll_problems(config: Config) -> list[str]:
-  """Problems of the nll analysis's keys: too many examples, probe tasks that cannot serve."""
+  """Problems of the held-out example counts and the nll keys: too many examples, probe tasks
+  that cannot serve."""
   e, d, problems = config.eval, config.data, []
+  if e.metric_examples > d.n_eval:
+    problems.append(
+        f"eval.metric_examples: must be <= data.n_eval={d.n_eval} (the held-out examples), "
+        f"got {e.metric_examples}"
+    )
   if e.nll_examples > d.n_eval:
     problems.append(
         f"eval.nll_examples: must be <= data.n_eval={d.n_eval} (the held-out examples), "

@@ -256,11 +256,14 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
       record=record,
   )
 
+  scored = config.eval.metric_examples or config.data.n_eval
+  metric_examples = {t: examples[:scored] for t, examples in task_data.evaluation.items()}
+
   def run_eval(model):
     return evaluate(
         model,
         task_data.encoder,
-        task_data.evaluation,
+        metric_examples,
         task_data.metrics,
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,

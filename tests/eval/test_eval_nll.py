@@ -120,14 +120,18 @@ def test_before_training_is_read_back_from_the_cache(tmp_path, model):
   assert second.results["before_cache"]["hit"] is True and len(calls) == 2
   assert second.results["before"] == first.results["before"]
   assert first.cache_key("other params", "config") != first.cache_key("params", "config")
-  row = second.after_stage(model)
-  summary = second.summary([["logic_choice"], ["rewrite"]])
+  stages = [["logic_choice", "rewrite"]]  # one stage: the probe is scored after it
+  row = second.after_stage(model, stages)
+  summary = second.summary(stages)
   assert summary["matrix"][0] == {
       "point": "before",
       "trained": [],
       "nll": nll_row(first.results["before"]),
   }
   assert summary["matrix"][1]["nll"] == row and summary["probe"]["arithmetic"]["change"] == 0.0
+  stream = _tracker(task_data, config)  # two stages: each task from its own stage on
+  firsts = [set(stream.after_stage(model, [["logic_choice"], ["rewrite"]])) for _ in range(2)]
+  assert firsts == [{"logic_choice"}, {"logic_choice", "rewrite", "arithmetic"}]
   records = second.per_example([["logic_choice"], ["rewrite"]])["records"]
   assert len(records) == 2 * 3 * 4 and json.loads(json.dumps(records)) == records
   assert records[0] == {
@@ -184,13 +188,31 @@ def test_runs_of_two_methods_share_the_before_training_evaluation(tmp_path):
   it from the cache; the per-example file holds every point."""
   path = tiny_config_file(tmp_path)
   nll = ["eval.analyses=[nll]", f"eval.nll_cache={tmp_path / 'cache'}", "eval.nll_examples=3"]
-  first = train(load_config(path, [*nll, "method.type=multistage"]), run_dir=str(tmp_path / "a"))
+  first = train(
+      load_config(path, [*nll, "method.type=multistage", "eval.metric_examples=2"]),
+      run_dir=str(tmp_path / "a"),
+  )
   second = train(load_config(path, [*nll, "method.type=lora"]), run_dir=str(tmp_path / "b"))
   a, b = first["analyses"]["nll"], second["analyses"]["nll"]
   assert (a["before_cache"]["hit"], b["before_cache"]["hit"]) == (False, True)
   assert a["before_cache"]["file"] == b["before_cache"]["file"]
   assert a["matrix"][0] == b["matrix"][0]
   assert a["matrix"][1]["nll"] != b["matrix"][1]["nll"]  # the methods trained differently
+  for run, scored in (("a", 2), ("b", 4)):  # eval.metric_examples; else all data.n_eval = 4
+    lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x) for x in lines if '"eval_metrics"' in x]
+    counts = {v for e in evals for k, v in e.items() if k.endswith("/n")}
+    assert evals and counts == {scored}, evals
   records = json.loads((tmp_path / "b" / "heldout_nll.json").read_text())
   assert records["points"] == ["before", "after_stage_0", "after_stage_1"]
-  assert len(records["records"]) == 3 * 2 * 3
+  scored = {}
+  for r in records["records"]:
+    scored.setdefault(r["point"], set()).add(r["task"])
+  # every task before training, then each from its own stage on
+  assert scored == {
+      "before": {"logic_choice", "rewrite"},
+      "after_stage_0": {"logic_choice"},
+      "after_stage_1": {"logic_choice", "rewrite"},
+  }
+  assert len(records["records"]) == 5 * 3
+  assert b["matrix"][1]["nll"]["rewrite"] is None and b["forgetting"]["logic_choice"] is not None
