@@ -48,18 +48,29 @@ def test_claims_name_runs_of_the_full_grid():
       assert hi > lo, claim
 
 
-def test_verdict():
-  assert paper.verdict((2.0, 0.1), (1.0, 0.2), seeds=3) == "agrees"
-  assert paper.verdict((1.0, 0.1), (2.0, 0.2), seeds=3) == "disagrees"
-  assert paper.verdict((1.0, 0.5), (1.2, 0.1), seeds=3) == "within noise"
-  assert paper.verdict(None, (1.0, 0.0), seeds=3) == "not measured"
+def test_verdict_comes_from_the_paired_interval_over_seeds():
+  rng = np.random.default_rng(0)
+  low = dict(enumerate(rng.normal(size=5)))
+  above = {s: v + 1.0 + 0.1 * rng.random() for s, v in low.items()}
+  assert paper.verdict(above, low)[0] == "agrees"
+  assert paper.verdict(low, above)[0] == "disagrees"
+  v, d = paper.verdict(above, low)
+  diffs = [above[s] - low[s] for s in low]
+  assert d.mean == pytest.approx(np.mean(diffs)) and d.seeds == 5
+  assert d.low >= min(diffs) - 1e-12 and d.high <= max(diffs) + 1e-12
+  # Large differences of both signs over seeds: the interval holds 0, whatever the means.
+  mixed = {s: v + (3.0 if s % 2 else -2.5) for s, v in low.items()}
+  assert paper.verdict(mixed, low)[0] == "cannot tell"
+  # Only the seeds both sides measured are paired.
+  assert paper.verdict({0: 2.0, 1: 3.0, 7: -9.0}, {0: 1.0, 1: 1.0})[1].seeds == 2
+  assert paper.verdict({}, low) == ("not measured", None)
   # One seed has no spread: the direction only, never agreement.
-  assert paper.verdict((2.0, 0.0), (1.0, 0.0), seeds=1) == "same direction, 1 seed"
-  assert paper.verdict((1.0, 0.0), (2.0, 0.0), seeds=1) == "opposite direction, 1 seed"
-  assert paper.verdict((1.0, 0.0), (1.0, 0.0), seeds=1) == "equal, 1 seed"
+  assert paper.verdict({0: 2.0}, {0: 1.0})[0] == "same direction, 1 seed"
+  assert paper.verdict({0: 1.0}, {0: 2.0})[0] == "opposite direction, 1 seed"
+  assert paper.verdict({0: 1.0}, {0: 1.0})[0] == "equal, 1 seed"
 
 
-def test_claim_metrics_and_mean_std():
+def test_claim_metrics():
   rng = np.random.default_rng(0)
   fr = rng.uniform(1, 50, size=3)
   summary = {
@@ -95,9 +106,6 @@ def test_claim_metrics_and_mean_std():
   assert (m["flip_lowest"], m["flip_highest"]) == (0.1, 0.7)
   assert (m["overlap_25"], m["overlap_100"]) == (0.8, 0.4)
   assert m["spearman_middle"] is None and m["spearman_late"] == 0.6
-  xs = rng.normal(size=3).tolist()
-  assert measure.mean_std(xs + [None]) == pytest.approx((np.mean(xs), np.std(xs, ddof=1)))
-  assert measure.mean_std([None]) is None
 
 
 def test_comparison_table_counts_verdicts():
@@ -108,14 +116,19 @@ def test_comparison_table_counts_verdicts():
   ]
   text, counts = compare.comparison(
       claims,
-      {"epi": {"avg_norm_score": (3.0, 0.1)}, "epi_beta0": {"avg_norm_score": (2.0, 0.1)}},
-      {"epi": 2, "epi_beta0": 2},
+      {
+          "epi": {"avg_norm_score": {0: 3.1, 1: 2.9, 2: 3.0}},
+          "epi_beta0": {"avg_norm_score": {0: 2.0, 1: 2.1, 2: 1.9}},
+      },
   )
   assert counts == {"agrees": 1}
   assert (
-      "| epi (Avg. Norm. Score) > epi_beta0 (Avg. Norm. Score) | 7.98 > 7.81 | 3.000 ± 0.100"
-      in text
+      "| epi (Avg. Norm. Score) > epi_beta0 (Avg. Norm. Score) | 7.98 > 7.81 | 3.000 ± 0.100 "
+      "| 2.000 ± 0.100 | +1.000 [+0.800, +1.100] | 3 | agrees |" in text
   )
+  constant = [paper.Claim("Table 15", ("epi", "spearman_late"), 0.0, (0.69, 0.0))]
+  text, counts = compare.comparison(constant, {"epi": {"spearman_late": {0: 0.2, 1: -0.1}}})
+  assert counts == {"cannot tell": 1} and "| 2 | cannot tell |" in text
 
 
 def _summary(run_dir: str) -> dict:

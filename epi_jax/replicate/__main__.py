@@ -159,14 +159,15 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
   its own stage (the ``sequential`` run: forgetting is defined only for what was learned).
   """
   done = [j for j in jobs if _finished(j)]
-  per_run: dict[str, dict[str, list]] = {}
+  values: dict[str, dict[str, dict[int, float]]] = {}  # run name -> metric -> seed -> value
+  seeds: dict[str, int] = {}
   runs = {job: load_run(job.run_dir) for job in done}  # each run read once
   for job, run in runs.items():
+    seeds[job.entry.name] = seeds.get(job.entry.name, 0) + 1
     for k, v in measure.claim_metrics(run).items():
-      per_run.setdefault(job.entry.name, {}).setdefault(k, []).append(v)
-  values = {name: {k: measure.mean_std(v) for k, v in ms.items()} for name, ms in per_run.items()}
-  seeds = {name: len(ms["avg_norm_score"]) for name, ms in per_run.items()}
-  table, counts = compare.comparison(paper.claims(preset.h_sweep, preset.interval), values, seeds)
+      if v is not None:
+        values.setdefault(job.entry.name, {}).setdefault(k, {})[job.seed] = v
+  table, counts = compare.comparison(paper.claims(preset.h_sweep, preset.interval), values)
   runs_time = sum(run.summary["wall_time_s"] for run in runs.values())
   header = (
       f"## Replication: preset `{preset.name}`\n\n{preset.description}. "

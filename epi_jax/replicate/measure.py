@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-from epi_jax.report import Run, run_metrics, stats
+from epi_jax.report import Run, run_metrics
 
 
 def _get(tree: Mapping, *keys):
@@ -48,9 +48,3 @@ def claim_metrics(run: Run) -> dict[str, float | None]:
   for point in ("early", "middle", "late"):
     out[f"spearman_{point}"] = _get(analyses, "perturbation", point, "spearman")
   return {k: None if v is None or math.isnan(v) else float(v) for k, v in out.items()}
-
-
-def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
-  """(mean, std over seeds) of the measured values (``epi_jax.report.stats``), None if none."""
-  s = stats(values)
-  return None if s["mean"] is None else (s["mean"], s["std"])

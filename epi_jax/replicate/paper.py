@@ -12,7 +12,9 @@ correlation (Table 15).
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Mapping
+
+from epi_jax.eval.paired import PairedDifference, paired_difference
 
 METRICS = {
     "avg_norm_score": "Avg. Norm. Score",
@@ -160,21 +162,24 @@ def claims(h_sweep: tuple[int, ...], interval: int) -> list[Claim]:
   return out
 
 
-def verdict(high: tuple[float, float] | None, low: tuple[float, float] | None, seeds: int) -> str:
-  """Whether our (mean, std over ``seeds`` seeds) values agree with "high > low".
+def verdict(high: Mapping[int, float], low: Mapping[int, float]) -> tuple[str, PairedDifference | None]:
+  """Whether our per-seed values (seed -> value) agree with "high > low", and the paired
+  difference high - low it rests on.
 
-  "agrees" / "disagrees" when the difference of the means exceeds the larger of the two
-  standard deviations over seeds, "within noise" otherwise, "not measured" when a side is
-  missing. With fewer than 2 seeds there is no spread to judge by: "same direction, 1 seed",
-  "opposite direction, 1 seed" or "equal, 1 seed".
+  The seeds both sides measured are paired; the difference's 95% bootstrap interval over those
+  seeds (``epi_jax.eval.paired``; each run is one number here, so the seeds are the only level
+  resampled) decides alone: "agrees" above 0, "disagrees" below, "cannot tell" across 0. One
+  seed gives a direction only ("same direction, 1 seed", "opposite direction, 1 seed",
+  "equal, 1 seed"); no common seed: "not measured".
   """
-  if high is None or low is None or any(math.isnan(v[0]) for v in (high, low)):
-    return "not measured"
-  diff, noise = high[0] - low[0], max(high[1], low[1])
-  if seeds < 2:
-    return (
-        "equal, 1 seed" if diff == 0 else f"{'same' if diff > 0 else 'opposite'} direction, 1 seed"
-    )
-  if abs(diff) <= noise or diff == 0:
-    return "within noise"
-  return "agrees" if diff > 0 else "disagrees"
+  seeds = sorted(set(high) & set(low))
+  if not seeds:
+    return "not measured", None
+  difference = paired_difference([[high[s]] for s in seeds], [[low[s]] for s in seeds])
+  if len(seeds) < 2:
+    d = difference.mean
+    return ("equal" if d == 0 else "same direction" if d > 0 else "opposite direction") + (
+        ", 1 seed"
+    ), difference
+  words = {"more": "agrees", "less": "disagrees", "cannot tell": "cannot tell"}
+  return words[difference.verdict], difference
