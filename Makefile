@@ -9,7 +9,7 @@ TUNIX_VENV := .venv-tunix
 TUNIX := $(TUNIX_VENV)/.installed
 
 .PHONY: test lint bench bench-gpu install clean demo smollm2 smollm2-epi replicate-cpu \
-	replicate-smollm2 tunix-env tunix-example
+	replicate-smollm2 replicate-smollm2-tuning tunix-env tunix-example
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -82,14 +82,19 @@ smollm2-epi: $(SMOLLM2)
 		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
 		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl $(ARGS)
 
-# Table 1's methods on SmolLM2 with local data (one seed; SEEDS=3 for more); rerun to resume.
-SEEDS ?= 1
+# The SmolLM2 study (docs/replication.md) on local data, results committed under results/;
+# rerun to resume. SEEDS=1 for one seed; the tuning preset chose LoRA's lr and EWC's lambda.
+SEEDS ?= 3
+SMOLLM2_DATA = --set data.files.gsm8k=$(DATA)/gsm8k/train.jsonl \
+	--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
+	--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
+	--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl
 replicate-smollm2: $(SMOLLM2)
-	$(BIN)/python -m epi_jax.replicate --preset smollm2 --seeds $(SEEDS) --out runs/replicate/smollm2 \
-		--set data.files.gsm8k=$(DATA)/gsm8k/train.jsonl \
-		--set data.files.code_alpaca=$(DATA)/code_alpaca/code_alpaca_2k.jsonl \
-		--set data.files.logiqa=$(DATA)/logiqa/validation.jsonl \
-		--set data.files.alpaca=$(DATA)/alpaca/sample.jsonl
+	$(BIN)/python -m epi_jax.replicate --preset smollm2 --seeds $(SEEDS) --out results/smollm2 \
+		--docs docs/replication.md $(SMOLLM2_DATA) $(ARGS)
+replicate-smollm2-tuning: $(SMOLLM2)
+	$(BIN)/python -m epi_jax.replicate --preset smollm2_tuning --seeds 1 \
+		--out results/smollm2_tuning $(SMOLLM2_DATA) $(ARGS)
 
 # google-tunix in its own venv (its safetensors<0.8 conflicts with our transformers pin), this
 # checkout on PYTHONPATH: examples/tunix_epi.py and tests/test_tunix_example.py run there.

@@ -9,6 +9,7 @@ import pytest
 
 from epi_jax.replicate import __main__ as runner
 from epi_jax.replicate import compare, grid, measure, paper
+from epi_jax.errors import InputError
 from epi_jax.report import Run
 
 TINY = """
@@ -176,3 +177,27 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert counts["seeds"] == {"epi": 2, "epi_beta0": 2, "epi_beta0.9": 2}
   measured = {k: n for k, n in counts["verdicts"].items() if k != "not measured"}
   assert sum(measured.values()) >= 3  # Table 4's three claims (other tables have no runs here)
+
+
+def test_docs_block_is_rewritten_from_the_report(tmp_path):
+  report = tmp_path / "out" / "report" / "report.md"
+  report.parent.mkdir(parents=True)
+  report.write_text(
+      "# EPI\n\n## Groups\n\n| a |\n| --- |\n| 1 |\n\n## Plots\n\nnot copied\n\n"
+      "## Held-out NLL over the stages\n\n![nll](plots/nll_over_stages.png)\n"
+  )
+  docs = tmp_path / "docs" / "replication.md"
+  docs.parent.mkdir()
+  docs.write_text(
+      "intro\n<!-- replicate:smollm2 begin -->\nold numbers\n<!-- replicate:smollm2 end -->\nout\n"
+  )
+  runner.write_docs(str(report), "smollm2", str(docs))
+  text = docs.read_text()
+  assert text.startswith("intro\n<!-- replicate:smollm2 begin -->\n### Held-out NLL over")
+  assert "old numbers" not in text and "not copied" not in text and text.endswith("end -->\nout\n")
+  assert "![nll](../out/report/plots/nll_over_stages.png)" in text
+  assert text.index("### Held-out NLL") < text.index("### Groups\n\n| a |")
+  runner.write_docs(str(report), "smollm2", str(docs))  # idempotent
+  assert docs.read_text() == text
+  with pytest.raises(InputError, match="needs one <!-- replicate:cpu begin --> line"):
+    runner.docs_block(str(docs), "cpu")

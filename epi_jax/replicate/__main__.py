@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ class Job:
   entry: grid.Entry
   seed: int
   run_dir: str
-  extra: tuple[str, ...] = ()  # the user's --set overrides, applied to every run
+  extra: tuple[str, ...] = ()  # overrides of every run: the user's --set, the NLL cache
 
   @property
   def overrides(self) -> list[str]:
@@ -53,16 +54,18 @@ class Job:
 
 
 def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ()) -> list[Job]:
-  """Every run of ``preset`` at seeds 0..seeds-1, in the order a partial replication is most
+  """Every run of ``preset`` at ``seeds`` seeds from its first, in the order a partial replication is most
   useful: the runs of the main comparisons (``FIRST``) at every seed, Table 1's other methods,
   the p sweep (where the demo's settings come from), then the other ablations, seed by seed."""
   jobs = []
+  # Every method of a seed reads the same before-training NLL evaluation (eval.nll_cache).
+  extra = (*extra, f"eval.nll_cache={os.path.join(out, 'nll_cache')}")
   for config, tables in preset.configs:
     backbone = os.path.splitext(os.path.basename(config))[0]
     base = os.path.join(out, backbone) if len(preset.configs) > 1 else out
     jobs += [
         Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), extra)
-        for seed in range(seeds)
+        for seed in range(preset.first_seed, preset.first_seed + seeds)
         for e in grid.entries(preset, tables)
     ]
   order = {job: i for i, job in enumerate(jobs)}
@@ -185,6 +188,44 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
   )
 
 
+DOCS_SECTIONS = (
+    "Held-out NLL over the stages",
+    "Paired differences of held-out NLL",
+    "Groups",
+)
+"""The report's sections that ``--docs`` writes into a document."""
+
+
+def docs_block(docs: str, preset: str) -> tuple[str, str, str]:
+  """The text of ``docs`` and its block markers for ``preset``; InputError where either is
+  missing (checked before any run trains)."""
+  begin, end = f"<!-- replicate:{preset} begin -->", f"<!-- replicate:{preset} end -->"
+  try:
+    with open(docs) as f:
+      text = f.read()
+  except OSError as error:
+    raise InputError(f"--docs {docs}: {error.strerror}") from None
+  if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+    raise InputError(f"--docs {docs}: needs one {begin} line before one {end} line")
+  return text, begin, end
+
+
+def write_docs(report: str, preset: str, docs: str) -> None:
+  """Replaces the block between ``<!-- replicate:PRESET begin -->`` and ``<!-- replicate:PRESET
+  end -->`` in ``docs`` with the report's ``DOCS_SECTIONS`` (headings one level down, image
+  links made relative to ``docs``), so the numbers there come from the runs, not by hand."""
+  text, begin, end = docs_block(docs, preset)
+  with open(report) as f:
+    sections = re.split(r"^## ", f.read(), flags=re.M)
+  chosen = {s.split("\n", 1)[0]: "### " + s for s in sections[1:]}
+  plots = os.path.relpath(os.path.dirname(report), os.path.dirname(os.path.abspath(docs)))
+  block = "\n".join(chosen[h].rstrip() + "\n" for h in DOCS_SECTIONS if h in chosen)
+  block = block.replace("](plots/", f"]({plots}/plots/")
+  head, rest = text.split(begin)
+  with open(docs, "w") as f:
+    f.write(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
+
+
 def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
   """Checks every config of the grid without training: each loads, and the memory plan of
   each (backbone, method) builds."""
@@ -192,7 +233,7 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
 
   bad, plans = 0, {}
   for job in jobs:
-    if job.seed:
+    if job.seed != preset.first_seed:
       continue
     try:
       config = load_config(os.path.join(ROOT, job.config), job.overrides)
@@ -223,6 +264,16 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--jobs", type=int, default=1, help="trainer processes at once")
   parser.add_argument(
+      "--runs",
+      metavar="NAME,...",
+      help="train only these runs of the grid (the report covers every finished run)",
+  )
+  parser.add_argument(
+      "--docs",
+      metavar="FILE",
+      help="also write the report's NLL and group tables into FILE's replicate:PRESET block",
+  )
+  parser.add_argument(
       "--dry-run",
       action="store_true",
       help="print the commands and check every config, train nothing",
@@ -250,25 +301,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(jobs)} runs; checking each config:")
     return dry_run(preset, jobs)
   require_plotting()  # the runner ends with the report: refused now, not after the runs
+  if args.docs:
+    docs_block(args.docs, preset.name)
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   if not args.report_only:
-    states = {job: status(job) for job in jobs}
-    todo = [j for j in jobs if states[j] != "done"]
+    chosen = jobs
+    if args.runs:
+      names = args.runs.split(",")
+      unknown = sorted(set(names) - {j.entry.name for j in jobs})
+      if unknown:
+        raise InputError(f"--runs: {', '.join(unknown)} not in the {preset.name} grid")
+      chosen = [j for j in jobs if j.entry.name in names]
+    states = {job: status(job) for job in chosen}
+    todo = [j for j in chosen if states[j] != "done"]
     print(
-        f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "
+        f"{len(chosen)} runs: {len(chosen) - len(todo)} finished, "
         f"{sum(states[j] == 'partial' for j in todo)} to resume, "
         f"{sum(states[j] == 'new' for j in todo)} to start",
         flush=True,
     )
     board = ProgressBoard()
-    progress = Progress(len(jobs), len(jobs) - len(todo), args.jobs, board)
+    progress = Progress(len(chosen), len(chosen) - len(todo), args.jobs, board)
     with board, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       list(pool.map(lambda j: _train(j, states[j] == "partial", args.out, progress), todo))
     if progress.failed:
       print("failed runs:\n  " + "\n  ".join(progress.failed), file=sys.stderr)
   path = write_outputs(preset, jobs, args.out, time.perf_counter() - start)
   print(f"report: {path}")
+  if args.docs:
+    write_docs(path, preset.name, args.docs)
+    print(f"updated: {args.docs}")
   return 1 if not args.report_only and progress.failed else 0
 
 
