@@ -62,8 +62,10 @@ def test_per_example_quantities_equal_a_float64_reference(tmp_path):
   values, tasks = nll_study.per_example(scores, "forgetting")
   assert tasks == ["gsm8k", "code_alpaca"]
   expected = np.concatenate(
-      [truth["after_stage_2", "gsm8k"] - truth["after_stage_0", "gsm8k"],
-       truth["after_stage_2", "code_alpaca"] - truth["after_stage_1", "code_alpaca"]]
+      [
+          truth["after_stage_2", "gsm8k"] - truth["after_stage_0", "gsm8k"],
+          truth["after_stage_2", "code_alpaca"] - truth["after_stage_1", "code_alpaca"],
+      ]
   )
   np.testing.assert_allclose(values, expected, rtol=1e-12)
   values, tasks = nll_study.per_example(scores, "probe")

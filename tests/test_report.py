@@ -44,9 +44,7 @@ def _config(method: str, seed: int) -> Config:
       optim=OptimSection(lr=3e-3, batch_size=4),
       train=TrainSection(steps_per_stage=3, seed=seed),
       checkpoint=CheckpointSection(every=0),
-      eval=EvalSection(
-          max_new_tokens=2, batch_size=2, analyses=["continual", "flip_rate", "nll"]
-      ),
+      eval=EvalSection(max_new_tokens=2, batch_size=2, analyses=["continual", "flip_rate", "nll"]),
       log=LogSection(every=1, progress=False, tensorboard=False),
   )
 

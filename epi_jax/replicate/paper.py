@@ -162,7 +162,9 @@ def claims(h_sweep: tuple[int, ...], interval: int) -> list[Claim]:
   return out
 
 
-def verdict(high: Mapping[int, float], low: Mapping[int, float]) -> tuple[str, PairedDifference | None]:
+def verdict(
+    high: Mapping[int, float], low: Mapping[int, float]
+) -> tuple[str, PairedDifference | None]:
   """Whether our per-seed values (seed -> value) agree with "high > low", and the paired
   difference high - low it rests on.
 

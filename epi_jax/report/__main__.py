@@ -1,4 +1,4 @@
-"""python -m epi_jax.report RUN_DIR [RUN_DIR ...] --out DIR [--title TEXT]"""
+"""python -m epi_jax.report RUN_DIR [RUN_DIR ...] --out DIR [--title TEXT] [--reference GROUP]"""
 
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directory")
   parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
   parser.add_argument("--title", default="EPI runs", help="the report's heading")
+  parser.add_argument(
+      "--reference",
+      metavar="GROUP",
+      help="the group the held-out NLL comparisons subtract others from (default: first epi)",
+  )
   args = parser.parse_args(argv)
-  print(write_report(args.run_dirs, args.out, title=args.title))
+  print(write_report(args.run_dirs, args.out, title=args.title, reference=args.reference))
   return 0
 
 

@@ -209,8 +209,16 @@ def _nll_section(
         "alone (`epi_jax.eval.paired`).",
         "",
         _table(
-            ["comparison", "quantity", "tasks", "mean", "interval", "seeds", "examples/seed",
-             "reading"],
+            [
+                "comparison",
+                "quantity",
+                "tasks",
+                "mean",
+                "interval",
+                "seeds",
+                "examples/seed",
+                "reading",
+            ],
             [
                 [
                     f"{r['reference']} − {r['other']}",
@@ -229,7 +237,10 @@ def _nll_section(
     ]
   names = ["+".join(s) for s in longest.stages]
   path = plots.nll_over_stages(bands, names, os.path.join(plot_dir, "nll_over_stages.png"))
-  lines += [f"![held-out NLL over the stages]({os.path.basename(plot_dir)}/{os.path.basename(path)})", ""]
+  lines += [
+      f"![held-out NLL over the stages]({os.path.basename(plot_dir)}/{os.path.basename(path)})",
+      "",
+  ]
   if rows:
     path = plots.paired_differences(rows, os.path.join(plot_dir, "paired_differences.png"))
     lines += [f"![paired differences]({os.path.basename(plot_dir)}/{os.path.basename(path)})", ""]

@@ -143,7 +143,9 @@ def paired_rows(groups: Mapping[str, Sequence[Run]], reference: str) -> list[dic
     other = _by_seed(members)
     seeds = sorted(set(ref) & set(other)) if label != reference else []
     for quantity in QUANTITIES:
-      pairs = [(per_example(ref[s][1], quantity), per_example(other[s][1], quantity)) for s in seeds]
+      pairs = [
+          (per_example(ref[s][1], quantity), per_example(other[s][1], quantity)) for s in seeds
+      ]
       if not pairs or any(a is None or b is None or a[1] != b[1] for a, b in pairs):
         continue
       for s in seeds:
@@ -184,7 +186,11 @@ def nll_bands(runs: Sequence[Run], stages: int) -> dict[str, list[tuple[float, .
   first = by_seed[0]
   out: dict[str, list[tuple[float, ...]]] = {}
   for point in first.points:
-    x = 0.0 if point == "before" else (int(point.rsplit("_", 1)[1]) + 1) * stages / len(first.stages)
+    x = (
+        0.0
+        if point == "before"
+        else (int(point.rsplit("_", 1)[1]) + 1) * stages / len(first.stages)
+    )
     for task in first.stream + first.probes:
       if not all(point in s.per_token and task in s.per_token[point] for s in by_seed):
         continue
