@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -163,6 +164,11 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
 
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "6 runs: 6 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+  args = ["--preset", "tiny", "--seeds", "2", "--out", str(out), "--runs"]
+  assert runner.main([*args, "epi_beta0"]) == 0
+  assert "2 runs: 2 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+  assert runner.main([*args, "epi,nope"]) == 2
+  assert capsys.readouterr().err == "error: --runs: nope not in the tiny grid\n"
 
   victim = jobs[0]
   os.remove(os.path.join(victim.run_dir, "summary.json"))
@@ -201,3 +207,20 @@ def test_docs_block_is_rewritten_from_the_report(tmp_path):
   assert docs.read_text() == text
   with pytest.raises(InputError, match="needs one <!-- replicate:cpu begin --> line"):
     runner.docs_block(str(docs), "cpu")
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "smollm2")
+
+
+@pytest.mark.skipif(not os.path.isdir(RESULTS), reason="no committed SmolLM2 results")
+def test_committed_smollm2_results_rebuild_the_report(tmp_path):
+  """--report-only on a copy of results/smollm2 (what a fresh clone has) writes the report with
+  the held-out NLL tables, from the committed JSON alone."""
+  out = tmp_path / "smollm2"
+  shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("report"))
+  args = ["--preset", "smollm2", "--seeds", "3", "--out", str(out), "--report-only"]
+  assert runner.main(args) == 0
+  report = (out / "report" / "report.md").read_text()
+  assert "## Held-out NLL over the stages" in report
+  finished = [d for d in (out / "runs").glob("*/seed*") if (d / "summary.json").exists()]
+  assert finished and f"{len(finished)} of 18 runs finished" in report
