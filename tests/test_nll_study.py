@@ -166,3 +166,15 @@ def test_a_malformed_file_is_named(tmp_path):
   path.write_text('{"tasks": [')
   with pytest.raises(RunError, match="heldout_nll.json: unreadable"):
     nll_study.read_heldout(run)
+
+
+def test_task_intervals_are_per_task_means_over_seeds_and_examples(tmp_path):
+  runs = [_write_run(tmp_path, "multistage", s, STAGES) for s in range(3)]
+  got = nll_study.task_intervals([r for r, _ in runs], "forgetting")
+  assert list(got) == ["gsm8k", "code_alpaca"]
+  want = np.mean([t["after_stage_2", "gsm8k"] - t["after_stage_0", "gsm8k"] for _, t in runs])
+  mean, low, high = got["gsm8k"]
+  assert mean == pytest.approx(want, rel=1e-12) and low < mean < high
+  assert list(nll_study.task_intervals([r for r, _ in runs], "probe")) == ["alpaca"]
+  full = _write_run(tmp_path, "full", 0, [STREAM])[0]
+  assert nll_study.task_intervals([full], "forgetting") == {}

@@ -190,6 +190,7 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
 
 DOCS_SECTIONS = (
     "Held-out NLL over the stages",
+    "Held-out NLL forgetting and general-ability change per group",
     "Paired differences of held-out NLL",
     "Groups",
 )

@@ -200,6 +200,24 @@ def _nll_section(
       ),
       "",
   ]
+  changes = [
+      [label, nll_study.QUANTITIES[q][0], task, f"{m:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
+      for label, members in with_nll.items()
+      for q in ("forgetting", "probe")
+      for task, (m, lo, hi) in nll_study.task_intervals(members, q).items()
+  ]
+  if changes:
+    lines += [
+        "## Held-out NLL forgetting and general-ability change per group",
+        "",
+        "Per task: the rise of its NLL from the end of its own stage to the end of the stream "
+        "(stream forgetting), or from before training to the end (a probe task), mean over "
+        f"seeds and examples with its {int(nll_study.CONFIDENCE * 100)}% hierarchical "
+        "bootstrap interval; an interval above 0 is a measurable rise.",
+        "",
+        _table(["group", "quantity", "task", "mean", "interval"], changes),
+        "",
+    ]
   if rows:
     lines += [
         "## Paired differences of held-out NLL",

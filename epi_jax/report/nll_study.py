@@ -87,8 +87,8 @@ def read_heldout(run: Run) -> HeldoutScores | None:
     raise RunError(f"{path}: unreadable per-example NLL ({error!r})") from None
 
 
-def per_example(scores: HeldoutScores, quantity: str) -> tuple[np.ndarray, list[str]] | None:
-  """A quantity per example, the tasks' examples one after the other, with those tasks.
+def per_task(scores: HeldoutScores, quantity: str) -> dict[str, np.ndarray] | None:
+  """task -> a quantity per example of the task:
 
   - ``forgetting``: the tasks trained before the last stage; NLL at the end of the stream
     minus NLL at the end of the task's own stage (None with a single stage);
@@ -100,19 +100,44 @@ def per_example(scores: HeldoutScores, quantity: str) -> tuple[np.ndarray, list[
     if len(scores.stages) < 2 or f"after_stage_{len(scores.stages) - 1}" not in scores.per_token:
       return None
     own = {t: k for k, stage in enumerate(scores.stages[:-1]) for t in stage}
-    tasks = [t for t in scores.stream if t in own]
-    parts = [final[t] - scores.per_token[f"after_stage_{own[t]}"][t] for t in tasks]
-  elif quantity == "final":
-    tasks = scores.stream
-    parts = [final[t] for t in tasks]
-  elif quantity == "probe":
+    return {
+        t: final[t] - scores.per_token[f"after_stage_{own[t]}"][t]
+        for t in scores.stream
+        if t in own
+    }
+  if quantity == "final":
+    return {t: final[t] for t in scores.stream}
+  if quantity == "probe":
     if not scores.probes or "before" not in scores.per_token:
       return None
-    tasks = scores.probes
-    parts = [final[t] - scores.per_token["before"][t] for t in tasks]
-  else:
-    raise ValueError(f"unknown quantity {quantity!r}; known: {', '.join(QUANTITIES)}")
-  return np.concatenate(parts), tasks
+    return {t: final[t] - scores.per_token["before"][t] for t in scores.probes}
+  raise ValueError(f"unknown quantity {quantity!r}; known: {', '.join(QUANTITIES)}")
+
+
+def per_example(scores: HeldoutScores, quantity: str) -> tuple[np.ndarray, list[str]] | None:
+  """``per_task``'s values, the tasks' examples one after the other, with those tasks."""
+  by_task = per_task(scores, quantity)
+  if by_task is None:
+    return None
+  return np.concatenate(list(by_task.values())), list(by_task)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float]:
+  """(mean, low, high) of [seeds, examples] values: the mean and its hierarchical bootstrap
+  interval."""
+  draws = bootstrap_means(values, resamples=RESAMPLES, seed=0)
+  tail = (1 - CONFIDENCE) / 2
+  low, high = np.quantile(draws, [tail, 1 - tail])
+  return float(values.mean()), float(low), float(high)
+
+
+def task_intervals(runs: Sequence[Run], quantity: str) -> dict[str, tuple[float, ...]]:
+  """task -> (mean, low, high) of ``quantity`` over a group's runs (seeds) and examples: e.g.
+  how much sequential SFT forgot each task, with its interval (the calibration's check)."""
+  by_seed = [per_task(s, quantity) for _, s in _by_seed(runs).values()]
+  if not by_seed or any(b is None for b in by_seed):
+    return {}
+  return {t: _interval(np.stack([b[t] for b in by_seed])) for t in by_seed[0]}
 
 
 def _by_seed(runs: Sequence[Run]) -> dict[tuple[int, int], tuple[Run, HeldoutScores]]:
@@ -195,8 +220,5 @@ def nll_bands(runs: Sequence[Run], stages: int) -> dict[str, list[tuple[float, .
       if not all(point in s.per_token and task in s.per_token[point] for s in by_seed):
         continue
       values = np.stack([s.per_token[point][task] for s in by_seed])
-      draws = bootstrap_means(values, resamples=RESAMPLES, seed=0)
-      tail = (1 - CONFIDENCE) / 2
-      low, high = np.quantile(draws, [tail, 1 - tail])
-      out.setdefault(task, []).append((x, float(values.mean()), float(low), float(high)))
+      out.setdefault(task, []).append((x, *_interval(values)))
   return out
