@@ -84,7 +84,8 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
   assert nll["forgetting"]["rewrite"] is None and nll["bwt"] == nll["forgetting"]["logic_choice"]
   assert set(nll["probe"]) == {"arithmetic"} and nll["probe"]["arithmetic"]["change"] is not None
   per_example = json.loads((tmp_path / "full" / "heldout_nll.json").read_text())
-  assert len(per_example["records"]) == 3 * 3 * 4  # points x tasks x examples
+  # before: every task; after stage 0: its task; after stage 1: both and the probe
+  assert len(per_example["records"]) == (3 + 1 + 3) * 4
 
   with open(tmp_path / "full" / "metrics.jsonl") as f:
     kinds = {json.loads(line)["kind"] for line in f}
