@@ -38,7 +38,8 @@ from epi_jax.train.methods import make_method
 from epi_jax.train.methods.base import Run
 from epi_jax.train.model import build_model
 from epi_jax.train.sharding import build_mesh, like_params
-from epi_jax.train.step import BATCH_KEYS, make_train_step
+from epi_jax.models.loss import BATCH_KEYS
+from epi_jax.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from epi_jax.methods import ewc, lora
 from epi_jax.models import Decoder, ModelConfig
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 
 def per_parameter_table() -> None:

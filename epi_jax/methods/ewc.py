@@ -7,7 +7,7 @@ Kirkpatrick et al. 2017 (arXiv 1612.00796), Eq. 3: training task B after task A 
 
 with F the diagonal Fisher at theta*_A. Here F is the empirical Fisher: the mean over examples
 n of the squared per-example gradient g_n = grad_theta l_n(theta*), with l_n the
-response-token cross-entropy of ``train.step.response_loss`` for example n alone (its summed CE
+response-token cross-entropy of ``models.loss.response_loss`` for example n alone (its summed CE
 over its response tokens / their count). An example is a batch row (with packed rows, a row's
 examples together); rows without response tokens are left out of the mean.
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from epi_jax.train.step import BATCH_KEYS, micro_batches, response_loss
+from epi_jax.models.loss import BATCH_KEYS, micro_batches, response_loss
 
 
 class EWCState(NamedTuple):
@@ -56,7 +56,7 @@ def _row_loss(model: nnx.Module, row: dict[str, jax.Array]) -> tuple[jax.Array, 
 
 
 def example_losses(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Per-example losses [B] and response-token counts [B] of ``batch`` (train.step's keys)."""
+  """Per-example losses [B] and response-token counts [B] of ``batch`` (``models.loss.BATCH_KEYS``)."""
   return jax.vmap(lambda row: _row_loss(model, row))({k: batch[k] for k in BATCH_KEYS})
 
 

@@ -235,7 +235,7 @@ def adapted(
       dropout (evaluation).
 
   Returns:
-    A new Decoder; call it like the base model, e.g. inside ``train.step.response_loss``.
+    A new Decoder; call it like the base model, e.g. inside ``models.loss.response_loss``.
 
   >>> loss = lambda ad: response_loss(adapted(model, ad, cfg, dropout_key=key), batch)[0]
   >>> grads = jax.grad(loss)(adapters)   # shaped like adapters; optax trains them alone

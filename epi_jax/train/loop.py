@@ -22,13 +22,13 @@ from tqdm import tqdm
 import epi_jax
 from epi_jax._src.state import packed_mask
 from epi_jax.data import IteratorState
-from epi_jax.eval.analyses import RunAnalyses
 from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.judge import Judge
 from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.eval.metrics import avg_norm_score, headline_row
 from epi_jax.models import check_checkpoint
+from epi_jax.train.analyses import RunAnalyses
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import host_array, writes_files

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from epi_jax.methods import lora
 from epi_jax.models import CheckpointMismatchError, Decoder, ModelConfig, from_pretrained
 from epi_jax.models import save_pretrained
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "models"))
 from hf_reference import left_padded_batch, torch_logits  # noqa: E402
