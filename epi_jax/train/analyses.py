@@ -31,9 +31,9 @@ from epi_jax.eval.task_overlap import task_overlap
 from epi_jax.train.checkpointing import params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import writes_files
-from epi_jax.train.metrics import MetricsWriter
 from epi_jax.train.sharding import put_batch
 from epi_jax.train.tasks import TaskData
+from epi_jax.train.writer import MetricsWriter
 
 PERTURBATION_POINTS = (("early", 0.25), ("middle", 0.5), ("late", 1.0))
 """Training progress of the perturbation analysis (the step round(fraction * total), >= 1)."""

@@ -36,12 +36,12 @@ from epi_jax.train.divergence import Divergence, TrainingDiverged
 from epi_jax.train.export import MODEL_DIR, save_model
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
 from epi_jax.train.methods import Run, make_method
-from epi_jax.train.metrics import MetricsWriter
 from epi_jax.train.model import build_model
 from epi_jax.train.optimizer import learning_rate
 from epi_jax.train.sharding import build_mesh, like_params, put_batch
 from epi_jax.train.step import make_optimizer, make_train_step
 from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
+from epi_jax.train.writer import MetricsWriter
 
 
 def _packed_masks(opt_state) -> dict:
