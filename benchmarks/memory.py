@@ -32,7 +32,7 @@ from flax import nnx
 from epi_jax.eval import generation
 from epi_jax.models.generate import _generate
 from epi_jax.train.loading import load_config
-from epi_jax.train.loop import init_state
+from epi_jax.train.setup import init_state
 from epi_jax.train.memory import GIB, memory_plan
 from epi_jax.train.methods import make_method
 from epi_jax.train.methods.base import Run

@@ -21,11 +21,12 @@ from epi_jax.train.methods import ewc as ewc_method
 from epi_jax.train.checkpointing import RunCheckpoints
 from epi_jax.train.export import export_run
 from epi_jax.train.loading import ConfigError, load_config
-from epi_jax.train.loop import init_state, train
+from epi_jax.train.loop import train
 from epi_jax.train.methods import METHODS, Run, make_method
 from epi_jax.train.methods.ewc import FISHER_SEED
 from epi_jax.train.methods.lora import LoraParam
 from epi_jax.train.model import build_model
+from epi_jax.train.setup import init_state
 from epi_jax.train.sharding import build_mesh, like_params, put_batch
 from epi_jax.train.step import make_train_step
 from epi_jax.train.tasks import load_tasks, stage_iterators
