@@ -32,7 +32,7 @@ from flax import nnx
 from epi_jax.eval import generation
 from epi_jax.models.generate import _generate
 from epi_jax.train.loading import load_config
-from epi_jax.train.setup import init_state
+from epi_jax.train.setup import init_state, num_micro_batches
 from epi_jax.train.memory import GIB, memory_plan
 from epi_jax.train.methods import make_method
 from epi_jax.train.methods.base import Run
@@ -77,8 +77,7 @@ def analyze(config) -> dict:
       stages=method.stages(),
       total_steps=1000,
       mesh=mesh,
-      num_micro=config.optim.batch_size
-      // (config.optim.micro_batch_size or config.optim.batch_size),
+      num_micro=num_micro_batches(config.optim),
       resuming=False,
   )
   model = build_model(config.model, seed=0, mesh=mesh)

@@ -31,6 +31,7 @@ from epi_jax.eval.task_overlap import task_overlap
 from epi_jax.train.checkpointing import params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import writes_files
+from epi_jax.train.setup import num_micro_batches
 from epi_jax.train.sharding import put_batch
 from epi_jax.train.tasks import TaskData
 from epi_jax.train.writer import MetricsWriter
@@ -82,7 +83,7 @@ class RunAnalyses:
     self.encoder = task_data.encoder
     self.chats = {t: [e.turns for e in examples] for t, examples in task_data.evaluation.items()}
     o, d = config.optim, config.data
-    self.num_micro = o.batch_size // (o.micro_batch_size or o.batch_size)
+    self.num_micro = num_micro_batches(o)
     self.heldout = (
         {
             t: heldout_batch(self.encoder, self.chats, [t], rows=o.batch_size, seq_len=d.seq_len)
