@@ -28,7 +28,8 @@ from epi_jax.train.loading import load_config
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.model import abstract_model
 from epi_jax.train.sharding import build_mesh, like_params
-from epi_jax.train.step import BATCH_KEYS, make_train_step
+from epi_jax.models.loss import BATCH_KEYS
+from epi_jax.train.step import make_train_step
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2", "epi.yaml")
 METHODS = ("multistage", "epi")

@@ -32,13 +32,14 @@ from flax import nnx
 from epi_jax.eval import generation
 from epi_jax.models.generate import _generate
 from epi_jax.train.loading import load_config
-from epi_jax.train.loop import init_state
+from epi_jax.train.setup import init_state, num_micro_batches
 from epi_jax.train.memory import GIB, memory_plan
 from epi_jax.train.methods import make_method
 from epi_jax.train.methods.base import Run
 from epi_jax.train.model import build_model
 from epi_jax.train.sharding import build_mesh, like_params
-from epi_jax.train.step import BATCH_KEYS, make_train_step
+from epi_jax.models.loss import BATCH_KEYS
+from epi_jax.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,8 +77,7 @@ def analyze(config) -> dict:
       stages=method.stages(),
       total_steps=1000,
       mesh=mesh,
-      num_micro=config.optim.batch_size
-      // (config.optim.micro_batch_size or config.optim.batch_size),
+      num_micro=num_micro_batches(config.optim),
       resuming=False,
   )
   model = build_model(config.model, seed=0, mesh=mesh)

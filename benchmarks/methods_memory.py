@@ -2,7 +2,7 @@
 XLA's own memory analysis.
 
 Part 1 reads shapes only (abstract bfloat16 models, nothing allocated): bytes per base
-parameter that ``methods.lora.memory_bytes`` and ``methods.ewc.memory_bytes`` add for the presets.
+parameter that ``train.methods.lora.memory_bytes`` and ``train.methods.ewc.memory_bytes`` add for the presets.
 Part 2 compiles the adapter gradient of a 4-layer float32 model (D=512, F=1024) and compares
 the temporary bytes XLA's CPU backend reports, minus those of a plain forward pass, with the
 estimate.
@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from epi_jax.methods import ewc, lora
+from epi_jax.models import lora
+from epi_jax.train.methods import ewc as ewc_method
+from epi_jax.train.methods import lora as lora_method
 from epi_jax.models import Decoder, ModelConfig
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 
 def per_parameter_table() -> None:
@@ -33,8 +35,8 @@ def per_parameter_table() -> None:
     for scan in (False, True):
       config = dataclasses.replace(getattr(ModelConfig, preset)(), scan_layers=scan)
       model = nnx.eval_shape(lambda c=config: Decoder(c, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-      m = lora.memory_bytes(model, lora.LoraConfig(rank=16, alpha=32))
-      e = ewc.memory_bytes(model, examples_per_chunk=1)
+      m = lora_method.memory_bytes(model, lora.LoraConfig(rank=16, alpha=32))
+      e = ewc_method.memory_bytes(model, examples_per_chunk=1)
       n = m.base_parameters
       print(
           f"| {preset} (bf16) | {'scanned' if scan else 'unscanned'} "
@@ -79,7 +81,7 @@ def measured_against_estimate() -> None:
 
     temp = lambda fn, *args: jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
     measured = temp(jax.grad(adapted_loss), adapters, params) - temp(base_loss, params)
-    m = lora.memory_bytes(model, lora_config)
+    m = lora_method.memory_bytes(model, lora_config)
     print(
         f"| {'scanned' if scan else 'unscanned'} | {measured / 1e6:.1f} "
         f"| {(m.effective_weights + m.effective_weight_grads) / 1e6:.1f} "

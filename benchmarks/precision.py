@@ -40,7 +40,8 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer
-from epi_jax.train.step import make_optimizer, make_train_step, mean_loss_and_grads
+from epi_jax.models.loss import mean_loss_and_grads
+from epi_jax.train.step import make_optimizer, make_train_step
 from optimizer import interleaved_medians
 from train_step import TrainStep, random_batch
 

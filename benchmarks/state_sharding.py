@@ -1,5 +1,5 @@
 """Per-device bytes of the parameters and of every optimizer-state field right after
-``init_state``, and whether training steps keep that placement.
+``init_state`` (``setup_run``), and whether training steps keep that placement.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
       python benchmarks/state_sharding.py --config configs/demo.yaml \\
@@ -21,12 +21,9 @@ import json
 import jax
 
 from epi_jax.train.loading import load_config
-from epi_jax.train.loop import init_state
-from epi_jax.train.methods import Run, make_method
-from epi_jax.train.model import build_model
-from epi_jax.train.sharding import build_mesh, like_params, put_batch
-from epi_jax.train.step import make_train_step
-from epi_jax.train.tasks import load_tasks, stage_iterators
+from epi_jax.train.setup import setup_run
+from epi_jax.train.sharding import put_batch
+from epi_jax.train.tasks import stage_iterators
 
 FIELDS = ("mu", "nu", "sensitivity", "first_mask", "mask")
 
@@ -63,30 +60,11 @@ def field(path: str) -> str:
 def measure(config_path: str, overrides: list[str], steps: int) -> dict:
   """The state's placement at init and after ``steps`` train steps, and the step's compiles."""
   config = load_config(config_path, overrides)
-  mesh = build_mesh(config.mesh)
-  task_data = load_tasks(config)
-  method = make_method(config)
-  num_micro = config.optim.batch_size // (config.optim.micro_batch_size or config.optim.batch_size)
-  run = Run(
-      config=config,
-      task_data=task_data,
-      stages=method.stages(),
-      total_steps=steps,
-      mesh=mesh,
-      num_micro=num_micro,
-      resuming=False,
-  )
-  trainable = method.trainable(build_model(config.model, seed=config.train.seed, mesh=mesh), run)
-  graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
+  setup = setup_run(config, total_steps=steps)
+  run, state, step = setup.run, setup.state, setup.step_fn
+  mesh = run.mesh
   init = leaves(state)
-  step = make_train_step(
-      graphdef,
-      num_micro,
-      wrt=trainable.wrt,
-      logs=method.step_logs,
-      shardings=like_params(state, mesh),
-  )
-  batches = stage_iterators(config, run.stages, task_data)[0]
+  batches = stage_iterators(config, run.stages, run.task_data)[0]
   for _ in range(steps):
     state, _ = step(state, put_batch(next(batches), mesh))
   return {

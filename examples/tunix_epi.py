@@ -22,7 +22,7 @@ from tunix.sft import hooks, peft_trainer
 
 import epi_jax
 from epi_jax.models import Decoder, ModelConfig
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 
 def synthetic_batches(steps: int, batch: int = 8, length: int = 16, seed: int = 0) -> list[dict]:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from epi_jax.report import Run, RunError
+from epi_jax.report import FinishedRun, Run, RunError
 from epi_jax.report import nll_study
 
 STREAM = ["gsm8k", "code_alpaca", "logiqa"]
@@ -52,8 +52,12 @@ def _write_run(tmp_path, method: str, seed: int, stages, *, shift: float = 0.0, 
       )
   )
   config = {"data": {"seed": seed}, "train": {"seed": seed}, "method": {"type": method}}
-  run = Run(run_dir=str(run_dir), config=config, summary={"method": method}, records=[])
+  run = FinishedRun(run_dir=str(run_dir), config=config, summary={"method": method}, records=[])
   return run, {k: v / _tokens(seed, k[1]) for k, v in sums.items()}
+
+
+def test_run_is_still_the_finished_run():
+  assert Run is FinishedRun
 
 
 def test_per_example_quantities_equal_a_float64_reference(tmp_path):

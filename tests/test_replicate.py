@@ -11,7 +11,7 @@ import pytest
 from epi_jax.replicate import __main__ as runner
 from epi_jax.replicate import compare, grid, measure, paper
 from epi_jax.errors import InputError
-from epi_jax.report import Run
+from epi_jax.report import FinishedRun
 
 TINY = """
 model: {preset: tiny, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2}
@@ -101,7 +101,9 @@ def test_claim_metrics():
           "perturbation": {"early": {"spearman": 0.5}, "late": {"spearman": 0.6}},
       },
   }
-  run = Run("r", {"data": {"tasks": ["a", "b", "c"], "seed": 0}, "train": {"seed": 0}}, summary, [])
+  run = FinishedRun(
+      "r", {"data": {"tasks": ["a", "b", "c"], "seed": 0}, "train": {"seed": 0}}, summary, []
+  )
   m = measure.claim_metrics(run)
   assert m["forgetting"] == pytest.approx(np.mean(fr[:2]))
   assert m["last_task"] == 9.6 and m["tgc"] == 0.12 and m["task_jaccard"] == 0.3

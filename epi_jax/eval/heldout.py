@@ -1,6 +1,6 @@
 """Fixed batches for the analyses and the model's loss and gradients on them, under jit.
 
-The loss is the trainer's (``epi_jax.train.step``): mean cross-entropy over response tokens,
+The loss is the trainer's (``epi_jax.models.loss``): mean cross-entropy over response tokens,
 summed over micro-batches by a scan so memory stays that of one micro-batch.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 import epi_jax.data as data
-from epi_jax.train.step import mean_loss_and_grads, micro_batches, response_loss
+from epi_jax.models.loss import mean_loss_and_grads, micro_batches, response_loss
 
 
 def heldout_batch(

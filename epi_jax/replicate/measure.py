@@ -1,4 +1,4 @@
-"""The numbers the paper's claims compare, for one finished run (``epi_jax.report.Run``)."""
+"""The numbers the paper's claims compare, for one finished run (``epi_jax.report.FinishedRun``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from epi_jax.report import Run, run_metrics
+from epi_jax.report import FinishedRun, run_metrics
 
 
 def _get(tree: Mapping, *keys):
@@ -28,7 +28,7 @@ def _block_flip(per_group: Mapping[str, float | None] | None, pick) -> float | N
   return blocks[pick(blocks)] if blocks else None
 
 
-def claim_metrics(run: Run) -> dict[str, float | None]:
+def claim_metrics(run: FinishedRun) -> dict[str, float | None]:
   """Every metric of ``epi_jax.replicate.paper.METRICS`` for ``run`` (None: not measured)."""
   s, analyses = run.summary, run.summary.get("analyses", {})
   common = run_metrics(run)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from epi_jax.extras import require
 from epi_jax.report import nll_study
-from epi_jax.report.runs import LEARNED, Run, aggregate, group_runs, load_run, run_metrics
+from epi_jax.report.runs import LEARNED, FinishedRun, aggregate, group_runs, load_run, run_metrics
 
 SCALARS = (  # (run_metrics key, column title, decimals)
     ("mean_final_accuracy", "mean final accuracy", 4),
@@ -83,7 +83,9 @@ def _tasks(metrics: Sequence[Mapping], key: str) -> list[str]:
 
 
 def _tables(
-    groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict], per_run: Mapping[str, dict]
+    groups: Mapping[str, Sequence[FinishedRun]],
+    aggregates: Mapping[str, dict],
+    per_run: Mapping[str, dict],
 ) -> list[str]:
   """The markdown sections with the group and per-run tables."""
   tasks = _tasks(list(per_run.values()), "final_accuracy")
@@ -160,7 +162,7 @@ def _tables(
 
 
 def _nll_section(
-    groups: Mapping[str, Sequence[Run]], reference: str | None, plot_dir: str
+    groups: Mapping[str, Sequence[FinishedRun]], reference: str | None, plot_dir: str
 ) -> tuple[list[str], list[dict]]:
   """The held-out NLL study (runs with ``heldout_nll.json``): each group's NLL matrix, the
   paired differences of ``reference`` against every other group and their plots."""
@@ -272,7 +274,7 @@ def require_plotting() -> None:
 
 
 def _plots(
-    groups: Mapping[str, Sequence[Run]], aggregates: Mapping[str, dict], plot_dir: str
+    groups: Mapping[str, Sequence[FinishedRun]], aggregates: Mapping[str, dict], plot_dir: str
 ) -> list[str]:
   """Draws every plot the runs have data for; the markdown that shows them or says why not."""
   from epi_jax.report import plots  # matplotlib: checked by write_report
@@ -286,7 +288,9 @@ def _plots(
   def image(title: str, path: str) -> str:
     return f"![{title}]({os.path.basename(plot_dir)}/{os.path.basename(path)})"
 
-  def per_run(kind: str, title: str, has: Callable[[Run], bool], draw, why: str) -> list[str]:
+  def per_run(
+      kind: str, title: str, has: Callable[[FinishedRun], bool], draw, why: str
+  ) -> list[str]:
     lines, without = [], []
     for label, r in runs:
       if not has(r):

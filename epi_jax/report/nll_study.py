@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from epi_jax.eval.paired import bootstrap_means, paired_difference
-from epi_jax.report.runs import Run, RunError
+from epi_jax.report.runs import FinishedRun, RunError
 
 HELDOUT_NLL = "heldout_nll.json"
 CONFIDENCE = 0.95
@@ -44,7 +44,7 @@ class HeldoutScores:
   tokens: dict[str, np.ndarray]  # task -> response tokens per example (names the examples)
 
 
-def read_heldout(run: Run) -> HeldoutScores | None:
+def read_heldout(run: FinishedRun) -> HeldoutScores | None:
   """The run's per-example NLL, or None when it has no ``heldout_nll.json``.
 
   Raises:
@@ -140,7 +140,9 @@ def task_intervals(runs: Sequence[Run], quantity: str) -> dict[str, tuple[float,
   return {t: _interval(np.stack([b[t] for b in by_seed])) for t in by_seed[0]}
 
 
-def _by_seed(runs: Sequence[Run]) -> dict[tuple[int, int], tuple[Run, HeldoutScores]]:
+def _by_seed(
+    runs: Sequence[FinishedRun],
+) -> dict[tuple[int, int], tuple[FinishedRun, HeldoutScores]]:
   out = {}
   for run in runs:
     scores = read_heldout(run)
@@ -149,7 +151,9 @@ def _by_seed(runs: Sequence[Run]) -> dict[tuple[int, int], tuple[Run, HeldoutSco
   return out
 
 
-def _same_examples(a: tuple[Run, HeldoutScores], b: tuple[Run, HeldoutScores], tasks) -> None:
+def _same_examples(
+    a: tuple[FinishedRun, HeldoutScores], b: tuple[FinishedRun, HeldoutScores], tasks
+) -> None:
   for task in tasks:
     if not np.array_equal(a[1].tokens.get(task), b[1].tokens.get(task)):
       raise RunError(
@@ -158,7 +162,7 @@ def _same_examples(a: tuple[Run, HeldoutScores], b: tuple[Run, HeldoutScores], t
       )
 
 
-def paired_rows(groups: Mapping[str, Sequence[Run]], reference: str) -> list[dict]:
+def paired_rows(groups: Mapping[str, Sequence[FinishedRun]], reference: str) -> list[dict]:
   """``reference`` minus every other group, per quantity both sides have, over their common
   seeds: the ``PairedDifference`` fields with ``reference``, ``other``, ``quantity``, ``tasks``.
   """
@@ -200,7 +204,7 @@ def reading(row: Mapping) -> str:
   return f"{row['reference']} {better if row['verdict'] == 'less' else worse}"
 
 
-def nll_bands(runs: Sequence[Run], stages: int) -> dict[str, list[tuple[float, ...]]]:
+def nll_bands(runs: Sequence[FinishedRun], stages: int) -> dict[str, list[tuple[float, ...]]]:
   """task -> (x, mean, low, high) per evaluation point of a group's runs: the mean over seeds
   of the task's NLL and its hierarchical bootstrap interval (seeds, then examples). x is 0
   before training and (k + 1) * stages / K after stage k of K, so that a one-stage run's only

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from epi_jax.eval.mask_drift import refresh_flip_rates
 from epi_jax.report.nll_study import QUANTITIES
-from epi_jax.report.runs import Run
+from epi_jax.report.runs import FinishedRun
 
 DPI = 100
 
@@ -41,12 +41,12 @@ def _grid(n: int, *, width: float, height: float) -> tuple[Figure, list]:
   return fig, list(axes[:n])
 
 
-def stage_ends(run: Run) -> list[int]:
+def stage_ends(run: FinishedRun) -> list[int]:
   """Steps at which the stages ended (metrics.jsonl ``eval`` records)."""
   return [r["step"] for r in run.kind("eval")]
 
 
-def group_names(run: Run) -> list[str]:
+def group_names(run: FinishedRun) -> list[str]:
   """The normalization groups of the mask statistics, named when the run's flip_rate
   analysis recorded them, else numbered."""
   per_group = (run.summary.get("analyses", {}).get("flip_rate") or {}).get("per_group")
@@ -58,7 +58,7 @@ def group_names(run: Run) -> list[str]:
   )
 
 
-def flip_rate_rows(run: Run) -> tuple[list[int], list[list[float]]]:
+def flip_rate_rows(run: FinishedRun) -> tuple[list[int], list[list[float]]]:
   """(refresh steps, per-group flip rates) of every refresh after the first: the run's
   ``flip_rate`` records, else computed from the mask history's counts."""
   records = run.kind("flip_rate")
@@ -68,7 +68,7 @@ def flip_rate_rows(run: Run) -> tuple[list[int], list[list[float]]]:
   return [r["step"] for r in history], [refresh_flip_rates(r) for r in history]
 
 
-def accuracy_matrix(run: Run, title: str, path: str) -> str:
+def accuracy_matrix(run: FinishedRun, title: str, path: str) -> str:
   """Heatmap of the accuracy matrix: rows after each stage, columns tasks, values in cells."""
   rows = run.summary["accuracy_matrix"]
   tasks = list(rows[0]["accuracy"])
@@ -101,7 +101,7 @@ def accuracy_matrix(run: Run, title: str, path: str) -> str:
   return _save(fig, path)
 
 
-def loss_curves(groups: Mapping[str, Sequence[Run]], path: str) -> str:
+def loss_curves(groups: Mapping[str, Sequence[FinishedRun]], path: str) -> str:
   """Training loss per group (a line per seed), dotted lines where stages end."""
   fig, axes = _grid(len(groups), width=5.0, height=3.4)
   for ax, (label, runs) in zip(axes, groups.items()):
@@ -121,7 +121,7 @@ def loss_curves(groups: Mapping[str, Sequence[Run]], path: str) -> str:
   return _save(fig, path)
 
 
-def mask_overlap(runs: Sequence[tuple[str, Run]], path: str) -> str:
+def mask_overlap(runs: Sequence[tuple[str, FinishedRun]], path: str) -> str:
   """Jaccard overlap of each refresh's mask with the first mask, over training."""
   fig = Figure(figsize=(7, 4), layout="constrained")
   ax = fig.subplots()
@@ -140,7 +140,7 @@ def mask_overlap(runs: Sequence[tuple[str, Run]], path: str) -> str:
   return _save(fig, path)
 
 
-def flip_rate_heatmap(run: Run, title: str, path: str) -> str:
+def flip_rate_heatmap(run: FinishedRun, title: str, path: str) -> str:
   """Per layer group and refresh: the fraction of the group's mask union that flipped."""
   steps, rates = flip_rate_rows(run)
   names = group_names(run)
@@ -165,7 +165,7 @@ def flip_rate_heatmap(run: Run, title: str, path: str) -> str:
   return _save(fig, path)
 
 
-def protected_share(run: Run, title: str, path: str) -> str:
+def protected_share(run: FinishedRun, title: str, path: str) -> str:
   """Share of the protected entries held by each layer group at each refresh (stacked)."""
   history = run.summary["mask_history"]
   counts = np.array([r["protected"] for r in history], dtype=float)

@@ -41,7 +41,7 @@ class RunError(InputError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class FinishedRun:
   """One finished run as it is on disk."""
 
   run_dir: str
@@ -94,7 +94,7 @@ def _read_records(path: str) -> list[dict]:
   return records
 
 
-def load_run(run_dir: str) -> Run:
+def load_run(run_dir: str) -> FinishedRun:
   """Reads a finished run: ``config.yaml``, ``summary.json`` and ``metrics.jsonl``.
 
   Raises:
@@ -134,7 +134,7 @@ def load_run(run_dir: str) -> Run:
   missing = [key for key in SUMMARY_KEYS if key not in summary]
   if missing:
     raise RunError(f"{paths['summary.json']}: missing {', '.join(missing)}")
-  return Run(
+  return FinishedRun(
       run_dir=run_dir, config=config, summary=summary, records=_read_records(paths["metrics.jsonl"])
   )
 
@@ -150,7 +150,7 @@ def _flat(config: Mapping, prefix: str = "") -> dict:
   return out
 
 
-def _group_key(run: Run) -> str:
+def _group_key(run: FinishedRun) -> str:
   flat = {k: v for k, v in _flat(run.config).items() if k not in SEED_KEYS}
   return json.dumps(flat, sort_keys=True, default=str)
 
@@ -184,8 +184,8 @@ def _derived_labels(configs: Sequence[dict]) -> list[str]:
 
 
 def group_runs(
-    runs: Iterable[Run], labels: Mapping[str, str] | None = None
-) -> dict[str, list[Run]]:
+    runs: Iterable[FinishedRun], labels: Mapping[str, str] | None = None
+) -> dict[str, list[FinishedRun]]:
   """Runs whose configs differ only in data.seed, train.seed and run_dir, by group label.
 
   Args:
@@ -202,11 +202,11 @@ def group_runs(
     ValueError: one label for runs of different configs.
   """
   labels = labels or {}
-  groups: dict[tuple[str, str | None], list[Run]] = {}
+  groups: dict[tuple[str, str | None], list[FinishedRun]] = {}
   for run in runs:
     groups.setdefault((_group_key(run), labels.get(run.run_dir)), []).append(run)
   derived = _derived_labels([members[0].config for members in groups.values()])
-  out: dict[str, list[Run]] = {}
+  out: dict[str, list[FinishedRun]] = {}
   for ((_, given), members), fallback in zip(groups.items(), derived):
     label = fallback if given is None else given
     if label in out:
@@ -233,7 +233,7 @@ def learned_scores(summary: Mapping) -> dict[str, float | None]:
   return out
 
 
-def run_metrics(run: Run) -> dict:
+def run_metrics(run: FinishedRun) -> dict:
   """The report's numbers of one run, from its summary.json.
 
   Returns:
@@ -272,7 +272,7 @@ def stats(values: Sequence[float | None]) -> dict:
   return {"mean": float(np.mean(present)), "std": std, "n": len(present), "values": list(values)}
 
 
-def aggregate(runs: Sequence[Run]) -> dict:
+def aggregate(runs: Sequence[FinishedRun]) -> dict:
   """The numbers of ``run_metrics`` over the seeds of one group, as plain dicts.
 
   Returns:

@@ -1,4 +1,7 @@
-"""The training run: stages in sequence, evaluation after each, checkpoints, resume, summary."""
+"""The training run: stages in sequence, evaluation after each, checkpoints, resume, summary.
+
+``train`` reads as setup (the run directory, ``setup.setup_run``), the stage loop and the save
+(``_Session``). ``init_state`` lives in ``epi_jax.train.setup``; it stays importable from here."""
 
 from __future__ import annotations
 
@@ -10,38 +13,35 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 from tqdm import tqdm
 
-import epi_jax
 from epi_jax._src.state import packed_mask
 from epi_jax.data import IteratorState
-from epi_jax.eval.analyses import RunAnalyses
 from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
 from epi_jax.eval.judge import Judge
 from epi_jax.eval.mask_drift import overlap_at_progress
 from epi_jax.eval.metrics import avg_norm_score, headline_row
 from epi_jax.models import check_checkpoint
+from epi_jax.train.analyses import RunAnalyses
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
 from epi_jax.train.distributed import host_array, writes_files
 from epi_jax.train.divergence import Divergence, TrainingDiverged
 from epi_jax.train.export import MODEL_DIR, save_model
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
-from epi_jax.train.methods import Run, make_method
-from epi_jax.train.metrics import MetricsWriter
-from epi_jax.train.model import build_model
+from epi_jax.train.methods import make_method
 from epi_jax.train.optimizer import learning_rate
-from epi_jax.train.sharding import build_mesh, like_params, put_batch
-from epi_jax.train.step import make_optimizer, make_train_step
-from epi_jax.train.tasks import load_tasks, stage_iterators, steps_per_stage
+from epi_jax.train.setup import RunSetup, init_state, setup_run
+from epi_jax.train.sharding import put_batch
+from epi_jax.train.tasks import load_tasks, stage_iterators
+from epi_jax.train.writer import MetricsWriter
+
+__all__ = ["OUTPUTS", "init_state", "train"]
 
 
 def _packed_masks(opt_state) -> dict:
@@ -123,25 +123,6 @@ def _judge(config: Config, run_dir: str) -> Judge | None:
   )
 
 
-def init_state(
-    model: nnx.Module,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    wrt: nnx.filterlib.Filter = nnx.Param,
-) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, state) of (model, nnx.Optimizer(model, tx, wrt=wrt)), placed on ``mesh`` by
-  ``like_params``: each optimizer-state leaf (Adam moments, EPI's sensitivity and bit-packed
-  masks) from the sharding metadata of the parameter it mirrors, from the start."""
-  optimizer = make_optimizer(model, tx, wrt=wrt)
-  state = nnx.state((model, optimizer))
-  # One fresh buffer per leaf: an optimizer's init may return one array in two state fields,
-  # and the step cannot donate a buffer twice.
-  placed = jax.device_put(state, like_params(state, mesh))
-  nnx.update((model, optimizer), jax.tree.map(jnp.copy, placed))
-  return nnx.split((model, optimizer))
-
-
 def _summary(method, stages, record: RunRecord, module, optimizer, *, wall_time: float) -> dict:
   """The content of summary.json."""
   summary = {
@@ -180,15 +161,239 @@ def _stop_diverged(run_dir: str, summary: dict) -> None:
   )
 
 
-def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
-  """Runs (or resumes) the training described by ``config``; returns the summary it writes."""
-  run_dir = run_dir or config.run_dir
-  session_start = time.perf_counter()
-  # Every input is read and checked before the run directory is touched (docs/trainer.md).
-  if config.model.checkpoint:
-    check_checkpoint(config.model.checkpoint)
-  method = make_method(config)
-  task_data = load_tasks(config)
+class _Session:
+  """One session of a run, from its first (or resumed) step to summary.json: the state, the
+  record that checkpoints carry, the metrics writer and the analyses."""
+
+  def __init__(
+      self,
+      config: Config,
+      setup: RunSetup,
+      *,
+      run_dir: str,
+      ckpt: RunCheckpoints,
+      judge: Judge | None,
+      start_step: int,
+      session_start: float,
+  ):
+    self.config, self.run_dir, self.ckpt, self.judge = config, run_dir, ckpt, judge
+    self.method, self.run, self.bounds = setup.method, setup.run, setup.bounds
+    self.stages, self.task_data = setup.run.stages, setup.run.task_data
+    self.graphdef, self.state, self.step_fn = setup.graphdef, setup.state, setup.step_fn
+    self.session_start = session_start
+    self.divergence = Divergence(setup.model_config.vocab_size)
+    self.record = RunRecord(seed={"data": config.data.seed, "init": config.train.seed})
+    self.masks: dict | None = {} if config.checkpoint.mask_history == "full" else None
+    if start_step:
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+      )
+      self.state, self.record, self.masks = ckpt.restore(
+          start_step, abstract, with_masks=self.masks is not None
+      )
+    self.step = self.record.step
+    total = self.bounds[-1]
+    self.schedule = learning_rate(config, total, peak=self.method.peak_learning_rate())
+    self.iterators = stage_iterators(config, self.stages, self.task_data)
+    self.writer = MetricsWriter(
+        run_dir, tensorboard=config.log.tensorboard, group_names=setup.group_names
+    )
+    self.analyses = RunAnalyses(
+        config,
+        stages=self.stages,
+        bounds=self.bounds,
+        task_data=self.task_data,
+        group_names=setup.group_names,
+        mesh=self.run.mesh,
+        writer=self.writer,
+        record=self.record,
+    )
+    scored = config.eval.metric_examples or config.data.n_eval
+    self.metric_examples = {
+        t: examples[:scored] for t, examples in self.task_data.evaluation.items()
+    }
+    self.earlier_wall = self.record.wall_time  # wall time of the sessions before this one
+
+  def _evaluate(self, model) -> dict:
+    return evaluate(
+        model,
+        self.task_data.encoder,
+        self.metric_examples,
+        self.task_data.metrics,
+        max_new_tokens=self.config.eval.max_new_tokens,
+        batch_size=self.config.eval.batch_size,
+        judge=self.judge,
+    )
+
+  def _before_training(self) -> None:
+    """The plan and the analyses of the untrained model (a fresh run), the progress bar and
+    the protected fraction to log until the next refresh."""
+    if not self.step:  # the length of the run, for whoever follows metrics.jsonl (progress)
+      self.writer.write("plan", 0, {"total_steps": self.bounds[-1], "stages": len(self.stages)})
+      self.analyses.before_training(
+          self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]),
+          lambda model: headline_row(self._evaluate(model), self.task_data.metrics),
+      )
+    self.progress = tqdm(
+        total=self.bounds[-1],
+        initial=self.step,
+        disable=not self.config.log.progress,
+        desc=self.config.method.type,
+        dynamic_ncols=True,
+    )
+    if self.record.mask_history:
+      self.protected = self.record.mask_history[-1]["protected_fraction"]
+    else:  # a fixed mask (static) protects from the first step
+      merged = nnx.merge(self.graphdef, self.state)
+      self.protected = self.method.summary(*merged).get("protected_fraction", 0.0)
+    self.tokens, self.tick = 0.0, time.perf_counter()
+
+  def run_stages(self) -> None:
+    """Trains the stages not yet done, each followed by its evaluation and a checkpoint."""
+    self._before_training()
+    for k in range(len(self.stages)):
+      if self.step >= self.bounds[k + 1]:
+        continue
+      it = self.iterators[k]
+      if self.step > self.bounds[k]:
+        data = {key: v for key, v in self.record.data.items() if key != "stage"}
+        it.restore(IteratorState(**data))
+      while self.step < self.bounds[k + 1]:
+        self._train_step(k, it)
+      self._end_stage(k, it)
+    self.progress.close()
+
+  def _train_step(self, k: int, it) -> None:
+    batch = next(it)
+    self.state, out = self.step_fn(self.state, put_batch(batch, self.run.mesh))
+    self.step += 1
+    self.tokens += float(batch["attention_mask"].sum())
+    if "refreshed" in out and bool(out["refreshed"]):
+      self._record_refresh(out)
+    if self.step % self.config.log.every == 0 or self.step == self.bounds[k + 1]:
+      self._log(k, out)
+    self.progress.update(1)
+    # analysis time is not training time
+    self.tick += self.analyses.after_step(self.step, self.graphdef, self.state)
+    every = self.config.checkpoint.every
+    if every and self.step % every == 0 and self.step < self.bounds[k + 1]:
+      self._save(k, it)
+
+  def _record_refresh(self, out: dict) -> None:
+    stats = {key: np.asarray(v) for key, v in out["refresh"].items()}
+    self.protected = float(stats["protected_fraction"])
+    self.record.mask_history.append(self.writer.write("mask", self.step, stats))
+    self.analyses.after_refresh(self.record.mask_history)
+    if self.masks is not None:
+      opt_state = nnx.merge(self.graphdef, self.state)[1].opt_state
+      self.masks[f"refresh_{self.step}"] = _packed_masks(opt_state)
+
+  def _log(self, k: int, out: dict) -> None:
+    """The train record of this step; stops the run on a divergence if so configured."""
+    jax.block_until_ready(self.state)  # the whole step, not just its loss, for tokens/s
+    now = time.perf_counter()
+    loss, rate = float(out["loss"]), self.tokens / (now - self.tick)
+    extra = {
+        key: v for key, v in out.items() if key not in ("loss", "tokens", "refreshed", "refresh")
+    }
+    self.writer.write(
+        "train",
+        self.step,
+        {
+            "loss": loss,
+            "lr": float(self.schedule(self.step - 1)),
+            "tokens_per_s": rate,
+            "stage": k,
+            "protected_fraction": self.protected,
+        }
+        | extra,
+    )
+    self.progress.set_postfix(
+        stage=k, loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", protected=f"{self.protected:.4f}"
+    )
+    self.tokens, self.tick = 0.0, now
+    if (event := self.divergence.update(self.step, loss)) is not None:
+      self.writer.write("divergence", self.step, event)
+      print(f"training diverged at step {self.step}: {event['reason']}", file=sys.stderr)
+      if self.config.train.on_divergence == "stop":
+        _stop_diverged(
+            self.run_dir,
+            {"method": self.config.method.type, "stages": self.stages, "steps": self.step}
+            | {"divergence": event, "wall_time_s": self.earlier_wall + now - self.session_start},
+        )
+
+  def _end_stage(self, k: int, it) -> None:
+    """Stage ``k``'s evaluation, analyses and method step, then its checkpoint."""
+    module, optimizer = nnx.merge(self.graphdef, self.state)
+    eval_start = time.perf_counter()
+    eval_model = self.method.eval_model(module)
+    results = self._evaluate(eval_model)
+    row = headline_row(results, self.task_data.metrics)
+    scores = {
+        "results": results,
+        **avg_norm_score(results, self.task_data.metrics),
+        "eval_time_s": time.perf_counter() - eval_start,
+    }
+    self.writer.write("eval", self.step, {"stage": k} | row)
+    self.writer.write(
+        "eval_metrics",
+        self.step,
+        {
+            "stage": k,
+            "avg_norm_score": scores["avg_norm_score"],
+            "eval_time_s": scores["eval_time_s"],
+        }
+        | {f"{task}/{name}": value for task, r in results.items() for name, value in r.items()},
+    )
+    self.record.matrix.append(row)
+    self.record.eval_metrics.append(scores)
+    self.analyses.after_stage(k, self.step, eval_model)
+    logged = self.method.after_stage(k, module, optimizer, self.run)
+    if logged:
+      self.writer.write("method", self.step, logged)
+    self.state = nnx.state((module, optimizer))
+    self._save(k, it)
+    self.tick = time.perf_counter()
+
+  def _save(self, stage: int, it) -> None:
+    record = self.record
+    record.step, record.config = self.step, to_dict(self.config)
+    record.data = {"stage": stage, **dataclasses.asdict(it.state)}
+    record.wall_time = self.earlier_wall + time.perf_counter() - self.session_start
+    self.ckpt.save(self.step, self.state, record, self.masks)
+
+  def finish(self) -> dict:
+    """summary.json, the method's and the model's exports, the closing table; the summary."""
+    module, optimizer = nnx.merge(self.graphdef, self.state)
+    summary = _summary(
+        self.method,
+        self.stages,
+        self.record,
+        module,
+        optimizer,
+        wall_time=self.earlier_wall + time.perf_counter() - self.session_start,
+    )
+    summary["analyses"] = self.analyses.summary(self.record)
+    summary["divergence"] = self.divergence.event
+    self.method.export(module, self.run_dir)
+    if self.config.checkpoint.save_model:
+      save_model(self.method.eval_model(module), self.config, os.path.join(self.run_dir, MODEL_DIR))
+    if writes_files():
+      for name, content in {"summary.json": summary, **self.analyses.files()}.items():
+        with open(os.path.join(self.run_dir, name), "w") as f:
+          json.dump(content, f, indent=1)
+    self.writer.close()
+    self.ckpt.close()
+    print(format_table(self.record.matrix, self.stages, summary["forgetting_ratio"]))
+    print(f"wall time {summary['wall_time_s']:.1f}s, params_sha256 {summary['params_sha256']}")
+    return summary
+
+
+def _open_run_dir(
+    config: Config, run_dir: str, resume: bool
+) -> tuple[RunCheckpoints, int, Judge | None]:
+  """The run directory made ready: cleared for a fresh start or checked for a resume, its
+  checkpoints, the step to start from, the judge (its cache there) and config.yaml."""
   if resume and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
     raise ConfigError(f"--resume: {run_dir}/checkpoints: no such directory, nothing to resume")
   os.makedirs(run_dir, exist_ok=True)
@@ -202,211 +407,27 @@ def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -
   if writes_files():
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
       yaml.safe_dump(to_dict(config) | {"run_dir": run_dir}, f, sort_keys=False)
+  return ckpt, start_step, judge
 
-  stages = method.stages()
-  lengths = steps_per_stage(config, stages, task_data)
-  bounds = np.cumsum([0] + lengths).tolist()  # stage k runs steps bounds[k]+1 .. bounds[k+1]
-  total = bounds[-1]
-  mesh = build_mesh(config.mesh)
-  num_micro = config.optim.batch_size // (config.optim.micro_batch_size or config.optim.batch_size)
-  run = Run(
-      config=config,
-      task_data=task_data,
-      stages=stages,
-      total_steps=total,
-      mesh=mesh,
-      num_micro=num_micro,
-      resuming=bool(start_step),
-  )
 
-  model = build_model(config.model, seed=config.train.seed, mesh=mesh)
-  divergence = Divergence(model.config.vocab_size)
-  group_names = epi_jax.layer_groups(nnx.state(model, nnx.Param), config.method.layer_of).names
-  trainable = method.trainable(model, run)
-  graphdef, state = init_state(trainable.module, trainable.tx, mesh, wrt=trainable.wrt)
-  step_fn = make_train_step(
-      graphdef,
-      num_micro,
-      wrt=trainable.wrt,
-      logs=method.step_logs,
-      shardings=like_params(state, mesh),
-  )
-  del model, trainable
-
-  record = RunRecord(seed={"data": config.data.seed, "init": config.train.seed})
-  masks: dict | None = {} if config.checkpoint.mask_history == "full" else None
-  if start_step:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    state, record, masks = ckpt.restore(start_step, abstract, with_masks=masks is not None)
-  step = record.step
-
-  schedule = learning_rate(config, total, peak=method.peak_learning_rate())
-  iterators = stage_iterators(config, stages, task_data)
-  writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard, group_names=group_names)
-  analyses = RunAnalyses(
+def train(config: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
+  """Runs (or resumes) the training described by ``config``; returns the summary it writes."""
+  run_dir = run_dir or config.run_dir
+  session_start = time.perf_counter()
+  # Every input is read and checked before the run directory is touched (docs/trainer.md).
+  if config.model.checkpoint:
+    check_checkpoint(config.model.checkpoint)
+  method = make_method(config)
+  task_data = load_tasks(config)
+  ckpt, start_step, judge = _open_run_dir(config, run_dir, resume)
+  session = _Session(  # the setup is not kept: a resumed state replaces its fresh one
       config,
-      stages=stages,
-      bounds=bounds,
-      task_data=task_data,
-      group_names=group_names,
-      mesh=mesh,
-      writer=writer,
-      record=record,
+      setup_run(config, method=method, task_data=task_data, resuming=bool(start_step)),
+      run_dir=run_dir,
+      ckpt=ckpt,
+      judge=judge,
+      start_step=start_step,
+      session_start=session_start,
   )
-
-  scored = config.eval.metric_examples or config.data.n_eval
-  metric_examples = {t: examples[:scored] for t, examples in task_data.evaluation.items()}
-
-  def run_eval(model):
-    return evaluate(
-        model,
-        task_data.encoder,
-        metric_examples,
-        task_data.metrics,
-        max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        judge=judge,
-    )
-
-  if not step:  # the length of the run, for whoever follows metrics.jsonl (epi_jax.progress)
-    writer.write("plan", 0, {"total_steps": total, "stages": len(stages)})
-    analyses.before_training(
-        method.eval_model(nnx.merge(graphdef, state)[0]),
-        lambda model: headline_row(run_eval(model), task_data.metrics),
-    )
-  progress = tqdm(
-      total=total,
-      initial=step,
-      disable=not config.log.progress,
-      desc=config.method.type,
-      dynamic_ncols=True,
-  )
-  if record.mask_history:
-    protected = record.mask_history[-1]["protected_fraction"]
-  else:  # a fixed mask (static) protects from the first step
-    protected = method.summary(*nnx.merge(graphdef, state)).get("protected_fraction", 0.0)
-  tokens, tick = 0.0, time.perf_counter()
-  earlier_wall = record.wall_time  # wall time of the sessions before this one
-
-  def save(stage: int, it) -> None:
-    record.step, record.config = step, to_dict(config)
-    record.data = {"stage": stage, **dataclasses.asdict(it.state)}
-    record.wall_time = earlier_wall + time.perf_counter() - session_start
-    ckpt.save(step, state, record, masks)
-
-  for k in range(len(stages)):
-    if step >= bounds[k + 1]:
-      continue
-    it = iterators[k]
-    if step > bounds[k]:
-      it.restore(IteratorState(**{key: v for key, v in record.data.items() if key != "stage"}))
-    while step < bounds[k + 1]:
-      batch = next(it)
-      state, out = step_fn(state, put_batch(batch, mesh))
-      step += 1
-      tokens += float(batch["attention_mask"].sum())
-      if "refreshed" in out and bool(out["refreshed"]):
-        stats = {key: np.asarray(v) for key, v in out["refresh"].items()}
-        protected = float(stats["protected_fraction"])
-        record.mask_history.append(writer.write("mask", step, stats))
-        analyses.after_refresh(record.mask_history)
-        if masks is not None:
-          masks[f"refresh_{step}"] = _packed_masks(nnx.merge(graphdef, state)[1].opt_state)
-      if step % config.log.every == 0 or step == bounds[k + 1]:
-        jax.block_until_ready(state)  # the whole step, not just its loss, for tokens/s
-        now = time.perf_counter()
-        loss = float(out["loss"])
-        extra = {
-            key: v
-            for key, v in out.items()
-            if key not in ("loss", "tokens", "refreshed", "refresh")
-        }
-        writer.write(
-            "train",
-            step,
-            {
-                "loss": loss,
-                "lr": float(schedule(step - 1)),
-                "tokens_per_s": tokens / (now - tick),
-                "stage": k,
-                "protected_fraction": protected,
-            }
-            | extra,
-        )
-        progress.set_postfix(
-            stage=k,
-            loss=f"{loss:.3f}",
-            tok_s=f"{tokens / (now - tick):.0f}",
-            protected=f"{protected:.4f}",
-        )
-        tokens, tick = 0.0, now
-        if (event := divergence.update(step, loss)) is not None:
-          writer.write("divergence", step, event)
-          print(f"training diverged at step {step}: {event['reason']}", file=sys.stderr)
-          if config.train.on_divergence == "stop":
-            _stop_diverged(
-                run_dir,
-                {"method": config.method.type, "stages": stages, "steps": step}
-                | {"divergence": event, "wall_time_s": earlier_wall + now - session_start},
-            )
-      progress.update(1)
-      tick += analyses.after_step(step, graphdef, state)  # analysis time is not training time
-      if config.checkpoint.every and step % config.checkpoint.every == 0 and step < bounds[k + 1]:
-        save(k, it)
-    module, optimizer = nnx.merge(graphdef, state)
-    eval_start = time.perf_counter()
-    eval_model = method.eval_model(module)
-    results = run_eval(eval_model)
-    row = headline_row(results, task_data.metrics)
-    scores = {
-        "results": results,
-        **avg_norm_score(results, task_data.metrics),
-        "eval_time_s": time.perf_counter() - eval_start,
-    }
-    writer.write("eval", step, {"stage": k} | row)
-    writer.write(
-        "eval_metrics",
-        step,
-        {
-            "stage": k,
-            "avg_norm_score": scores["avg_norm_score"],
-            "eval_time_s": scores["eval_time_s"],
-        }
-        | {f"{task}/{name}": value for task, r in results.items() for name, value in r.items()},
-    )
-    record.matrix.append(row)
-    record.eval_metrics.append(scores)
-    analyses.after_stage(k, step, eval_model)
-    logged = method.after_stage(k, module, optimizer, run)
-    if logged:
-      writer.write("method", step, logged)
-    state = nnx.state((module, optimizer))
-    save(k, it)
-    tick = time.perf_counter()
-  progress.close()
-
-  module, optimizer = nnx.merge(graphdef, state)
-  summary = _summary(
-      method,
-      stages,
-      record,
-      module,
-      optimizer,
-      wall_time=earlier_wall + time.perf_counter() - session_start,
-  )
-  summary["analyses"] = analyses.summary(record)
-  summary["divergence"] = divergence.event
-  method.export(module, run_dir)
-  if config.checkpoint.save_model:
-    save_model(method.eval_model(module), config, os.path.join(run_dir, MODEL_DIR))
-  if writes_files():
-    for name, content in {"summary.json": summary, **analyses.files()}.items():
-      with open(os.path.join(run_dir, name), "w") as f:
-        json.dump(content, f, indent=1)
-  writer.close()
-  ckpt.close()
-  print(format_table(record.matrix, stages, summary["forgetting_ratio"]))
-  print(f"wall time {summary['wall_time_s']:.1f}s, params_sha256 {summary['params_sha256']}")
-  return summary
+  session.run_stages()
+  return session.finish()

@@ -11,11 +11,11 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import epi_jax
-from epi_jax.methods import ewc, lora
 from epi_jax.models import ModelConfig
 from epi_jax.models.loss import LOGIT_CHUNK_BYTES
 from epi_jax.models.sharding import MESH_AXES, logical_spec
 from epi_jax.train.config import Config
+from epi_jax.train.methods import ewc, lora
 from epi_jax.train.methods.lora import LoRA
 from epi_jax.train.model import abstract_model, model_config
 from epi_jax.train.optimizer import inner_optimizer

@@ -1,5 +1,8 @@
-"""The jitted training step: response-token cross-entropy, gradient accumulation by a scan over
-micro-batches, one optimizer update."""
+"""The jitted training step: the response-token loss's gradients accumulated over micro-batches
+(``models.loss.mean_loss_and_grads``), one optimizer update.
+
+``BATCH_KEYS``, ``response_loss``, ``micro_batches`` and ``mean_loss_and_grads`` live in
+``epi_jax.models.loss``; they stay importable from here."""
 
 from __future__ import annotations
 
@@ -12,65 +15,17 @@ import optax
 from flax import nnx
 
 import epi_jax
-from epi_jax.models.loss import target_log_probs
+from epi_jax.models.loss import BATCH_KEYS, mean_loss_and_grads, micro_batches, response_loss
 
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
-
-
-def response_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy over response tokens and their count; logits[:, t] predict
-  input_ids[:, t + 1], weighted by loss_mask[:, t + 1]. Packed rows attend within their
-  segments only (a padded row is one segment). The logits come in chunks
-  (``models.loss.target_log_probs``): the whole [B, T, V] array never exists."""
-  hidden = model.hidden_states(
-      batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"]
-  )
-  log_probs = target_log_probs(model, hidden[:, :-1], batch["input_ids"][:, 1:])
-  weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return -jnp.sum(log_probs * weight), jnp.sum(weight)
-
-
-def micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
-  """The batch [B, T] dealt into ``num_micro`` micro-batches [num_micro, B / num_micro, T]: row j
-  goes to micro-batch j % num_micro, so each stays spread over the batch shards."""
-  return {
-      k: batch[k].reshape(-1, num_micro, *batch[k].shape[1:]).swapaxes(0, 1) for k in BATCH_KEYS
-  }
-
-
-def mean_loss_and_grads(
-    model: nnx.Module,
-    batch: dict[str, jax.Array],
-    num_micro: int,
-    *,
-    wrt: nnx.filterlib.Filter = nnx.Param,
-):
-  """(gradients, mean loss, token count) of the response-token loss of ``batch`` w.r.t. the
-  model's variables selected by ``wrt``, computed by a scan over ``num_micro`` micro-batches.
-
-  The micro-batches' summed float32 gradients are divided by the batch's response-token count
-  (at least 1), so they equal those of one pass over the batch; they stay float32 whatever the
-  parameters' dtype (``make_optimizer`` keeps bfloat16 parameters' optimizer state in float32).
-  """
-  model_def, params, rest = nnx.split(model, wrt, ...)
-
-  def summed(params, micro):
-    return response_loss(nnx.merge(model_def, params, rest), micro)
-
-  grad_fn = jax.value_and_grad(summed, has_aux=True)
-
-  def accumulate(carry, micro):
-    grads, total, count = carry
-    (loss_sum, n), g = grad_fn(params, micro)
-    grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-    return (grads, total + loss_sum, count + n), None
-
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (grads, total, count), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches(batch, num_micro)
-  )
-  count = jnp.maximum(count, 1.0)
-  return jax.tree.map(lambda g: g / count, grads), total / count, count
+__all__ = [
+    "BATCH_KEYS",
+    "apply_gradients",
+    "make_optimizer",
+    "make_train_step",
+    "mean_loss_and_grads",
+    "micro_batches",
+    "response_loss",
+]
 
 
 def make_optimizer(

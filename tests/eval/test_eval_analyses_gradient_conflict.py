@@ -14,7 +14,7 @@ import epi_jax.data as data
 from epi_jax.eval.gradient_conflict import gradient_conflict, task_gradient_conflict
 from epi_jax.eval.heldout import batch_gradients, heldout_batch
 from epi_jax.models import Decoder, ModelConfig
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 
 def reference_tgc(grads):

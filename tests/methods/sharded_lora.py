@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from epi_jax.methods import lora
+from epi_jax.models import lora, lora_peft
 from epi_jax.models import from_pretrained, make_mesh
 
 
@@ -20,12 +20,12 @@ def main(base: str, adapter: str) -> dict:
       lambda model, adapters, config: lora.adapted(model, adapters, config)(ids), static_argnums=2
   )
   plain, _ = from_pretrained(base)
-  adapters, config = lora.load_adapter(plain, adapter)
+  adapters, config = lora_peft.load_adapter(plain, adapter)
   want = np.asarray(forward(plain, adapters, config))
   report = {"devices": len(jax.devices())}
   for scan in (False, True):
     model, _ = from_pretrained(base, mesh=mesh, scan_layers=scan)
-    loaded, _ = lora.load_adapter(model, adapter, mesh=mesh)
+    loaded, _ = lora_peft.load_adapter(model, adapter, mesh=mesh)
     fresh = lora.init_adapters(model, config, key=jax.random.key(0), mesh=mesh)
     q = loaded["layers"]["attn"]["q"] if scan else loaded["layers"][0]["attn"]["q"]
     o = fresh["layers"]["attn"]["o"] if scan else fresh["layers"][0]["attn"]["o"]

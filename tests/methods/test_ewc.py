@@ -14,7 +14,8 @@ import torch
 import transformers
 from flax import nnx
 
-from epi_jax.methods import ewc
+from epi_jax._src import ewc
+from epi_jax.train.methods import ewc as ewc_method
 from epi_jax.models import Decoder, ModelConfig, from_pretrained, save_pretrained
 from epi_jax.models.hf_names import NameMap, from_hf_layout
 
@@ -67,7 +68,7 @@ def _torch_example(reference, batch, r):
 
 def test_example_losses_equal_float64_reference(setup):
   model, reference, batches = setup
-  losses, counts = ewc.example_losses(model, batches[0])
+  losses, counts = ewc_method.example_losses(model, batches[0])
   want = [_torch_example(reference, batches[0], r)[0] for r in range(4)]
   np.testing.assert_allclose(np.asarray(losses), want, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(counts), [8, 6, 0, 11])
@@ -84,7 +85,7 @@ def test_fisher_equals_mean_squared_float64_gradients(setup):
       for name, g in _torch_example(reference, batch, r)[1].items():
         sums[name] = sums.get(name, 0.0) + g * g
   assert examples == 7
-  fisher = ewc.fisher_diagonal(model, batches)
+  fisher = ewc_method.fisher_diagonal(model, batches)
   ours = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fisher)}
   names = NameMap("llama")
   assert len(ours) == len(sums)
@@ -96,12 +97,12 @@ def test_fisher_equals_mean_squared_float64_gradients(setup):
         ours[path], want, rtol=2e-3, atol=1e-4 * np.abs(want).max(), err_msg=name
     )
     assert np.abs(want).max() > 0, name
-  chunked = ewc.fisher_diagonal(model, batches, examples_per_chunk=2)
+  chunked = ewc_method.fisher_diagonal(model, batches, examples_per_chunk=2)
   chex.assert_trees_all_close(chunked, fisher, rtol=1e-5, atol=1e-12)
   with pytest.raises(
       ValueError, match="examples_per_chunk=3 does not divide the 4 rows of batch 0"
   ):
-    ewc.fisher_diagonal(model, batches, examples_per_chunk=3)
+    ewc_method.fisher_diagonal(model, batches, examples_per_chunk=3)
 
 
 def _tree(rng, zero_fraction=0.0):
@@ -181,7 +182,7 @@ def test_online_penalty_decays_the_fisher_and_anchors_at_the_latest_weights():
 def test_state_works_on_model_params_and_keeps_its_own_copy(setup):
   model, _, batches = setup
   params = nnx.state(model, nnx.Param)
-  fisher = ewc.fisher_diagonal(model, batches[:1])
+  fisher = ewc_method.fisher_diagonal(model, batches[:1])
   state = ewc.consolidate(ewc.init(params), params, fisher, gamma=0.9)
   assert float(ewc.penalty(params, state, lam=1.0)) == 0.0
   moved = jax.tree.map(lambda p: p + 0.01, params)
@@ -204,8 +205,8 @@ def test_memory_bytes():
       lambda: Decoder(ModelConfig.tiny("llama"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   )
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-  memory = ewc.memory_bytes(abstract, examples_per_chunk=4)
-  assert memory == ewc.EWCMemory(
+  memory = ewc_method.memory_bytes(abstract, examples_per_chunk=4)
+  assert memory == ewc_method.EWCMemory(
       fisher=4 * count,
       anchor=4 * count,
       fisher_pass=4 * 2 * count + 4 * count,
@@ -217,7 +218,7 @@ def test_memory_bytes():
 def test_state_round_trips_through_an_orbax_checkpoint(setup, tmp_path):
   model, _, batches = setup
   params = nnx.state(model, nnx.Param)
-  state = ewc.consolidate(ewc.init(params), params, ewc.fisher_diagonal(model, batches[1:]))
+  state = ewc.consolidate(ewc.init(params), params, ewc_method.fisher_diagonal(model, batches[1:]))
   with ocp.CheckpointManager(tmp_path) as manager:
     manager.save(1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
@@ -230,8 +231,8 @@ def test_scanned_model_has_the_same_fisher(setup, tmp_path):
   model, _, batches = setup
   save_pretrained(model, model.config, tmp_path)
   scanned, _ = from_pretrained(tmp_path, scan_layers=True)
-  plain = dict(nnx.to_flat_state(ewc.fisher_diagonal(model, batches)))
-  stacked = dict(nnx.to_flat_state(ewc.fisher_diagonal(scanned, batches)))
+  plain = dict(nnx.to_flat_state(ewc_method.fisher_diagonal(model, batches)))
+  stacked = dict(nnx.to_flat_state(ewc_method.fisher_diagonal(scanned, batches)))
   for i in range(model.config.num_layers):
     np.testing.assert_allclose(
         np.asarray(stacked[("layers", "mlp", "down")].get_value())[i],

@@ -22,10 +22,11 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from epi_jax.methods import lora
+from epi_jax.models import lora, lora_peft
+from epi_jax.train.methods import lora as lora_method
 from epi_jax.models import CheckpointMismatchError, Decoder, ModelConfig, from_pretrained
 from epi_jax.models import save_pretrained
-from epi_jax.train.step import response_loss
+from epi_jax.models.loss import response_loss
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "models"))
 from hf_reference import left_padded_batch, torch_logits  # noqa: E402
@@ -59,7 +60,7 @@ def setup(tmp_path_factory):
   model = Decoder(config, rngs=nnx.Rngs(0))
   save_pretrained(model, config, root / "base")
   adapters = _random_adapters(model, CONFIG, seed=1)
-  lora.save_adapter(
+  lora_peft.save_adapter(
       model, adapters, CONFIG, root / "adapter", base_model_name_or_path=str(root / "base")
   )
   base = transformers.AutoModelForCausalLM.from_pretrained(
@@ -83,8 +84,8 @@ def test_peft_logits_equal_ours(setup):
 def test_adapter_files_equal_what_peft_writes(setup, tmp_path):
   root, _, _, torch_peft = setup
   torch_peft.save_pretrained(tmp_path)
-  ours = load_file(root / "adapter" / lora.WEIGHTS_FILE)
-  theirs = load_file(tmp_path / lora.WEIGHTS_FILE)
+  ours = load_file(root / "adapter" / lora_peft.WEIGHTS_FILE)
+  theirs = load_file(tmp_path / lora_peft.WEIGHTS_FILE)
   assert sorted(ours) == sorted(theirs)
   assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in ours
   for name, value in theirs.items():
@@ -92,7 +93,7 @@ def test_adapter_files_equal_what_peft_writes(setup, tmp_path):
     np.testing.assert_array_equal(ours[name], value, err_msg=name)
   assert ours["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 128)
   assert ours["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
-  read = lambda d: json.loads((d / lora.CONFIG_FILE).read_text())
+  read = lambda d: json.loads((d / lora_peft.CONFIG_FILE).read_text())
   mine, peft_config = read(root / "adapter"), read(tmp_path)
   peft_config["target_modules"] = sorted(peft_config["target_modules"])
   assert mine == peft_config
@@ -127,7 +128,7 @@ def test_merged_equals_unmerged_and_loads_in_transformers(setup, tmp_path):
 def test_scanned_layout_reads_writes_and_runs_like_unscanned(setup, tmp_path):
   root, model, adapters, _ = setup
   scanned, _ = from_pretrained(root / "base", scan_layers=True)
-  stacked, config = lora.load_adapter(scanned, root / "adapter")
+  stacked, config = lora_peft.load_adapter(scanned, root / "adapter")
   assert config == CONFIG
   chex.assert_shape(
       [stacked["layers"]["attn"]["o"]["a"], stacked["layers"]["attn"]["o"]["b"]],
@@ -142,12 +143,15 @@ def test_scanned_layout_reads_writes_and_runs_like_unscanned(setup, tmp_path):
       np.asarray(lora.adapted(model, adapters, CONFIG)(ids, mask))[_real(mask)],
       atol=1e-5,
   )
-  lora.save_adapter(scanned, stacked, config, tmp_path, base_model_name_or_path=str(root / "base"))
-  chex.assert_trees_all_equal(
-      load_file(tmp_path / lora.WEIGHTS_FILE), load_file(root / "adapter" / lora.WEIGHTS_FILE)
+  lora_peft.save_adapter(
+      scanned, stacked, config, tmp_path, base_model_name_or_path=str(root / "base")
   )
-  assert (tmp_path / lora.CONFIG_FILE).read_text() == (
-      root / "adapter" / lora.CONFIG_FILE
+  chex.assert_trees_all_equal(
+      load_file(tmp_path / lora_peft.WEIGHTS_FILE),
+      load_file(root / "adapter" / lora_peft.WEIGHTS_FILE),
+  )
+  assert (tmp_path / lora_peft.CONFIG_FILE).read_text() == (
+      root / "adapter" / lora_peft.CONFIG_FILE
   ).read_text()
 
 
@@ -183,7 +187,9 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup, tmp_path):
   tx = optax.adam(1e-2)
   state = tx.init(adapters)
   moments = [x for x in jax.tree.leaves(state) if x.ndim]
-  assert sum(x.size for x in moments) == 2 * lora.memory_bytes(model, CONFIG).adapter_parameters
+  assert (
+      sum(x.size for x in moments) == 2 * lora_method.memory_bytes(model, CONFIG).adapter_parameters
+  )
 
   @jax.jit
   def step(adapters, state, key):
@@ -243,11 +249,11 @@ def test_bad_config_and_adapters_are_named(setup, tmp_path):
     lora.adapted(model, traverse_util.unflatten_dict(broken), CONFIG)
   folder = tmp_path / "dora"
   folder.mkdir()
-  raw = json.loads((root / "adapter" / lora.CONFIG_FILE).read_text())
-  (folder / lora.CONFIG_FILE).write_text(json.dumps({**raw, "use_dora": True}))
+  raw = json.loads((root / "adapter" / lora_peft.CONFIG_FILE).read_text())
+  (folder / lora_peft.CONFIG_FILE).write_text(json.dumps({**raw, "use_dora": True}))
   with pytest.raises(CheckpointMismatchError, match="use_dora=True is not supported"):
-    lora.load_adapter(model, folder)
-  (folder / lora.CONFIG_FILE).write_text(json.dumps({**raw, "target_modules": ["q_proj"]}))
+    lora_peft.load_adapter(model, folder)
+  (folder / lora_peft.CONFIG_FILE).write_text(json.dumps({**raw, "target_modules": ["q_proj"]}))
   name = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
   save_file(
       {
@@ -256,10 +262,10 @@ def test_bad_config_and_adapters_are_named(setup, tmp_path):
           name.format(1, "B"): np.zeros((64, 4), np.float32),
           name.format(9, "A"): np.zeros((4, 64), np.float32),
       },
-      folder / lora.WEIGHTS_FILE,
+      folder / lora_peft.WEIGHTS_FILE,
   )
   with pytest.raises(CheckpointMismatchError) as error:
-    lora.load_adapter(model, folder)
+    lora_peft.load_adapter(model, folder)
   message = str(error.value)
   assert "layers.0.self_attn.q_proj.lora_B.weight" in message  # missing
   assert "layers.9.self_attn.q_proj.lora_A.weight" in message  # unexpected
@@ -284,7 +290,7 @@ def test_memory_bytes_counts_the_adapters(setup):
   count = c.num_layers * sum(CONFIG.rank * (i + o) for i, o in per_layer)
   kernels = c.num_layers * sum(i * o for i, o in per_layer) * 4
   largest = max(i * o for i, o in per_layer) * 4
-  memory = lora.memory_bytes(model, CONFIG)
+  memory = lora_method.memory_bytes(model, CONFIG)
   adapters = lora.init_adapters(model, CONFIG, key=jax.random.key(0))
   assert memory.adapter_parameters == count == sum(x.size for x in jax.tree.leaves(adapters))
   assert memory.adapters == memory.adapter_grads == 4 * count
@@ -295,7 +301,7 @@ def test_memory_bytes_counts_the_adapters(setup):
   assert memory.per_base_parameter == pytest.approx(memory.total / n)
   scan_config = dataclasses.replace(c, scan_layers=True)
   abstract = nnx.eval_shape(lambda: Decoder(scan_config, rngs=nnx.Rngs(0)))
-  scanned = lora.memory_bytes(abstract, CONFIG)
+  scanned = lora_method.memory_bytes(abstract, CONFIG)
   assert scanned.adapter_parameters == count and scanned.effective_weight_grads == kernels
 
 

@@ -15,7 +15,8 @@ from epi_jax.data import Encoded, make_batch
 from epi_jax.models import Decoder, ModelConfig
 from epi_jax.models.generate import generate
 from epi_jax.models.transformer import positions_from_segments
-from epi_jax.train.step import make_train_step, response_loss
+from epi_jax.models.loss import response_loss
+from epi_jax.train.step import make_train_step
 
 # Layer windows that differ per layer exercise the per-layer mask choice inside the scan.
 CONFIGS = {

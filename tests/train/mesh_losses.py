@@ -8,36 +8,19 @@ import sys
 import jax
 
 from epi_jax.train.loading import load_config
-from epi_jax.train.loop import init_state
-from epi_jax.train.model import build_model
-from epi_jax.train.methods import Run, make_method
-from epi_jax.train.sharding import build_mesh, put_batch
-from epi_jax.train.step import make_train_step
-from epi_jax.train.tasks import load_tasks, stage_iterators
+from epi_jax.train.setup import setup_run
+from epi_jax.train.sharding import put_batch
+from epi_jax.train.tasks import stage_iterators
 
 
 def losses(path: str, mesh_overrides: list[str], steps: int = 6) -> list[float]:
   config = load_config(path, mesh_overrides)
-  mesh = build_mesh(config.mesh)
-  task_data = load_tasks(config)
-  method = make_method(config)
-  run = Run(
-      config=config,
-      task_data=task_data,
-      stages=method.stages(),
-      total_steps=steps,
-      mesh=mesh,
-      num_micro=config.optim.batch_size // config.optim.micro_batch_size,
-      resuming=False,
-  )
-  batches = stage_iterators(config, run.stages, task_data)[0]
-  model = build_model(config.model, seed=config.train.seed, mesh=mesh)
-  trainable = method.trainable(model, run)
-  graphdef, state = init_state(trainable.module, trainable.tx, mesh)
-  step = make_train_step(graphdef, config.optim.batch_size // config.optim.micro_batch_size)
+  setup = setup_run(config, total_steps=steps)
+  run, state, step = setup.run, setup.state, setup.step_fn
+  batches = stage_iterators(config, run.stages, run.task_data)[0]
   out = []
   for _ in range(steps):
-    state, metrics = step(state, put_batch(next(batches), mesh))
+    state, metrics = step(state, put_batch(next(batches), run.mesh))
     out.append(float(metrics["loss"]))
   return out
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from epi_jax.train.loading import load_config
-from epi_jax.train.loop import init_state
+from epi_jax.train.setup import init_state
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.model import build_model
 from epi_jax.train.sharding import build_mesh, like_params, put_batch

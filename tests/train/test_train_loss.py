@@ -46,7 +46,7 @@ def test_response_loss_matches_float64(model_and_batch, monkeypatch, chunk_token
   model, batch = model_and_batch
   if chunk_tokens:  # 3 x 31 tokens in chunks that do not divide them
     monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", chunk_tokens * 4 * 320)
-  total, count = step_module.response_loss(model, batch)
+  total, count = loss_module.response_loss(model, batch)
   want_total, want_count = _reference(model, batch)
   assert float(count) == want_count > 0
   np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
@@ -54,10 +54,15 @@ def test_response_loss_matches_float64(model_and_batch, monkeypatch, chunk_token
 
 def test_chunked_gradients_equal_whole(model_and_batch, monkeypatch):
   model, batch = model_and_batch
-  whole, _, _ = step_module.mean_loss_and_grads(model, batch, 1)
+  whole, _, _ = loss_module.mean_loss_and_grads(model, batch, 1)
   monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", 7 * 4 * 320)
-  chunked, _, _ = step_module.mean_loss_and_grads(model, batch, 1)
+  chunked, _, _ = loss_module.mean_loss_and_grads(model, batch, 1)
   chex.assert_trees_all_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_train_step_still_exports_the_loss_helpers():
+  for name in ("BATCH_KEYS", "response_loss", "micro_batches", "mean_loss_and_grads"):
+    assert getattr(step_module, name) is getattr(loss_module, name)
 
 
 def test_prefill_last_only_equals_the_last_logits(model_and_batch):

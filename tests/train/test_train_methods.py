@@ -15,15 +15,18 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import epi_jax.data as data
-from epi_jax.methods import ewc, lora
+from epi_jax._src import ewc
+from epi_jax.models import lora, lora_peft
+from epi_jax.train.methods import ewc as ewc_method
 from epi_jax.train.checkpointing import RunCheckpoints
 from epi_jax.train.export import export_run
 from epi_jax.train.loading import ConfigError, load_config
-from epi_jax.train.loop import init_state, train
+from epi_jax.train.loop import train
 from epi_jax.train.methods import METHODS, Run, make_method
 from epi_jax.train.methods.ewc import FISHER_SEED
 from epi_jax.train.methods.lora import LoraParam
 from epi_jax.train.model import build_model
+from epi_jax.train.setup import init_state
 from epi_jax.train.sharding import build_mesh, like_params, put_batch
 from epi_jax.train.step import make_train_step
 from epi_jax.train.tasks import load_tasks, stage_iterators
@@ -70,7 +73,7 @@ def test_lora_trains_only_adapters_and_saves_peft_and_merged_model(tmp_path):
 
   # The merged model equals the PEFT adapter on the initialization: the base did not move.
   base = build_model(config.model, seed=config.train.seed)
-  adapters, lora_config = lora.load_adapter(base, tmp_path / "run" / "adapter")
+  adapters, lora_config = lora_peft.load_adapter(base, tmp_path / "run" / "adapter")
   assert lora_config.rank == 4 and set(lora_config.targets) == {"q", "v", "down"}
   ids = np.random.default_rng(0).integers(3, base.config.vocab_size, (2, 12)).astype(np.int32)
   ours = np.asarray(lora.adapted(base, adapters, lora_config)(ids))
@@ -131,7 +134,7 @@ def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
   penalties = [r["ewc_penalty"] for r in records if r["kind"] == "train"]
   assert penalties[:3] == [0.0] * 3 and all(p > 0 for p in penalties[3:])
 
-  # The Fisher of stage 0 is ewc.fisher_diagonal of its batches at the stage-0 weights, and the
+  # The Fisher of stage 0 is fisher_diagonal of its batches at the stage-0 weights, and the
   # checkpoint of step 3 holds it.
   trainable, task_data, mesh = _trainable(config, resuming=True)
   graphdef, state = init_state(trainable.module, trainable.tx, mesh)
@@ -159,7 +162,7 @@ def test_ewc_consolidates_each_stage_and_resumes_bit_identical(tmp_path):
       seed=FISHER_SEED,
       pack=False,
   )
-  fisher = ewc.fisher_diagonal(model, [put_batch(next(it), mesh) for _ in range(2)])
+  fisher = ewc_method.fisher_diagonal(model, [put_batch(next(it), mesh) for _ in range(2)])
   chex.assert_trees_all_close(
       jax.tree.map(np.asarray, nnx.to_pure_dict(saved.fisher)),
       jax.tree.map(np.asarray, nnx.to_pure_dict(fisher)),

@@ -1,4 +1,4 @@
-"""Metrics of a run: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars,
+"""The run's metrics writer: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars,
 written by process 0 of a multi-process run."""
 
 from __future__ import annotations
