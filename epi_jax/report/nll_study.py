@@ -131,7 +131,7 @@ def _interval(values: np.ndarray) -> tuple[float, float, float]:
   return float(values.mean()), float(low), float(high)
 
 
-def task_intervals(runs: Sequence[Run], quantity: str) -> dict[str, tuple[float, ...]]:
+def task_intervals(runs: Sequence[FinishedRun], quantity: str) -> dict[str, tuple[float, ...]]:
   """task -> (mean, low, high) of ``quantity`` over a group's runs (seeds) and examples: e.g.
   how much sequential SFT forgot each task, with its interval (the calibration's check)."""
   by_seed = [per_task(s, quantity) for _, s in _by_seed(runs).values()]
