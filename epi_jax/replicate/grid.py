@@ -141,6 +141,24 @@ def _sets(base: dict, **changes) -> tuple[str, ...]:
   return tuple(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in merged.items())
 
 
+def _tuning_entries(lora: dict, ewc: dict) -> list[Entry]:
+  """The runs that choose LoRA's lr and EWC's lambda on a stream's first two stages."""
+  # Tuning chooses by held-out NLL: the tasks' own metrics generate 16 tokens only.
+  two_stages = {
+      "data.tasks": "[gsm8k,code_alpaca]",
+      "method.stages": "[[gsm8k],[code_alpaca]]",
+      "eval.analyses": "[nll]",
+      "eval.max_new_tokens": 16,
+  }
+  return [
+      Entry(f"lora_lr{_short(x)}", (TUNING,), _sets(two_stages | lora, method__lora__lr=x))
+      for x in LORA_LRS
+  ] + [
+      Entry(f"ewc_lam{_short(x)}", (TUNING,), _sets(two_stages | ewc, method__ewc__lam=x))
+      for x in EWC_LAMBDAS
+  ]
+
+
 def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]:
   """The runs of ``preset`` that ``tables`` need, each once (a run several tables use is one run)."""
   p, h = preset.p, preset.interval
@@ -206,21 +224,7 @@ def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]
       Entry("epi_beta0", ("Table 4",), _sets(epi, method__beta=0.0)),
       Entry("epi_beta0.9", ("Table 4",), _sets(epi, method__beta=0.9)),
   ]
-  # Tuning chooses by held-out NLL: the tasks' own metrics generate 16 tokens only.
-  two_stages = {
-      "data.tasks": "[gsm8k,code_alpaca]",
-      "method.stages": "[[gsm8k],[code_alpaca]]",
-      "eval.analyses": "[nll]",
-      "eval.max_new_tokens": 16,
-  }
-  grid += [
-      Entry(f"lora_lr{_short(x)}", (TUNING,), _sets(two_stages | lora, method__lora__lr=x))
-      for x in LORA_LRS
-  ]
-  grid += [
-      Entry(f"ewc_lam{_short(x)}", (TUNING,), _sets(two_stages | ewc, method__ewc__lam=x))
-      for x in EWC_LAMBDAS
-  ]
+  grid += _tuning_entries(lora, ewc)
   grid += [
       Entry(f"epi_H{x}", ("Table 5",), _sets(epi, method__interval=x))
       for x in preset.h_sweep

@@ -161,11 +161,93 @@ def _tables(
   ]
 
 
+def _nll_matrix(bands: Mapping[str, Mapping], stage_names: Sequence[str]) -> list[str]:
+  """The "Held-out NLL over the stages" section: each group's bands as a table."""
+  rows = []
+  for label, by_task in bands.items():
+    for task, points in by_task.items():
+      cells = {round(p[0], 6): f"{p[1]:.3f} [{p[2]:.3f}, {p[3]:.3f}]" for p in points}
+      rows.append([label, task] + [cells.get(float(x), "") for x in range(len(stage_names) + 1)])
+  return [
+      "## Held-out NLL over the stages",
+      "",
+      f"Each task's held-out response NLL (nats per token, mean over its examples), before "
+      f"training and after each stage, mean over seeds [{int(nll_study.CONFIDENCE * 100)}% "
+      "hierarchical bootstrap interval: seeds, then examples within each].",
+      "",
+      _table(["group", "task", "before"] + [f"after {s}" for s in stage_names], rows),
+      "",
+  ]
+
+
+def _nll_changes(with_nll: Mapping[str, Sequence[FinishedRun]]) -> list[str]:
+  """The section of each group's per-task forgetting and probe change with intervals."""
+  changes = [
+      [label, nll_study.QUANTITIES[q][0], task, f"{m:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
+      for label, members in with_nll.items()
+      for q in ("forgetting", "probe")
+      for task, (m, lo, hi) in nll_study.task_intervals(members, q).items()
+  ]
+  if not changes:
+    return []
+  return [
+      "## Held-out NLL forgetting and general-ability change per group",
+      "",
+      "Per task: the rise of its NLL from the end of its own stage to the end of the stream "
+      "(stream forgetting), or from before training to the end (a probe task), mean over "
+      f"seeds and examples with its {int(nll_study.CONFIDENCE * 100)}% hierarchical "
+      "bootstrap interval; an interval above 0 is a measurable rise.",
+      "",
+      _table(["group", "quantity", "task", "mean", "interval"], changes),
+      "",
+  ]
+
+
+def _nll_paired(rows: Sequence[Mapping], reference: str) -> list[str]:
+  """The section of the paired differences of ``reference`` against the other groups."""
+  if not rows:
+    return []
+  return [
+      "## Paired differences of held-out NLL",
+      "",
+      f"{reference} − other on the same seeds and examples: mean and "
+      f"{int(nll_study.CONFIDENCE * 100)}% interval; the verdict comes from the interval "
+      "alone (`epi_jax.eval.paired`).",
+      "",
+      _table(
+          [
+              "comparison",
+              "quantity",
+              "tasks",
+              "mean",
+              "interval",
+              "seeds",
+              "examples/seed",
+              "reading",
+          ],
+          [
+              [
+                  f"{r['reference']} − {r['other']}",
+                  nll_study.QUANTITIES[r["quantity"]][0],
+                  ", ".join(r["tasks"]),
+                  f"{r['mean']:+.4f}",
+                  f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                  r["seeds"],
+                  r["examples"],
+                  nll_study.reading(r),
+              ]
+              for r in rows
+          ],
+      ),
+      "",
+  ]
+
+
 def _nll_section(
     groups: Mapping[str, Sequence[FinishedRun]], reference: str | None, plot_dir: str
 ) -> tuple[list[str], list[dict]]:
-  """The held-out NLL study (runs with ``heldout_nll.json``): each group's NLL matrix, the
-  paired differences of ``reference`` against every other group and their plots."""
+  """The held-out NLL study (runs with ``heldout_nll.json``): each group's NLL matrix and
+  changes, the paired differences of ``reference`` against every other group, their plots."""
   from epi_jax.report import plots
 
   with_nll = {
@@ -182,88 +264,15 @@ def _nll_section(
   longest = max(
       (nll_study.read_heldout(m[0]) for m in with_nll.values()), key=lambda s: len(s.stages)
   )
-  stages = len(longest.stages)
-  bands = {label: nll_study.nll_bands(members, stages) for label, members in with_nll.items()}
-  table = []
-  for label, by_task in bands.items():
-    for task, points in by_task.items():
-      cells = {round(p[0], 6): f"{p[1]:.3f} [{p[2]:.3f}, {p[3]:.3f}]" for p in points}
-      table.append([label, task] + [cells.get(float(x), "") for x in range(stages + 1)])
-  lines = [
-      "## Held-out NLL over the stages",
-      "",
-      f"Each task's held-out response NLL (nats per token, mean over its examples), before "
-      f"training and after each stage, mean over seeds [{int(nll_study.CONFIDENCE * 100)}% "
-      "hierarchical bootstrap interval: seeds, then examples within each].",
-      "",
-      _table(
-          ["group", "task", "before"] + [f"after {'+'.join(s)}" for s in longest.stages],
-          table,
-      ),
-      "",
-  ]
-  changes = [
-      [label, nll_study.QUANTITIES[q][0], task, f"{m:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
-      for label, members in with_nll.items()
-      for q in ("forgetting", "probe")
-      for task, (m, lo, hi) in nll_study.task_intervals(members, q).items()
-  ]
-  if changes:
-    lines += [
-        "## Held-out NLL forgetting and general-ability change per group",
-        "",
-        "Per task: the rise of its NLL from the end of its own stage to the end of the stream "
-        "(stream forgetting), or from before training to the end (a probe task), mean over "
-        f"seeds and examples with its {int(nll_study.CONFIDENCE * 100)}% hierarchical "
-        "bootstrap interval; an interval above 0 is a measurable rise.",
-        "",
-        _table(["group", "quantity", "task", "mean", "interval"], changes),
-        "",
-    ]
-  if rows:
-    lines += [
-        "## Paired differences of held-out NLL",
-        "",
-        f"{reference} − other on the same seeds and examples: mean and "
-        f"{int(nll_study.CONFIDENCE * 100)}% interval; the verdict comes from the interval "
-        "alone (`epi_jax.eval.paired`).",
-        "",
-        _table(
-            [
-                "comparison",
-                "quantity",
-                "tasks",
-                "mean",
-                "interval",
-                "seeds",
-                "examples/seed",
-                "reading",
-            ],
-            [
-                [
-                    f"{r['reference']} − {r['other']}",
-                    nll_study.QUANTITIES[r["quantity"]][0],
-                    ", ".join(r["tasks"]),
-                    f"{r['mean']:+.4f}",
-                    f"[{r['low']:+.4f}, {r['high']:+.4f}]",
-                    r["seeds"],
-                    r["examples"],
-                    nll_study.reading(r),
-                ]
-                for r in rows
-            ],
-        ),
-        "",
-    ]
   names = ["+".join(s) for s in longest.stages]
+  bands = {label: nll_study.nll_bands(members, len(names)) for label, members in with_nll.items()}
+  lines = _nll_matrix(bands, names) + _nll_changes(with_nll) + _nll_paired(rows, reference)
+  link = os.path.basename(plot_dir)
   path = plots.nll_over_stages(bands, names, os.path.join(plot_dir, "nll_over_stages.png"))
-  lines += [
-      f"![held-out NLL over the stages]({os.path.basename(plot_dir)}/{os.path.basename(path)})",
-      "",
-  ]
+  lines += [f"![held-out NLL over the stages]({link}/{os.path.basename(path)})", ""]
   if rows:
     path = plots.paired_differences(rows, os.path.join(plot_dir, "paired_differences.png"))
-    lines += [f"![paired differences]({os.path.basename(plot_dir)}/{os.path.basename(path)})", ""]
+    lines += [f"![paired differences]({link}/{os.path.basename(path)})", ""]
   return lines, rows
 
 
