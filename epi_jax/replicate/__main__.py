@@ -248,6 +248,38 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
   return 2 if bad else 0
 
 
+def select(jobs: list[Job], runs: str | None, preset: str) -> list[Job]:
+  """The jobs of the comma-separated run names ``runs`` (None: all); InputError for a name
+  the grid does not have."""
+  if not runs:
+    return jobs
+  names = runs.split(",")
+  unknown = sorted(set(names) - {j.entry.name for j in jobs})
+  if unknown:
+    raise InputError(f"--runs: {', '.join(unknown)} not in the {preset} grid")
+  return [j for j in jobs if j.entry.name in names]
+
+
+def train_jobs(jobs: list[Job], out: str, parallel: int) -> list[str]:
+  """Trains the unfinished ``jobs``, ``parallel`` at a time, skipping finished ones and
+  resuming partial ones; returns the run directories that failed."""
+  states = {job: status(job) for job in jobs}
+  todo = [j for j in jobs if states[j] != "done"]
+  print(
+      f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, "
+      f"{sum(states[j] == 'partial' for j in todo)} to resume, "
+      f"{sum(states[j] == 'new' for j in todo)} to start",
+      flush=True,
+  )
+  board = ProgressBoard()
+  progress = Progress(len(jobs), len(jobs) - len(todo), parallel, board)
+  with board, concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    list(pool.map(lambda j: _train(j, states[j] == "partial", out, progress), todo))
+  if progress.failed:
+    print("failed runs:\n  " + "\n  ".join(progress.failed), file=sys.stderr)
+  return progress.failed
+
+
 @input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
@@ -305,35 +337,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.docs:
     docs_block(args.docs, preset.name)
   os.makedirs(args.out, exist_ok=True)
+  chosen = select(jobs, args.runs, preset.name)
   start = time.perf_counter()
-  if not args.report_only:
-    chosen = jobs
-    if args.runs:
-      names = args.runs.split(",")
-      unknown = sorted(set(names) - {j.entry.name for j in jobs})
-      if unknown:
-        raise InputError(f"--runs: {', '.join(unknown)} not in the {preset.name} grid")
-      chosen = [j for j in jobs if j.entry.name in names]
-    states = {job: status(job) for job in chosen}
-    todo = [j for j in chosen if states[j] != "done"]
-    print(
-        f"{len(chosen)} runs: {len(chosen) - len(todo)} finished, "
-        f"{sum(states[j] == 'partial' for j in todo)} to resume, "
-        f"{sum(states[j] == 'new' for j in todo)} to start",
-        flush=True,
-    )
-    board = ProgressBoard()
-    progress = Progress(len(chosen), len(chosen) - len(todo), args.jobs, board)
-    with board, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-      list(pool.map(lambda j: _train(j, states[j] == "partial", args.out, progress), todo))
-    if progress.failed:
-      print("failed runs:\n  " + "\n  ".join(progress.failed), file=sys.stderr)
+  failed = [] if args.report_only else train_jobs(chosen, args.out, args.jobs)
   path = write_outputs(preset, jobs, args.out, time.perf_counter() - start)
   print(f"report: {path}")
   if args.docs:
     write_docs(path, preset.name, args.docs)
     print(f"updated: {args.docs}")
-  return 1 if not args.report_only and progress.failed else 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

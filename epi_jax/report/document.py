@@ -282,6 +282,10 @@ def require_plotting() -> None:
   require("matplotlib", "report", "drawing the report's plots")
 
 
+def _image(plot_dir: str, title: str, path: str) -> str:
+  return f"![{title}]({os.path.basename(plot_dir)}/{os.path.basename(path)})"
+
+
 def _plots(
     groups: Mapping[str, Sequence[FinishedRun]], aggregates: Mapping[str, dict], plot_dir: str
 ) -> list[str]:
@@ -289,35 +293,9 @@ def _plots(
   from epi_jax.report import plots  # matplotlib: checked by write_report
 
   runs = [(label, r) for label, members in groups.items() for r in members]
-  names = {
-      r.run_dir: f"{i:02d}_{_slug(label)}_s{r.seeds[0]}-{r.seeds[1]}"
-      for i, (label, r) in enumerate(runs)
-  }
 
   def image(title: str, path: str) -> str:
-    return f"![{title}]({os.path.basename(plot_dir)}/{os.path.basename(path)})"
-
-  def per_run(
-      kind: str, title: str, has: Callable[[FinishedRun], bool], draw, why: str
-  ) -> list[str]:
-    lines, without = [], []
-    for label, r in runs:
-      if not has(r):
-        without.append(r.run_dir)
-        continue
-      caption = f"{label}, seed {r.seeds[0]}/{r.seeds[1]}"
-      lines += [
-          f"{caption} (`{r.run_dir}`):",
-          "",
-          image(
-              f"{title}: {caption}",
-              draw(r, caption, os.path.join(plot_dir, f"{kind}_{names[r.run_dir]}.png")),
-          ),
-          "",
-      ]
-    if without:
-      lines += [f"Absent for {', '.join(f'`{d}`' for d in without)}: {why}", ""]
-    return [f"### {title}", ""] + lines
+    return _image(plot_dir, title, path)
 
   out = [
       "## Plots",
@@ -361,6 +339,43 @@ def _plots(
           "",
       ]
   )
+  return out + _run_plots(groups, plot_dir)
+
+
+def _run_plots(groups: Mapping[str, Sequence[FinishedRun]], plot_dir: str) -> list[str]:
+  """The per-run plots (accuracy matrices, flip rates, protected shares) as markdown."""
+  from epi_jax.report import plots  # matplotlib: checked by write_report
+
+  runs = [(label, r) for label, members in groups.items() for r in members]
+  names = {
+      r.run_dir: f"{i:02d}_{_slug(label)}_s{r.seeds[0]}-{r.seeds[1]}"
+      for i, (label, r) in enumerate(runs)
+  }
+
+  def per_run(
+      kind: str, title: str, has: Callable[[FinishedRun], bool], draw, why: str
+  ) -> list[str]:
+    lines, without = [], []
+    for label, r in runs:
+      if not has(r):
+        without.append(r.run_dir)
+        continue
+      caption = f"{label}, seed {r.seeds[0]}/{r.seeds[1]}"
+      lines += [
+          f"{caption} (`{r.run_dir}`):",
+          "",
+          _image(
+              plot_dir,
+              f"{title}: {caption}",
+              draw(r, caption, os.path.join(plot_dir, f"{kind}_{names[r.run_dir]}.png")),
+          ),
+          "",
+      ]
+    if without:
+      lines += [f"Absent for {', '.join(f'`{d}`' for d in without)}: {why}", ""]
+    return [f"### {title}", ""] + lines
+
+  out = []
   out += per_run("accuracy", "Accuracy matrices", lambda r: True, plots.accuracy_matrix, "")
   out += per_run(
       "flip_rate",
