@@ -53,6 +53,28 @@ def verdict(scores: dict[str, dict[str, float]]) -> str:
   return line + "."
 
 
+def _print_results(summaries: dict[str, dict]) -> str:
+  """Prints each run's accuracy matrix and the methods' scores; returns the verdict line."""
+  from epi_jax.eval.forgetting import format_table
+
+  print()
+  for method, s in summaries.items():
+    print(f"{LABELS[method]}  (wall time {s['wall_time_s']:.0f} s)")
+    print(
+        format_table(
+            [r["accuracy"] for r in s["accuracy_matrix"]], s["stages"], s["forgetting_ratio"]
+        )
+    )
+    print()
+  scores = {m: _scores(s) for m, s in summaries.items()}
+  print(f"{'method':<18}{'final acc':>10}{'BWT':>9}{'mean FR %':>11}")
+  for method, sc in scores.items():
+    print(f"{LABELS[method]:<18}{sc['final']:>10.3f}{sc['bwt']:>+9.3f}{sc['fr']:>11.1f}")
+  line = verdict(scores)
+  print(f"\nverdict: {line}")
+  return line
+
+
 @input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
@@ -79,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
   if not {"multistage", "epi"} <= set(methods) <= set(METHODS):
     parser.error(f"--methods: need multistage and epi, among {', '.join(METHODS)}")
 
-  from epi_jax.eval.forgetting import format_table
   from epi_jax.report import require_plotting, write_report
   from epi_jax.train.loading import ConfigError, load_config
 
@@ -119,21 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, method, "summary.json")) as f:
       summaries[method] = json.load(f)
 
-  print()
-  for method, s in summaries.items():
-    print(f"{LABELS[method]}  (wall time {s['wall_time_s']:.0f} s)")
-    print(
-        format_table(
-            [r["accuracy"] for r in s["accuracy_matrix"]], s["stages"], s["forgetting_ratio"]
-        )
-    )
-    print()
-  scores = {m: _scores(s) for m, s in summaries.items()}
-  print(f"{'method':<18}{'final acc':>10}{'BWT':>9}{'mean FR %':>11}")
-  for method, sc in scores.items():
-    print(f"{LABELS[method]:<18}{sc['final']:>10.3f}{sc['bwt']:>+9.3f}{sc['fr']:>11.1f}")
-  line = verdict(scores)
-  print(f"\nverdict: {line}")
+  line = _print_results(summaries)
   report = write_report(
       [os.path.join(args.out, m) for m in methods],
       os.path.join(args.out, "report"),
