@@ -33,7 +33,7 @@ class Preset:
   description: str
   runs: tuple[str, ...] = ()  # the grid's runs it trains (names of ``entries``); (): all
   first_seed: int = 0  # seeds first_seed, first_seed + 1, ...
-  tuned: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (run name, its chosen settings)
+  run_sets: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (run name, its own overrides)
 
   def __post_init__(self):
     if self.p not in self.p_sweep or self.interval not in self.h_sweep:
@@ -92,6 +92,8 @@ PRESETS = {
             "NLL of each and of Alpaca (the general-ability probe)"
         ),
         runs=("epi", "sequential", "static", "ewc", "lora", "full"),
+        # The mixture trains as many steps as the three stages of the others together.
+        run_sets=(("full", ("train.steps_per_stage=36",)),),
     ),
     "smollm2_tuning": Preset(
         # The smollm2 study's baselines tuned on its first two stages at seed 100, which the
@@ -234,9 +236,9 @@ def entries(preset: Preset, tables: tuple[str, ...] = ALL_TABLES) -> list[Entry]
     if x != p:
       grid.append(Entry(f"epi_p{x:g}", ("Fig. 6", "Table 14"), _sets(epi, method__p=x)))
       grid.append(Entry(f"static_p{x:g}", ("Table 10", "Table 14"), _sets(static, method__p=x)))
-  tuned = dict(preset.tuned)
+  extra = dict(preset.run_sets)
   return [
-      dataclasses.replace(e, overrides=e.overrides + tuned.get(e.name, ()))
+      dataclasses.replace(e, overrides=e.overrides + extra.get(e.name, ()))
       for e in grid
       if set(e.tables) & set(tables) and (not preset.runs or e.name in preset.runs)
   ]
