@@ -96,9 +96,9 @@ PRESETS = {
         run_sets=(("full", ("train.steps_per_stage=36",)),),
     ),
     "smollm2_tuning": Preset(
-        # The smollm2 study's baselines tuned on its first two stages at seed 100, which the
-        # study (seeds 0, 1, 2) never uses: the settings come from other examples and runs
-        # than the numbers they are judged by.
+        # The smollm2 study's baselines tuned on its first two stages at seed 100 on rows
+        # 192-383 of each file (the study trains on rows 0-127 and scores rows 128-191): the
+        # settings come from other examples and runs than the numbers they are judged by.
         name="smollm2_tuning",
         configs=(("configs/replicate/smollm2.yaml", (TUNING,)),),
         p=0.01,
@@ -108,7 +108,7 @@ PRESETS = {
         analyses=(),
         description=(
             "LoRA's learning rate and EWC's lambda for the smollm2 study: GSM8K -> CodeAlpaca "
-            "at seed 100, the lowest final held-out NLL wins"
+            "at seed 100 on rows the study does not use, the lowest final held-out NLL wins"
         ),
         first_seed=100,
     ),
@@ -145,10 +145,12 @@ def _sets(base: dict, **changes) -> tuple[str, ...]:
 
 def _tuning_entries(lora: dict, ewc: dict) -> list[Entry]:
   """The runs that choose LoRA's lr and EWC's lambda on a stream's first two stages."""
-  # Tuning chooses by held-out NLL: the tasks' own metrics generate 16 tokens only.
+  # Tuning chooses by held-out NLL on rows the study neither trains on nor scores (data.skip:
+  # past its n_train + n_eval rows); the tasks' own metrics generate 16 tokens only.
   two_stages = {
       "data.tasks": "[gsm8k,code_alpaca]",
       "method.stages": "[[gsm8k],[code_alpaca]]",
+      "data.skip": 192,
       "eval.analyses": "[nll]",
       "eval.max_new_tokens": 16,
   }

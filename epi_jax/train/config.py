@@ -63,6 +63,9 @@ class DataSection:
   """Training examples per task (hf: the first n_train rows)."""
   n_eval: int = bounded(64, ge=1)
   """Held-out evaluation examples per task (hf: the n_eval rows after the training ones)."""
+  skip: int = bounded(0, ge=0)
+  """hf: rows of each stream task's file left out before the training rows, e.g. to tune
+  on rows a study neither trains on nor scores (probe tasks keep their first rows)."""
   seq_len: int = bounded(128, ge=8)
   """Tokens per training row; longer examples are cut."""
   pack: bool = False

@@ -160,6 +160,8 @@ def _data_problems(config: Config) -> list[str]:
     problems.append(f"data.tasks: must name each task once, got {d.tasks}")
   if d.source == "synthetic" and d.files:
     problems.append("data.files: only data.source=hf reads files")
+  if d.source == "synthetic" and d.skip:
+    problems.append("data.skip: only data.source=hf skips rows")
   stray = sorted(set(d.files) - set(known))
   if stray:
     problems.append(f"data.files: unknown task {', '.join(stray)}; known: {', '.join(known)}")

@@ -32,7 +32,7 @@ def _encoder(config: Config) -> data.ChatEncoder:
 def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data.EvalExample]]:
   """(training chats, held-out examples) of ``task``; the held-out ones depend on the data
   config alone (synthetic: ``data.seed`` and ``n_eval``; hf: the rows after the first
-  ``n_train``)."""
+  ``skip + n_train``)."""
   d = config.data
   if d.source == "synthetic":
     try:
@@ -41,11 +41,12 @@ def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data
       raise data.DataError(f"data.n_train, data.n_eval: {error}") from None
     return train, [data.EvalExample(chat) for chat in held_out]
   examples = data.load_examples(task, d.files.get(task))
-  if len(examples) <= d.n_train:
+  if len(examples) <= d.skip + d.n_train:
     raise data.DataError(
         f"{d.files.get(task, task)}: {len(examples)} records leave none to evaluate: the "
-        f"held-out rows follow the first data.n_train={d.n_train}"
+        f"held-out rows follow data.skip={d.skip} and data.n_train={d.n_train}"
     )
+  examples = examples[d.skip :]
   return [e.turns for e in examples[: d.n_train]], examples[d.n_train : d.n_train + d.n_eval]
 
 

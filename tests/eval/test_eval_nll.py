@@ -16,7 +16,7 @@ from epi_jax.eval.nll import nll_forgetting, nll_row, response_nlls, task_nll
 from epi_jax.models import Decoder, ModelConfig
 from epi_jax.train.loading import ConfigError, load_config
 from epi_jax.train.loop import train
-from epi_jax.train.tasks import load_tasks, probe_examples
+from epi_jax.train.tasks import _splits, load_tasks, probe_examples
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "train"))
 from tiny_run import tiny_config_file  # noqa: E402
@@ -160,6 +160,23 @@ def test_an_hf_probe_takes_the_first_rows_of_its_file(tmp_path):
   )
   probes = probe_examples(config, "alpaca")
   assert [e.reference for e in probes] == ["0", "1", "2", "3"]  # n_eval = 4, whatever n_train
+
+
+def test_data_skip_moves_an_hf_task_past_rows_a_study_uses(tmp_path):
+  """Tuning runs take rows after the study's (data.skip): training and held-out rows move,
+  a probe keeps its first rows."""
+  rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(10)]
+  path = tmp_path / "alpaca.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  sets = ["data.source=hf", "data.tasks=[alpaca]", f"data.files={{alpaca: {path}}}"]
+  config = load_config(
+      tiny_config_file(tmp_path), [*sets, "data.n_train=3", "data.n_eval=2", "data.skip=4"]
+  )
+  train_chats, held_out = _splits(config, "alpaca")
+  assert [c[-1]["content"] for c in train_chats] == ["4", "5", "6"]
+  assert [e.reference for e in held_out] == ["7", "8"]
+  with pytest.raises(ConfigError, match=r"data\.skip: only data\.source=hf skips rows"):
+    load_config(tiny_config_file(tmp_path), ["data.skip=1"])
 
 
 def test_bad_nll_options_are_named(tmp_path):

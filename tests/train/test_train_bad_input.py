@@ -134,8 +134,8 @@ CASES = [
     (
         "too few records to evaluate",
         lambda t, hf: hf_data(hf, data_file(t, "g.jsonl", gsm8k_lines(2))),
-        "{t}/g.jsonl: 2 records leave none to evaluate: the held-out rows follow the first "
-        "data.n_train=2",
+        "{t}/g.jsonl: 2 records leave none to evaluate: the held-out rows follow "
+        "data.skip=0 and data.n_train=2",
     ),
     (
         "parquet file without the answer column",
