@@ -92,8 +92,12 @@ PRESETS = {
             "NLL of each and of Alpaca (the general-ability probe)"
         ),
         runs=("epi", "sequential", "static", "ewc", "lora", "full"),
-        # The mixture trains as many steps as the three stages of the others together.
-        run_sets=(("full", ("train.steps_per_stage=36",)),),
+        # The mixture trains as many steps as the three stages of the others together; LoRA's
+        # lr is smollm2_tuning's choice (EWC's lambda: not chosen yet, its runs are pending).
+        run_sets=(
+            ("full", ("train.steps_per_stage=36",)),
+            ("lora", ("method.lora.lr=0.003",)),
+        ),
     ),
     "smollm2_tuning": Preset(
         # The smollm2 study's baselines tuned on its first two stages at seed 100 on rows
