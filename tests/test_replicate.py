@@ -219,7 +219,9 @@ def test_committed_smollm2_results_rebuild_the_report(tmp_path):
   """--report-only on a copy of results/smollm2 (what a fresh clone has) writes the report with
   the held-out NLL tables, from the committed JSON alone."""
   out = tmp_path / "smollm2"
-  shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("report"))
+  # what a clone has: not the checkpoints, logs or compilation cache a local grid leaves
+  skip = shutil.ignore_patterns("report", "checkpoints", "logs", "jax_cache", "tensorboard")
+  shutil.copytree(RESULTS, out, ignore=skip)
   args = ["--preset", "smollm2", "--seeds", "3", "--out", str(out), "--report-only"]
   assert runner.main(args) == 0
   report = (out / "report" / "report.md").read_text()
