@@ -93,7 +93,7 @@ PRESETS = {
         ),
         runs=("epi", "sequential", "static", "ewc", "lora", "full"),
         # The mixture trains as many steps as the three stages of the others together; LoRA's
-        # lr is smollm2_tuning's choice (EWC's lambda: not chosen yet, its runs are pending).
+        # lr is smollm2_tuning's choice (its choice of EWC's lambda is the default, 1e3).
         run_sets=(
             ("full", ("train.steps_per_stage=36",)),
             ("lora", ("method.lora.lr=0.003",)),
