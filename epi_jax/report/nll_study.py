@@ -10,6 +10,7 @@ the examples' token counts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,14 @@ def read_heldout(run: FinishedRun) -> HeldoutScores | None:
   path = os.path.join(run.run_dir, HELDOUT_NLL)
   if not os.path.exists(path):
     return None
+  # The report reads each run's file for several tables: once per file version.
+  return _read_file(path, os.stat(path).st_mtime_ns)
+
+
+@functools.cache
+def _read_file(path: str, mtime_ns: int) -> HeldoutScores:
+  """``read_heldout`` of the file at ``path`` as it was at ``mtime_ns``."""
+  del mtime_ns  # part of the cache key only
   try:
     with open(path) as f:
       raw = json.load(f)
