@@ -282,8 +282,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def resume_conflicts(saved: dict, current: Config) -> list[str]:
   """Dotted keys whose values differ between a checkpoint's config and ``current``, except
-  those that cannot change the training (RESUME_FREE)."""
-  old, new = _flatten(saved), _flatten(to_dict(current))
+  those that cannot change the training (RESUME_FREE). A key the saved config lacks (a field
+  added since) reads as its default, which is what that run trained with."""
+  new = _flatten(to_dict(current))
+  old = {**_flatten(to_dict(Config())), **_flatten(saved)}
   keys = sorted(set(old) | set(new))
   return [
       f"{k}: {old.get(k)!r} -> {new.get(k)!r}"

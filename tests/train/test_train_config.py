@@ -64,3 +64,14 @@ def test_resume_conflicts_ignore_logging_keys(tmp_path):
   changed = load_config(path, ["log.every=3", "checkpoint.keep=9", "method.p=0.5", "optim.lr=0.1"])
   conflicts = resume_conflicts(saved, changed)
   assert [c.split(":")[0] for c in conflicts] == ["method.p", "optim.lr"]
+
+
+def test_resume_conflicts_read_a_missing_key_as_its_default(tmp_path):
+  """A run saved before a field existed trained with that field's default."""
+  path = write(tmp_path, "")
+  saved = to_dict(load_config(path))
+  del saved["data"]["skip"]
+  assert resume_conflicts(saved, load_config(path)) == []
+  changed = load_config(path, ["data.seed=5"])
+  saved["data"].pop("seed")
+  assert resume_conflicts(saved, changed) == ["data.seed: 0 -> 5"]
