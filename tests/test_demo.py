@@ -21,12 +21,12 @@ log: {every: 1, tensorboard: false}
 """
 
 
-def test_the_demo_is_the_cpu_preset_run_with_its_own_method():
+def test_the_demo_is_the_cpu_scratch_preset_run_with_its_own_method():
   """The docs compare the demo's runs with the grid's bit for bit: only the method (and where
-  runs go) may differ from configs/replicate/cpu.yaml."""
+  runs go) may differ from configs/replicate/cpu_scratch.yaml."""
   demo_config, preset = (
       to_dict(load_config(os.path.join(ROOT, "configs", *path)))
-      for path in (("demo.yaml",), ("replicate", "cpu.yaml"))
+      for path in (("demo.yaml",), ("replicate", "cpu_scratch.yaml"))
   )
   for config in (demo_config, preset):
     del config["method"], config["run_dir"]

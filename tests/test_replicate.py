@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -31,6 +32,27 @@ def test_every_preset_config_loads(name, capsys):
   jobs = runner.plan(preset, 1, "/tmp/unused")
   assert len({j.run_dir for j in jobs}) == len(jobs)
   assert runner.dry_run(preset, jobs) == 0, capsys.readouterr().out
+
+
+def test_each_seed_starts_from_its_own_base_model_named_by_its_config_hash():
+  preset = grid.PRESETS["cpu"]
+  bases = runner.base_jobs(preset, 2, "/tmp/out")
+  assert list(bases) == [0, 1] and bases == runner.base_jobs(preset, 2, "/tmp/out")
+  assert len({b.run_dir for b in bases.values()}) == 2
+  assert all(os.path.dirname(b.run_dir) == "/tmp/out/base" for b in bases.values())
+  for seed, base in bases.items():
+    assert base.entry.overrides == ("checkpoint.save_model=true", *grid.CPU_BASE)
+    assert base.overrides[-2:] == [f"data.seed={seed}", f"train.seed={seed}"]
+  other = dataclasses.replace(preset, base=(*grid.CPU_BASE, "optim.lr=1e-3"))
+  assert runner.base_jobs(other, 1, "/tmp/out")[0].run_dir != bases[0].run_dir
+  for job in runner.plan(preset, 2, "/tmp/out"):
+    assert f"model.checkpoint={bases[job.seed].run_dir}/model" in job.overrides
+  assert runner.base_jobs(grid.PRESETS["cpu_scratch"], 2, "/tmp/out") == {}
+  assert not any(
+      o.startswith("model.checkpoint=")
+      for job in runner.plan(grid.PRESETS["cpu_scratch"], 1, "/tmp/out")
+      for o in job.overrides
+  )
 
 
 def test_claims_name_runs_of_the_full_grid():
@@ -155,6 +177,8 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
       p_sweep=(0.01,),
       analyses=(),
       description="tiny",
+      run_sets=(),
+      base=("method.type=full", "train.steps_per_stage=2", "train.epochs=1"),
   )
   monkeypatch.setitem(grid.PRESETS, "tiny", tiny)
   out = tmp_path / "out"
@@ -163,6 +187,12 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   assert {j.entry.name for j in jobs} == {"epi", "epi_beta0", "epi_beta0.9"}
   sha = {j.run_dir: _summary(j.run_dir)["params_sha256"] for j in jobs}
   assert len(set(sha.values())) == len(jobs)  # seeds and settings differ
+  bases = runner.base_jobs(tiny, 2, str(out))
+  for job in jobs:  # every run starts from its seed's base model, trained once
+    base = _summary(bases[job.seed].run_dir)
+    assert base["method"] == "full" and base["steps"] == 2
+    saved = (pathlib.Path(job.run_dir) / "config.yaml").read_text()
+    assert f"checkpoint: {bases[job.seed].run_dir}/model" in saved
 
   assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "6 runs: 6 finished, 0 to resume, 0 to start" in capsys.readouterr().out

@@ -172,6 +172,7 @@ def _numbers(summary: dict) -> dict:
       "ACC": continual["acc"],
       "BWT": continual["bwt"],
       "mean FR %": float(np.mean(fr)) if fr else None,
+      "base-skill FR %": (continual.get("probes") or {}).get("forgetting_ratio_mean"),
       "protected fraction": summary.get("protected_fraction"),
       "wall time s": summary["wall_time_s"],
   }

@@ -20,7 +20,14 @@ from epi_jax.data.streams import (
     skill_grouping,
     stage_iterators,
 )
-from epi_jax.data.synthetic import TASK_METRICS, TASK_NAMES, TASK_SKILLS, task_splits
+from epi_jax.data.synthetic import (
+    BASE_TASKS,
+    TASK_METRICS,
+    TASK_NAMES,
+    TASK_SKILLS,
+    VARIANT_TASKS,
+    task_splits,
+)
 from epi_jax.data.turns import Turn
 
 __all__ = [
@@ -28,9 +35,11 @@ __all__ = [
     "DATASET_NAMES",
     "DATASET_SKILLS",
     "SKILLS",
+    "BASE_TASKS",
     "TASK_METRICS",
     "TASK_NAMES",
     "TASK_SKILLS",
+    "VARIANT_TASKS",
     "BatchIterator",
     "ByteTokenizer",
     "ChatEncoder",

@@ -112,9 +112,13 @@ _FOLLOW_UPS: tuple[tuple[str, int], ...] = (("How many?", 0), ("One more?", 1))
 def dialogue(rng: np.random.Generator) -> list[Turn]:
   """Three-turn exchange; the last answer tracks the count stated in the first turn (stands in
   for UltraChat)."""
+  return _count_dialogue(rng, _FOLLOW_UPS)
+
+
+def _count_dialogue(rng: np.random.Generator, follow_ups: tuple[tuple[str, int], ...]):
   name, item = str(rng.choice(_NAMES)), str(rng.choice(_ITEMS))
   count = int(rng.integers(1, 10))
-  question, change = _FOLLOW_UPS[int(rng.integers(len(_FOLLOW_UPS)))]
+  question, change = follow_ups[int(rng.integers(len(follow_ups)))]
   return [
       {"role": "user", "content": f"I'm {name} with {count} {item}."},
       {"role": "assistant", "content": f"Ok, {count}."},
@@ -123,14 +127,69 @@ def dialogue(rng: np.random.Generator) -> list[Turn]:
   ]
 
 
+# The stream tasks of the ``cpu`` preset: harder variants of three embedded tasks, fine-tuned
+# on a base that learned the five (the variants share a format with their originals, so
+# learning one can cost the other).
+_MORE_STRING_EXPRS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("s.count('c')", lambda s: str(s.count("c"))),
+    ("s.count('d')", lambda s: str(s.count("d"))),
+    ("'b' in s", lambda s: str("b" in s)),
+    ("'e' in s", lambda s: str("e" in s)),
+    ("len(s) < 4", lambda s: str(len(s) < 4)),
+    ("s[0] == 'a'", lambda s: str(s[0] == "a")),
+)
+
+
+def code_more(rng: np.random.Generator) -> list[Turn]:
+  """``string_code`` with other expressions on the same kind of word."""
+  word = "".join(rng.choice(list(_LETTERS[:5]), size=int(rng.integers(2, 6))))
+  code, fn = _MORE_STRING_EXPRS[int(rng.integers(len(_MORE_STRING_EXPRS)))]
+  return _user_assistant(f"s = '{word}'\nprint({code})", fn(word))
+
+
+# (fact, question) -> answer for the chain "If x then y, y then z.": two inferences in a row.
+_CHAINS = (
+    (("x", "z"), "yes"),
+    (("y", "z"), "yes"),
+    (("~z", "x"), "no"),
+    (("~y", "x"), "no"),
+    (("z", "x"), "unknown"),
+    (("~x", "z"), "unknown"),
+)
+
+
+def logic_chain(rng: np.random.Generator) -> list[Turn]:
+  """``logic_choice`` over a chain of two conditionals: yes, no or unknown, equally often."""
+  x, y, z = (str(v) for v in rng.choice(list(_LETTERS), size=3, replace=False))
+  atoms = {"x": x, "y": y, "z": z}
+  (fact, asked), answer = _CHAINS[int(rng.integers(len(_CHAINS)))]
+  stated = f"Not {atoms[fact[-1]]}." if fact.startswith("~") else f"{atoms[fact]}."
+  return _user_assistant(f"If {x} then {y}, {y} then {z}. {stated} Is {atoms[asked]}?", answer)
+
+
+_MORE_FOLLOW_UPS: tuple[tuple[str, int], ...] = (("Two more?", 2), ("One less?", -1))
+
+
+def dialogue_more(rng: np.random.Generator) -> list[Turn]:
+  """``dialogue`` with other follow-ups: the count plus two, or minus one."""
+  return _count_dialogue(rng, _MORE_FOLLOW_UPS)
+
+
 TASKS: dict[str, Callable[[np.random.Generator], list[Turn]]] = {
     "arithmetic": arithmetic,
     "string_code": string_code,
     "logic_choice": logic_choice,
     "rewrite": rewrite,
     "dialogue": dialogue,
+    "code_more": code_more,
+    "logic_chain": logic_chain,
+    "dialogue_more": dialogue_more,
 }
 TASK_NAMES = tuple(TASKS)
+BASE_TASKS = TASK_NAMES[:5]
+"""The five that stand in for the paper's datasets (the default ``data.tasks``)."""
+VARIANT_TASKS = TASK_NAMES[5:]
+"""Harder variants of three of them: the ``cpu`` preset's stream on a base that learned the five."""
 TASK_METRICS = dict.fromkeys(TASKS, "exact_match")
 """How each task's held-out examples are scored: a key of ``epi_jax.eval.METRICS``."""
 
@@ -171,5 +230,8 @@ TASK_SKILLS = {
     "logic_choice": "reasoning",
     "rewrite": "open_ended",
     "dialogue": "open_ended",
+    "code_more": "code",
+    "logic_chain": "reasoning",
+    "dialogue_more": "open_ended",
 }
 """The skill each task exercises, for the heuristic grouping: one of ``epi_jax.data.SKILLS``."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from epi_jax.eval.forgetting import forgetting_ratios
+
 Row = Mapping[str, float | None]
 
 
@@ -86,4 +88,18 @@ def continual_summary(
       "max_forgetting": _mean(per_task[t]["max_forgetting"] for _, t in trained),
       "forgetting_ratio_mean": _mean(per_task[t]["forgetting_ratio"] for _, t in trained),
       "per_task": per_task,
+  }
+
+
+def probe_forgetting(before: Row | None, after: Row | None) -> dict:
+  """What a stream cost the probe tasks (skills no stage trains): each one's score
+  ``before`` training and ``after`` the last stage, its forgetting ratio (Eq. 14 with the
+  score before training as Perf_initial; None where that is 0 or a score is missing) and
+  their mean (None when no ratio is defined)."""
+  ratios = forgetting_ratios([before, after], [list(before)]) if before and after else {}
+  return {
+      "before": before,
+      "after": after,
+      "forgetting_ratio": ratios,
+      "forgetting_ratio_mean": _mean(ratios.values()),
   }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from epi_jax.errors import InputError, input_errors_exit
 from epi_jax.progress import ProgressBoard, run_trainer
 from epi_jax.replicate import compare, grid, measure, paper
 from epi_jax.report import load_run, require_plotting, write_report
-from epi_jax.train.loading import load_config, resume_conflicts
+from epi_jax.train.loading import load_config, resume_conflicts, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,18 +54,52 @@ class Job:
     return [*python.split(), "--config", self.config, *sets, "--run-dir", self.run_dir]
 
 
+BASE = grid.Entry("base", (), ("checkpoint.save_model=true",))
+"""The pretraining run of a preset with a base model (``Preset.base`` adds its overrides)."""
+
+
+def base_jobs(preset: grid.Preset, seeds: int, out: str) -> dict[int, Job]:
+  """Seed -> the run that pretrains the base model the grid's runs of that seed start from
+  (``Preset.base``; {} without one). Its folder, ``<out>/base/<hash>``, is named by a hash of
+  its whole config (run_dir aside): a grid trains it once per seed and reuses it while the
+  config stays the same."""
+  if not preset.base:
+    return {}
+  config = preset.configs[0][0]
+  entry = dataclasses.replace(BASE, overrides=BASE.overrides + preset.base)
+  jobs = {}
+  for seed in range(preset.first_seed, preset.first_seed + seeds):
+    job = Job(config, entry, seed, "")
+    resolved = to_dict(load_config(os.path.join(ROOT, config), job.overrides))
+    resolved.pop("run_dir")
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+    jobs[seed] = dataclasses.replace(job, run_dir=os.path.join(out, "base", digest))
+  return jobs
+
+
 def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ()) -> list[Job]:
   """Every run of ``preset`` at ``seeds`` seeds from its first, in the order a partial replication is most
   useful: the runs of the main comparisons (``FIRST``) at every seed, Table 1's other methods,
-  the p sweep (where the demo's settings come from), then the other ablations, seed by seed."""
+  the p sweep (where the demo's settings come from), then the other ablations, seed by seed.
+  With a base model, each run of a seed starts from that seed's (``base_jobs``)."""
   jobs = []
   # Every method of a seed reads the same before-training NLL evaluation (eval.nll_cache).
   extra = (*extra, f"eval.nll_cache={os.path.join(out, 'nll_cache')}")
+  bases = base_jobs(preset, seeds, out)
   for config, tables in preset.configs:
     backbone = os.path.splitext(os.path.basename(config))[0]
     base = os.path.join(out, backbone) if len(preset.configs) > 1 else out
     jobs += [
-        Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), extra)
+        Job(
+            config,
+            e,
+            seed,
+            os.path.join(base, "runs", e.name, f"seed{seed}"),
+            extra
+            + (
+                (f"model.checkpoint={os.path.join(bases[seed].run_dir, 'model')}",) if bases else ()
+            ),
+        )
         for seed in range(preset.first_seed, preset.first_seed + seeds)
         for e in grid.entries(preset, tables)
     ]
@@ -237,7 +272,9 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
     if job.seed != preset.first_seed:
       continue
     try:
-      config = load_config(os.path.join(ROOT, job.config), job.overrides)
+      # A base model not trained yet has the architecture of the preset's config.
+      overrides = [o for o in job.overrides if not o.startswith("model.checkpoint=")]
+      config = load_config(os.path.join(ROOT, job.config), overrides)
       key = (job.config, config.method.type)
       if key not in plans:
         plans[key] = memory_plan(config)["parameters"]
@@ -329,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
           "data.files.<task>=<file> without hub access). Rerunning a command with --resume "
           "continues it."
       )
-    for job in jobs:
+    for job in [*base_jobs(preset, args.seeds, args.out).values(), *jobs]:
       print(" ".join(job.command()))
     print(f"# {len(jobs)} runs; checking each config:")
     return dry_run(preset, jobs)
@@ -339,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   chosen = select(jobs, args.runs, preset.name)
   start = time.perf_counter()
-  failed = [] if args.report_only else train_jobs(chosen, args.out, args.jobs)
+  failed = []
+  if not args.report_only:
+    bases = list(base_jobs(preset, args.seeds, args.out).values())
+    failed = train_jobs(bases, args.out, args.jobs) if bases else []
+    failed = failed or train_jobs(chosen, args.out, args.jobs)
   path = write_outputs(preset, jobs, args.out, time.perf_counter() - start)
   print(f"report: {path}")
   if args.docs:

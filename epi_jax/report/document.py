@@ -17,6 +17,7 @@ SCALARS = (  # (run_metrics key, column title, decimals)
     ("acc", "ACC", 4),
     ("bwt", "BWT", 4),
     ("forgetting_ratio_mean", "mean FR %", 2),
+    ("base_forgetting_ratio_mean", "base-skill FR %", 2),
     ("protected_fraction", "protected fraction", 4),
     ("wall_time_s", "wall time s", 1),
 )
@@ -31,6 +32,9 @@ SOURCES = f"""\
   has no `continual`).
 - mean FR %: the mean of summary.json `forgetting_ratio` over the tasks trained before the
   last stage, null entries left out (= `analyses.continual.forgetting_ratio_mean`).
+- base-skill FR %: summary.json `analyses.continual.probes.forgetting_ratio_mean`: Eq. 14 for
+  each probe task (`eval.probe_tasks`, trained by no stage) from its score before training to
+  its score after the last stage, averaged (n/a: no probe tasks).
 - learned: summary.json `accuracy_matrix[k].accuracy[task]` for the first stage k whose
   `trained` lists the task; "every task ≥ {LEARNED}" says whether all of them reach {LEARNED}.
 - protected fraction: summary.json `protected_fraction` (static and epi only).

@@ -240,7 +240,9 @@ def run_metrics(run: FinishedRun) -> dict:
     ``final_accuracy`` and ``learned`` (task -> score), ``mean_final_accuracy`` (over the
     tasks), ``avg_norm_score``, ``acc`` and ``bwt`` (analyses.continual; None without it),
     ``forgetting_ratio_mean`` (mean FR in % of the tasks trained before the last stage, None
-    where undefined), ``protected_fraction`` (static, epi; else None), ``wall_time_s`` and
+    where undefined), ``base_forgetting_ratio_mean`` (the probe tasks' mean FR in % from before
+    training to the end: the base model's own skills; None without probes),
+    ``protected_fraction`` (static, epi; else None), ``wall_time_s`` and
     ``all_learned`` (every task's learned score >= LEARNED; None if one is missing).
   """
   s = run.summary
@@ -254,6 +256,7 @@ def run_metrics(run: FinishedRun) -> dict:
       "acc": continual.get("acc"),
       "bwt": continual.get("bwt"),
       "forgetting_ratio_mean": _mean(v for t, v in s["forgetting_ratio"].items() if t not in last),
+      "base_forgetting_ratio_mean": (continual.get("probes") or {}).get("forgetting_ratio_mean"),
       "learned": learned,
       "all_learned": (
           None if None in learned.values() else all(v >= LEARNED for v in learned.values())

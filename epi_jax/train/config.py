@@ -252,9 +252,11 @@ class EvalSection:
   """nll: held-out examples scored per task (the first ones, the same for every method of a
   data seed); 0: all ``data.n_eval``. Paired comparisons want 64 or more."""
   probe_tasks: list[str] = dataclasses.field(default_factory=list)
-  """nll: tasks no stage trains whose held-out NLL is measured too (the general-ability
-  probe): synthetic, a task of TASK_NAMES not in data.tasks; hf, a dataset of DATASET_NAMES
-  (its file from data.files, else the hub), e.g. alpaca."""
+  """Tasks no stage trains, measured before training and after the last stage (the
+  general-ability probe, a base model's own skills): continual scores them with their metric
+  (their forgetting ratio in summary.json), nll by their held-out NLL. synthetic: a task of
+  TASK_NAMES not in data.tasks; hf: a dataset of DATASET_NAMES (its file from data.files, else
+  the hub), e.g. alpaca."""
   nll_cache: str = ""
   """nll: directory of before-training evaluations, keyed by a hash of the untrained model
   and the examples: runs of other methods of the seed read it instead of recomputing it;

@@ -222,8 +222,11 @@ def _nll_problems(config: Config) -> list[str]:
         f"eval.nll_examples: must be <= data.n_eval={d.n_eval} (the held-out examples), "
         f"got {e.nll_examples}"
     )
-  if e.probe_tasks and "nll" not in e.analyses:
-    problems.append("eval.probe_tasks: probe tasks are scored by nll: add nll to eval.analyses")
+  if e.probe_tasks and not {"nll", "continual"} & set(e.analyses):
+    problems.append(
+        "eval.probe_tasks: probe tasks are scored by continual (their metric) or nll: add one "
+        "to eval.analyses"
+    )
   known = TASK_NAMES if d.source == "synthetic" else DATASET_NAMES
   for task in e.probe_tasks:
     if task not in known:

@@ -207,6 +207,7 @@ class _Session:
         mesh=self.run.mesh,
         writer=self.writer,
         record=self.record,
+        judge=judge,
     )
     scored = config.eval.metric_examples or config.data.n_eval
     self.metric_examples = {

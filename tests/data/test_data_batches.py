@@ -16,7 +16,7 @@ from epi_jax.data.streams import (
     skill_grouping,
     stage_iterators,
 )
-from epi_jax.data.synthetic import TASK_NAMES, TASK_SKILLS, task_splits
+from epi_jax.data.synthetic import BASE_TASKS, TASK_NAMES, TASK_SKILLS, task_splits
 
 TOKENIZER = ByteTokenizer()
 
@@ -145,12 +145,12 @@ def test_stages_and_mixture():
 
 
 def test_random_grouping_is_a_seeded_partition():
-  grouping = random_grouping(TASK_NAMES, 3, seed=0)
-  assert grouping == random_grouping(TASK_NAMES, 3, seed=0)
-  assert sorted(t for stage in grouping for t in stage) == sorted(TASK_NAMES)
+  grouping = random_grouping(BASE_TASKS, 3, seed=0)
+  assert grouping == random_grouping(BASE_TASKS, 3, seed=0)
+  assert sorted(t for stage in grouping for t in stage) == sorted(BASE_TASKS)
   assert sorted(len(stage) for stage in grouping) == [1, 2, 2]
   with pytest.raises(ValueError, match="num_stages"):
-    random_grouping(TASK_NAMES, 6, seed=0)
+    random_grouping(BASE_TASKS, 6, seed=0)
 
 
 def test_every_task_and_dataset_names_a_skill():
@@ -161,7 +161,7 @@ def test_every_task_and_dataset_names_a_skill():
 def test_skill_grouping_orders_stages_by_skill():
   skills = {"a": "open_ended", "b": "reasoning", "c": "open_ended", "d": "reasoning"}
   assert skill_grouping(["a", "b", "c", "d", "x"], skills) == [["b", "d"], ["a", "c"], ["x"]]
-  assert skill_grouping(list(TASK_NAMES), TASK_SKILLS) == [
+  assert skill_grouping(list(BASE_TASKS), TASK_SKILLS) == [
       ["arithmetic", "logic_choice"],
       ["string_code"],
       ["rewrite", "dialogue"],

@@ -101,3 +101,41 @@ def test_logic_answers_follow_the_inference_rules():
       assert answer == "unknown" and {fact, claim} == {antecedent, consequent}
     answers.append(answer)
   assert set(answers) == {"yes", "no", "unknown"}
+
+
+def test_stream_variants_answer_what_their_prompts_ask():
+  """The cpu preset's stream tasks, against independent oracles: Python itself for the code,
+  a truth table of the two conditionals for the chain, the stated count for the dialogue."""
+  for chat in synthetic.task_splits("code_more", seed=2, n_train=0, n_eval=60)[1]:
+    code, output = (turn["content"] for turn in chat)
+    namespace = {}
+    exec(code.replace("print(", "result = ("), namespace)  # noqa: S102 - the task's own code
+    assert str(namespace["result"]) == output
+  answers = set()
+  for chat in synthetic.task_splits("logic_chain", seed=2, n_train=0, n_eval=90)[1]:
+    question, answer = (turn["content"] for turn in chat)
+    rules, fact, asked = question.split(". ")  # If x then y, y then z. [Not ]w. Is v?
+    first, second = rules.removeprefix("If ").split(", ")
+    implications = [tuple(part.split(" then ")) for part in (first, second)]
+    atoms = sorted({a for pair in implications for a in pair})
+    negated, fact = fact.startswith("Not "), fact.removeprefix("Not ")
+    claim = asked.removeprefix("Is ").rstrip("?")
+    worlds = [dict(zip(atoms, bits)) for bits in np.ndindex(*(2,) * len(atoms))]
+    worlds = [
+        w
+        for w in worlds
+        if all(not w[a] or w[b] for a, b in implications) and w[fact] == (not negated)
+    ]
+    truth = {bool(w[claim]) for w in worlds}
+    assert answer == {frozenset({True}): "yes", frozenset({False}): "no"}.get(
+        frozenset(truth), "unknown"
+    )
+    answers.add(answer)
+  assert answers == {"yes", "no", "unknown"}
+  questions = set()
+  for chat in synthetic.task_splits("dialogue_more", seed=2, n_train=0, n_eval=30)[1]:
+    count = int(chat[0]["content"].split()[3])
+    change = {"Two more?": 2, "One less?": -1}[chat[2]["content"]]
+    assert chat[-1]["content"] == str(count + change)
+    questions.add(chat[2]["content"])
+  assert questions == {"Two more?", "One less?"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from epi_jax.eval.continual import continual_summary
+from epi_jax.eval.continual import continual_summary, probe_forgetting
 
 
 def reference(before, R, stage_of):
@@ -72,3 +72,18 @@ def test_unmeasured_scores_one_stage_and_no_before_row():
   assert single["bwt"] is single["fwt"] is single["max_forgetting"] is None
   with pytest.raises(ValueError, match="at least one finished stage"):
     continual_summary(None, [], stages)
+
+
+def test_probe_forgetting_by_hand():
+  """Eq. 14 per probe with the score before training as Perf_initial, in float64."""
+  rng = np.random.default_rng(7)
+  tasks = ["p0", "p1", "p2", "p3"]
+  before = dict(zip(tasks, rng.uniform(0.2, 1.0, 4)))
+  after = dict(zip(tasks, rng.uniform(0.0, 1.0, 4)))
+  before["p3"], after["p2"] = 0.0, None  # undefined: nothing to forget, or not measured
+  out = probe_forgetting(before, after)
+  want = {t: (before[t] - after[t]) / before[t] * 100 for t in ("p0", "p1")}
+  assert out["forgetting_ratio"] == pytest.approx(want | {"p2": None, "p3": None})
+  assert out["forgetting_ratio_mean"] == pytest.approx(np.mean(list(want.values())))
+  assert out["before"] == before and out["after"] == after
+  assert probe_forgetting(before, None)["forgetting_ratio_mean"] is None

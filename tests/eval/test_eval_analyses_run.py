@@ -108,3 +108,41 @@ def test_every_analysis_lands_in_the_summary_and_survives_a_resume(tmp_path):
   assert resumed["params_sha256"] == full["params_sha256"]
   assert without_times(resumed["analyses"]) == without_times(full["analyses"])
   assert (tmp_path / "cut" / "heldout_nll.json").read_text() == json.dumps(per_example, indent=1)
+
+
+def test_probe_tasks_are_scored_by_their_metric_before_and_after_the_stream(tmp_path):
+  """continual scores each probe task with its own metric on the untrained model and on the
+  model after the last stage: the same numbers as an evaluation of those two models."""
+  from epi_jax.eval.evaluation import evaluate
+  from epi_jax.eval.metrics import headline_row
+  from epi_jax.models import from_pretrained
+  from epi_jax.train.model import build_model
+  from epi_jax.train.tasks import load_tasks
+
+  config = load_config(
+      tiny_config_file(tmp_path),
+      ["method.type=multistage", "eval.analyses=[continual]", "eval.probe_tasks=[arithmetic]"],
+  )
+  train(config, run_dir=str(tmp_path / "run"))
+  probes = json.loads((tmp_path / "run" / "summary.json").read_text())["analyses"]["continual"][
+      "probes"
+  ]
+  examples = load_tasks(config).probes
+  metrics = {"arithmetic": "exact_match"}
+
+  def score(model):
+    e = config.eval
+    results = evaluate(
+        model,
+        load_tasks(config).encoder,
+        examples,
+        metrics,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+    )
+    return headline_row(results, metrics)
+
+  assert probes["before"] == score(build_model(config.model, seed=config.train.seed))
+  assert probes["after"] == score(from_pretrained(str(tmp_path / "run" / "model"))[0])
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert [r["step"] for r in records if r["kind"] == "eval_probes"] == [0, 6]
