@@ -27,6 +27,7 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax._src import ewc
+from epi_jax._src.state import find_state
 from epi_jax.models.loss import BATCH_KEYS, micro_batches, response_loss
 from epi_jax.train.methods.base import (
     EXTRA_MEMORY_HEADER,
@@ -151,14 +152,7 @@ def _is_variable(x) -> bool:
 
 def _ewc_variables(optimizer: nnx.Optimizer) -> ewc.EWCState:
   """The EWCState inside the optimizer state, its leaves the optimizer's own variables."""
-  found = [
-      x
-      for x in jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, ewc.EWCState))
-      if isinstance(x, ewc.EWCState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"expected one EWCState in the optimizer state, found {len(found)}")
-  return found[0]
+  return find_state(optimizer.opt_state, (ewc.EWCState,), unwrap=False)
 
 
 def _values(tree):
