@@ -131,7 +131,7 @@ def plan_gib(bench: Bench) -> float:
       data=DataSection(seq_len=bench.seq),
       optim=OptimSection(batch_size=bench.batch),
   )
-  return memory_plan(config, architecture=c)["epi"]["grad_sq_float32"]["total_gib"]
+  return memory_plan(config, architecture=c)["methods"]["epi"]["grad_sq_float32"]["total_gib"]
 
 
 def peak_bytes() -> int | None:

@@ -139,7 +139,7 @@ def main() -> None:
   config = load_config(args.config, args.set)
   result = analyze(config)
   plan, got = result["plan"], result["measured"]
-  epi = plan["epi"].get(f"grad_sq_{config.method.sensitivity_dtype}", {})
+  epi = plan["methods"]["epi"].get(f"grad_sq_{config.method.sensitivity_dtype}", {})
   rows = [
       ("parameters", plan["params_gib"], got["params"]),
       ("Adam mu + nu", plan["adam_moments_gib"], got["adam"]),

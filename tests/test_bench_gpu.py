@@ -164,4 +164,4 @@ def test_tiny_run_json_fields_agree(tiny_run):
   )
   plan = memory_plan(config)
   assert plan["parameters"] == row["params"]
-  assert row["plan_gib"] == pytest.approx(plan["epi"]["grad_sq_float32"]["total_gib"])
+  assert row["plan_gib"] == pytest.approx(plan["methods"]["epi"]["grad_sq_float32"]["total_gib"])

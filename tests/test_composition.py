@@ -170,6 +170,23 @@ def test_nnx_optimizer():
     assert np.all(np.asarray(a)[~np.asarray(m)] != np.asarray(b)[~np.asarray(m)])
 
 
+def test_find_state_in_place_reaches_the_optimizer_variables():
+  """``find_state(..., unwrap=False)`` returns the optimizer's own variables (what EWC updates
+  in place); the default returns their arrays; anything but one match is refused."""
+  from epi_jax._src.epi import EPIState
+  from epi_jax._src.state import find_state
+
+  model = _Mlp(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, epi_jax.epi(optax.adamw(1e-2), p=0.1, interval=2), wrt=nnx.Param)
+  held = find_state(optimizer.opt_state, (EPIState,), unwrap=False)
+  assert isinstance(held.count, nnx.Variable)
+  held.count.set_value(jnp.asarray(7, held.count.get_value().dtype))
+  values = find_state(optimizer.opt_state, (EPIState,))
+  assert not isinstance(values.count, nnx.Variable) and int(values.count) == 7
+  with pytest.raises(ValueError, match="expected exactly one EPIState"):
+    find_state({"a": values, "b": values}, (EPIState,))
+
+
 class _LinenBlock(flax.linen.Module):
 
   @flax.linen.compact

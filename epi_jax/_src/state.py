@@ -20,8 +20,10 @@ def _unwrap(x: Any) -> Any:
   return x.get_value() if hasattr(x, "get_value") else x
 
 
-def find_state(state: Any, classes: tuple[type, ...]) -> Any:
-  """The one state of ``classes`` nested in ``state``, its arrays unwrapped."""
+def find_state(state: Any, classes: tuple[type, ...], *, unwrap: bool = True) -> Any:
+  """The one state of ``classes`` nested in ``state``, its arrays unwrapped (``unwrap=False``:
+  its leaves as ``state`` holds them, e.g. the ``nnx.Variable``s of an ``nnx.Optimizer``, to
+  update in place)."""
   found = [
       x
       for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, classes))
@@ -30,6 +32,8 @@ def find_state(state: Any, classes: tuple[type, ...]) -> Any:
   if len(found) != 1:
     names = " or ".join(c.__name__ for c in classes)
     raise ValueError(f"expected exactly one {names} in the optimizer state, found {len(found)}.")
+  if not unwrap:
+    return found[0]
   return jax.tree.map(_unwrap, found[0], is_leaf=lambda x: hasattr(x, "get_value"))
 
 

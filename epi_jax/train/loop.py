@@ -13,13 +13,11 @@ import sys
 import time
 
 import jax
-import numpy as np
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from epi_jax._src.state import packed_mask
 from epi_jax.data import IteratorState
 from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.forgetting import forgetting_ratios, format_table
@@ -30,7 +28,7 @@ from epi_jax.models import check_checkpoint
 from epi_jax.train.analyses import RunAnalyses
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord, params_sha256
 from epi_jax.train.config import Config
-from epi_jax.train.distributed import host_array, writes_files
+from epi_jax.train.distributed import writes_files
 from epi_jax.train.divergence import Divergence, TrainingDiverged
 from epi_jax.train.export import MODEL_DIR, save_model
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
@@ -42,15 +40,6 @@ from epi_jax.train.tasks import load_tasks, stage_iterators
 from epi_jax.train.writer import MetricsWriter
 
 __all__ = ["OUTPUTS", "init_state", "train"]
-
-
-def _packed_masks(opt_state) -> dict:
-  """The current protection mask by path, packed as the optimizer state holds it (gathered
-  from all processes: every process must call it)."""
-  return {
-      jax.tree_util.keystr(path): host_array(leaf)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(packed_mask(opt_state))[0]
-  }
 
 
 OUTPUTS = (
@@ -228,7 +217,7 @@ class _Session:
 
   def _before_training(self) -> None:
     """The plan and the analyses of the untrained model (a fresh run), the progress bar and
-    the protected fraction to log until the next refresh."""
+    the method's session (``Method.begin_session``)."""
     if not self.step:  # the length of the run, for whoever follows metrics.jsonl (progress)
       self.writer.write("plan", 0, {"total_steps": self.bounds[-1], "stages": len(self.stages)})
       self.analyses.before_training(
@@ -242,11 +231,8 @@ class _Session:
         desc=self.config.method.type,
         dynamic_ncols=True,
     )
-    if self.record.mask_history:
-      self.protected = self.record.mask_history[-1]["protected_fraction"]
-    else:  # a fixed mask (static) protects from the first step
-      merged = nnx.merge(self.graphdef, self.state)
-      self.protected = self.method.summary(*merged).get("protected_fraction", 0.0)
+    optimizer = nnx.merge(self.graphdef, self.state)[1]
+    self.method.begin_session(optimizer, self.record.mask_history)
     self.tokens, self.tick = 0.0, time.perf_counter()
 
   def run_stages(self) -> None:
@@ -269,8 +255,8 @@ class _Session:
     self.state, out = self.step_fn(self.state, put_batch(batch, self.run.mesh))
     self.step += 1
     self.tokens += float(batch["attention_mask"].sum())
-    if "refreshed" in out and bool(out["refreshed"]):
-      self._record_refresh(out)
+    if (stats := self.method.refresh(out)) is not None:
+      self._record_refresh(stats)
     if self.step % self.config.log.every == 0 or self.step == self.bounds[k + 1]:
       self._log(k, out)
     self.progress.update(1)
@@ -280,37 +266,27 @@ class _Session:
     if every and self.step % every == 0 and self.step < self.bounds[k + 1]:
       self._save(k, it)
 
-  def _record_refresh(self, out: dict) -> None:
-    stats = {key: np.asarray(v) for key, v in out["refresh"].items()}
-    self.protected = float(stats["protected_fraction"])
+  def _record_refresh(self, stats: dict) -> None:
+    """A mask refresh: its record, the analyses that follow refreshes, the mask if kept."""
     self.record.mask_history.append(self.writer.write("mask", self.step, stats))
     self.analyses.after_refresh(self.record.mask_history)
     if self.masks is not None:
       opt_state = nnx.merge(self.graphdef, self.state)[1].opt_state
-      self.masks[f"refresh_{self.step}"] = _packed_masks(opt_state)
+      self.masks[f"refresh_{self.step}"] = self.method.refreshed_masks(opt_state)
 
   def _log(self, k: int, out: dict) -> None:
     """The train record of this step; stops the run on a divergence if so configured."""
     jax.block_until_ready(self.state)  # the whole step, not just its loss, for tokens/s
     now = time.perf_counter()
     loss, rate = float(out["loss"]), self.tokens / (now - self.tick)
-    extra = {
-        key: v for key, v in out.items() if key not in ("loss", "tokens", "refreshed", "refresh")
-    }
     self.writer.write(
         "train",
         self.step,
-        {
-            "loss": loss,
-            "lr": float(self.schedule(self.step - 1)),
-            "tokens_per_s": rate,
-            "stage": k,
-            "protected_fraction": self.protected,
-        }
-        | extra,
+        {"loss": loss, "lr": float(self.schedule(self.step - 1)), "tokens_per_s": rate, "stage": k}
+        | self.method.step_record(out),
     )
     self.progress.set_postfix(
-        stage=k, loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", protected=f"{self.protected:.4f}"
+        stage=k, loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", protected=f"{self.method.protected:.4f}"
     )
     self.tokens, self.tick = 0.0, now
     if (event := self.divergence.update(self.step, loss)) is not None:

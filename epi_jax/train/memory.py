@@ -10,22 +10,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-import epi_jax
 from epi_jax.models import ModelConfig
 from epi_jax.models.loss import LOGIT_CHUNK_BYTES
 from epi_jax.models.sharding import MESH_AXES, logical_spec
 from epi_jax.train.config import Config
-from epi_jax.train.methods import ewc, lora
-from epi_jax.train.methods.lora import LoRA
+from epi_jax.train.methods import METHODS
+from epi_jax.train.methods.base import GIB, tree_bytes
 from epi_jax.train.model import abstract_model, model_config
-from epi_jax.train.optimizer import inner_optimizer
+from epi_jax.train.optimizer import float32_params, inner_optimizer
 
-GIB = 2.0**30
-SENSITIVITY_OPTIONS = (("grad_sq", "float32"), ("grad_sq", "bfloat16"), ("adam_nu", "float32"))
-
-
-def _bytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+__all__ = ["GIB", "activation_bytes", "evaluation_bytes", "format_plan", "memory_plan"]
 
 
 def _device_fraction(params_state, mesh: AbstractMesh) -> tuple[int, float]:
@@ -93,24 +87,23 @@ def evaluation_bytes(config: Config, architecture: ModelConfig | None = None) ->
 
 
 def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict:
-  """Parameter count and per-device GiB of params, grads, Adam moments, EPI state, activations.
+  """Parameter count and per-device GiB of params, grads, Adam moments and activations, and
+  under ``methods`` each method's own rows (``Method.memory_plan``: EPI's sensitivity options,
+  LoRA's adapters, EWC's Fisher).
 
   ``architecture`` plans for a decoder of those shapes in place of the one ``config.model``
   names (its other switches still apply): shapes no preset has, as benchmarks/gpu.py's."""
   mesh = AbstractMesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), MESH_AXES)
   model = abstract_model(config.model, architecture)
-  params_state = nnx.state(model, nnx.Param)
-  count, fraction = _device_fraction(params_state, mesh)
-  params = nnx.to_pure_dict(params_state)
-  # Gradients and optimizer state are float32 whatever the parameters' dtype (make_optimizer).
-  params32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  count, fraction = _device_fraction(nnx.state(model, nnx.Param), mesh)
+  params32 = float32_params(model)
   inner = inner_optimizer(config, total_steps=1000)
-  per_device = lambda tree: _bytes(tree) * fraction / GIB
+  per_device = lambda tree: tree_bytes(tree) * fraction / GIB
   plan = {
       "parameters": count,
       "devices": config.mesh.data * config.mesh.fsdp * config.mesh.tensor,
       "mesh": {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
-      "params_gib": per_device(params),
+      "params_gib": per_device(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
       "grads_gib": per_device(params32),
       "adam_moments_gib": per_device(  # mu and nu; the scalar counters are negligible
           [leaf for leaf in jax.tree.leaves(jax.eval_shape(inner.init, params32)) if leaf.ndim]
@@ -120,51 +113,21 @@ def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict
           f"{name}_gib": value / GIB
           for name, value in evaluation_bytes(config, architecture).items()
       },
-      "epi": {},
   }
-  for sensitivity, dtype in SENSITIVITY_OPTIONS:
-    tx = epi_jax.epi(inner, p=0.01, sensitivity=sensitivity, sensitivity_dtype=jnp.dtype(dtype))
-    state = jax.eval_shape(tx.init, params32)
-    plan["epi"][f"{sensitivity}_{dtype}" if sensitivity == "grad_sq" else sensitivity] = {
-        "sensitivity_gib": per_device(state.sensitivity),
-        "mask_gib": per_device(state.mask) + per_device(state.first_mask),
-    }
-  base = plan["params_gib"] + plan["grads_gib"] + plan["adam_moments_gib"] + plan["activations_gib"]
-  for option in plan["epi"].values():
-    option["total_gib"] = base + option["sensitivity_gib"] + option["mask_gib"]
-  plan["total_without_epi_gib"] = base
-  plan["methods"] = _method_memory(config, model, plan, fraction)
+  plan["total_without_epi_gib"] = (
+      plan["params_gib"] + plan["grads_gib"] + plan["adam_moments_gib"] + plan["activations_gib"]
+  )
+  plan["methods"] = {
+      name: rows
+      for name, method in METHODS.items()
+      if (rows := method(config).memory_plan(model, plan, fraction))
+  }
   return plan
 
 
-def _method_memory(config: Config, model, plan: dict, fraction: float) -> dict:
-  """LoRA and EWC beside plain AdamW: their extra bytes per base parameter and per-device GiB
-  (sharded like the parameters), from ``lora.memory_bytes`` and ``ewc.memory_bytes``."""
-  o = config.optim
-  chunk = config.method.ewc.examples_per_chunk or o.micro_batch_size or o.batch_size
-  low_rank = lora.memory_bytes(model, LoRA(config).lora_config())
-  fisher = ewc.memory_bytes(model, examples_per_chunk=chunk)
-  kept = fisher.fisher + fisher.anchor
-  return {
-      "lora": {
-          "extra_bytes_per_param": low_rank.per_base_parameter,
-          "extra_gib": low_rank.total * fraction / GIB,
-          # the base needs no gradient and no Adam moments
-          "total_gib": (
-              plan["params_gib"] + plan["activations_gib"] + low_rank.total * fraction / GIB
-          ),
-      },
-      "ewc": {
-          "extra_bytes_per_param": fisher.per_base_parameter,
-          "extra_gib": kept * fraction / GIB,
-          "fisher_pass_gib": fisher.fisher_pass * fraction / GIB,
-          "total_gib": plan["total_without_epi_gib"] + kept * fraction / GIB,
-      },
-  }
-
-
 def format_plan(plan: dict, config: Config) -> str:
-  """A readable table of ``memory_plan``'s result."""
+  """A readable table of ``memory_plan``'s result; each method prints its rows
+  (``Method.memory_table``)."""
   m = plan["mesh"]
   n = plan["parameters"]
   size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -183,21 +146,12 @@ def format_plan(plan: dict, config: Config) -> str:
       f"{config.eval.batch_size})",
       f"  eval scoring      {plan['scoring_gib']:9.2f}",
       f"  total without EPI {plan['total_without_epi_gib']:9.2f}",
-      "  EPI sensitivity option   sensitivity   mask   total",
   ]
-  for name, option in plan["epi"].items():
-    lines.append(
-        f"  {name:24s} {option['sensitivity_gib']:11.2f} {option['mask_gib']:6.2f} "
-        f"{option['total_gib']:7.2f}"
-    )
-  lora_plan, ewc_plan = plan["methods"]["lora"], plan["methods"]["ewc"]
-  lines += [
-      "  other methods            extra   bytes/param   total",
-      f"  {f'lora (rank {config.method.lora.rank})':24s} {lora_plan['extra_gib']:5.2f} "
-      f"{lora_plan['extra_bytes_per_param']:13.2f} {lora_plan['total_gib']:7.2f}   "
-      "(no base grads or Adam moments)",
-      f"  {'ewc (Fisher + anchor)':24s} {ewc_plan['extra_gib']:5.2f} "
-      f"{ewc_plan['extra_bytes_per_param']:13.2f} {ewc_plan['total_gib']:7.2f}   "
-      f"(+{ewc_plan['fisher_pass_gib']:.2f} while computing F)",
-  ]
+  header = None
+  for name, rows in plan["methods"].items():
+    method_header, method_lines = METHODS[name](config).memory_table(rows)
+    if method_header != header:
+      header = method_header
+      lines.append(header)
+    lines += method_lines
   return "\n".join(lines)

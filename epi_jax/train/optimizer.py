@@ -3,9 +3,19 @@ wraps or chains it."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from epi_jax.train.config import Config
+
+
+def float32_params(model: nnx.Module) -> dict:
+  """``jax.ShapeDtypeStruct``s of ``model``'s parameters in float32, as its optimizer sees them:
+  gradients and optimizer state are float32 whatever the parameters' dtype (make_optimizer)."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
 
 
 def learning_rate(config: Config, total_steps: int, *, peak: float | None = None) -> optax.Schedule:

@@ -33,7 +33,7 @@ def test_memory_plan(path):
     assert plan["params_gib"] == pytest.approx(plan["parameters"] * 4 / 8 / 2**30, rel=0.01)
     assert plan["grads_gib"] == pytest.approx(plan["params_gib"])
     assert plan["adam_moments_gib"] == pytest.approx(2 * plan["params_gib"])
-  epi = plan["epi"]
+  epi = plan["methods"]["epi"]
   assert epi["adam_nu"]["sensitivity_gib"] == 0
   assert epi["grad_sq_float32"]["sensitivity_gib"] == pytest.approx(
       2 * epi["grad_sq_bfloat16"]["sensitivity_gib"]

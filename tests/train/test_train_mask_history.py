@@ -7,7 +7,7 @@ import optax
 
 import epi_jax
 from epi_jax.train.checkpointing import RunCheckpoints, RunRecord
-from epi_jax.train.loop import _packed_masks
+from epi_jax.train.methods.epi import host_packed_masks
 
 
 def test_saved_masks_unpack_to_the_protection_mask(tmp_path):
@@ -21,7 +21,7 @@ def test_saved_masks_unpack_to_the_protection_mask(tmp_path):
   grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
   tx = epi_jax.epi(optax.adamw(1e-2), p=0.3, interval=1)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
-  masks = {"refresh_1": _packed_masks(state)}
+  masks = {"refresh_1": host_packed_masks(state)}
   assert masks["refresh_1"]["['w']"].dtype == np.uint8
   ckpt = RunCheckpoints(str(tmp_path), keep=2)
   ckpt.save(1, {"x": jnp.zeros(2)}, RunRecord(step=1), masks)

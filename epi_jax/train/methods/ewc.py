@@ -27,8 +27,16 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax._src import ewc
+from epi_jax._src.state import find_state
 from epi_jax.models.loss import BATCH_KEYS, micro_batches, response_loss
-from epi_jax.train.methods.base import Method, Run, Trainable
+from epi_jax.train.methods.base import (
+    EXTRA_MEMORY_HEADER,
+    GIB,
+    Method,
+    Run,
+    Trainable,
+    extra_memory_line,
+)
 from epi_jax.train.optimizer import inner_optimizer
 from epi_jax.train.sharding import put_batch
 
@@ -144,14 +152,7 @@ def _is_variable(x) -> bool:
 
 def _ewc_variables(optimizer: nnx.Optimizer) -> ewc.EWCState:
   """The EWCState inside the optimizer state, its leaves the optimizer's own variables."""
-  found = [
-      x
-      for x in jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, ewc.EWCState))
-      if isinstance(x, ewc.EWCState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"expected one EWCState in the optimizer state, found {len(found)}")
-  return found[0]
+  return find_state(optimizer.opt_state, (ewc.EWCState,), unwrap=False)
 
 
 def _values(tree):
@@ -227,3 +228,21 @@ class EWC(Method):
         "consolidations": int(new.consolidations),
         "fisher_time_s": time.perf_counter() - start,
     }
+
+  def memory_plan(self, model: nnx.Module, plan: dict, fraction: float) -> dict:
+    """The Fisher and the anchor kept through training, and the Fisher pass's peak
+    (``memory_bytes``)."""
+    o = self.config.optim
+    chunk = self.config.method.ewc.examples_per_chunk or o.micro_batch_size or o.batch_size
+    fisher = memory_bytes(model, examples_per_chunk=chunk)
+    kept = fisher.fisher + fisher.anchor
+    return {
+        "extra_bytes_per_param": fisher.per_base_parameter,
+        "extra_gib": kept * fraction / GIB,
+        "fisher_pass_gib": fisher.fisher_pass * fraction / GIB,
+        "total_gib": plan["total_without_epi_gib"] + kept * fraction / GIB,
+    }
+
+  def memory_table(self, rows: dict) -> tuple[str, list[str]]:
+    note = f"(+{rows['fisher_pass_gib']:.2f} while computing F)"
+    return EXTRA_MEMORY_HEADER, [extra_memory_line("ewc (Fisher + anchor)", rows, note)]

@@ -14,7 +14,14 @@ from flax import nnx, traverse_util
 
 from epi_jax.models import lora, lora_peft
 from epi_jax.models import Decoder
-from epi_jax.train.methods.base import Method, Run, Trainable
+from epi_jax.train.methods.base import (
+    EXTRA_MEMORY_HEADER,
+    GIB,
+    Method,
+    Run,
+    Trainable,
+    extra_memory_line,
+)
 from epi_jax.train.optimizer import inner_optimizer
 
 
@@ -158,3 +165,17 @@ class LoRA(Method):
         os.path.join(run_dir, "adapter"),
         base_model_name_or_path=self.config.model.checkpoint or None,
     )
+
+  def memory_plan(self, model: Decoder, plan: dict, fraction: float) -> dict:
+    """The adapters' extra bytes (``memory_bytes``); the base needs no gradient and no Adam
+    moments."""
+    low_rank = memory_bytes(model, self.lora_config())
+    return {
+        "extra_bytes_per_param": low_rank.per_base_parameter,
+        "extra_gib": low_rank.total * fraction / GIB,
+        "total_gib": plan["params_gib"] + plan["activations_gib"] + low_rank.total * fraction / GIB,
+    }
+
+  def memory_table(self, rows: dict) -> tuple[str, list[str]]:
+    label = f"lora (rank {self.config.method.lora.rank})"
+    return EXTRA_MEMORY_HEADER, [extra_memory_line(label, rows, "(no base grads or Adam moments)")]

@@ -15,7 +15,7 @@ import epi_jax
 import epi_jax.data as data
 from epi_jax._src.probe import displacement
 from epi_jax.train.config import Config
-from epi_jax.train.methods.base import Method, Run, Trainable
+from epi_jax.train.methods.base import Masked, Run, Trainable
 from epi_jax.train.optimizer import inner_optimizer
 from epi_jax.train.sharding import put_batch
 from epi_jax.train.step import make_optimizer, make_train_step
@@ -66,13 +66,7 @@ def static_mask(
   return epi_jax.top_p_mask(moved, m.p, normalize=m.normalize, budget=m.budget, layer_of=m.layer_of)
 
 
-def protected_fraction(opt_state) -> float:
-  """Fraction of all parameters the state's current mask protects."""
-  mask = jax.tree.leaves(epi_jax.protection_mask(opt_state))
-  return float(sum(jnp.sum(m) for m in mask) / sum(m.size for m in mask))
-
-
-class Static(Method):
+class Static(Masked):
   """AdamW whose update is zeroed on the probe mask, fixed before the first stage."""
 
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
@@ -82,6 +76,3 @@ class Static(Method):
       mask = static_mask(self.config, model, run.task_data, mesh=run.mesh, num_micro=run.num_micro)
     tx = epi_jax.static_isolation(inner_optimizer(self.config, run.total_steps), mask)
     return Trainable(model, tx)
-
-  def summary(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-    return {"protected_fraction": protected_fraction(optimizer.opt_state)}
