@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -150,9 +151,20 @@ def _flat(config: Mapping, prefix: str = "") -> dict:
   return out
 
 
+PER_SEED_BASE = re.compile(r"(^|/)base/[0-9a-f]{16}/model$")
+"""The base model the replication runner trains for each seed (``Preset.base``): part of the seed."""
+
+
+def _comparable(config: dict) -> dict:
+  """The flat config without what a seed changes (SEED_KEYS, the seed's own base model)."""
+  flat = {k: v for k, v in _flat(config).items() if k not in SEED_KEYS}
+  if PER_SEED_BASE.search(str(flat.get("model.checkpoint", ""))):
+    flat["model.checkpoint"] = "the seed's base model"
+  return flat
+
+
 def _group_key(run: FinishedRun) -> str:
-  flat = {k: v for k, v in _flat(run.config).items() if k not in SEED_KEYS}
-  return json.dumps(flat, sort_keys=True, default=str)
+  return json.dumps(_comparable(run.config), sort_keys=True, default=str)
 
 
 def _text(value) -> str:
@@ -163,7 +175,7 @@ def _derived_labels(configs: Sequence[dict]) -> list[str]:
   """Per group: its method, then each config key whose value differs from the most common
   value among the groups (so two groups never get the same label); past LABEL_KEYS such keys
   the label ends with their count and the group's number."""
-  flats = [{k: v for k, v in _flat(c).items() if k not in SEED_KEYS} for c in configs]
+  flats = [_comparable(c) for c in configs]
   keys = sorted({k for f in flats for k in f} - {"method.type"})
   common = {}
   for key in keys:
