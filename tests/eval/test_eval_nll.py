@@ -186,7 +186,10 @@ def test_bad_nll_options_are_named(tmp_path):
           ["eval.analyses=[nll]", "eval.nll_examples=5"],
           r"eval\.nll_examples: must be <= data\.n_eval=4",
       ),
-      (["eval.probe_tasks=[dialogue]"], r"eval\.probe_tasks: .*add nll to eval\.analyses"),
+      (
+          ["eval.analyses=[flip_rate]", "eval.probe_tasks=[dialogue]"],
+          r"eval\.probe_tasks: .*continual \(their metric\) or nll: add one to eval\.analyses",
+      ),
       (["eval.analyses=[nll]", "eval.probe_tasks=[rewrite]"], r"rewrite is trained"),
       (["eval.analyses=[nll]", "eval.probe_tasks=[alpaca]"], r"unknown synthetic task 'alpaca'"),
       (
