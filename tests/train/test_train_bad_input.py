@@ -232,7 +232,8 @@ CASES = [
         "unknown task name",
         lambda t, hf: ["data.tasks=[rewrite, riddles]"],
         "{config}: invalid config: data.tasks: unknown task 'riddles' for data.source=synthetic; "
-        "known: arithmetic, string_code, logic_choice, rewrite, dialogue",
+        "known: arithmetic, string_code, logic_choice, rewrite, dialogue, code_more, logic_chain, "
+        "dialogue_more",
     ),
     (
         "data file for an unknown task",
