@@ -26,6 +26,7 @@ from epi_jax.errors import InputError, input_errors_exit
 from epi_jax.progress import ProgressBoard, run_trainer
 from epi_jax.replicate import compare, grid, measure, paper
 from epi_jax.report import load_run, require_plotting, write_report
+from epi_jax.report.runs import PER_SEED_BASE
 from epi_jax.train.loading import load_config, resume_conflicts, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,20 +87,17 @@ def plan(preset: grid.Preset, seeds: int, out: str, extra: tuple[str, ...] = ())
   # Every method of a seed reads the same before-training NLL evaluation (eval.nll_cache).
   extra = (*extra, f"eval.nll_cache={os.path.join(out, 'nll_cache')}")
   bases = base_jobs(preset, seeds, out)
+
+  def sets(seed: int) -> tuple[str, ...]:
+    if not bases:
+      return extra
+    return (*extra, f"model.checkpoint={os.path.join(bases[seed].run_dir, 'model')}")
+
   for config, tables in preset.configs:
     backbone = os.path.splitext(os.path.basename(config))[0]
     base = os.path.join(out, backbone) if len(preset.configs) > 1 else out
     jobs += [
-        Job(
-            config,
-            e,
-            seed,
-            os.path.join(base, "runs", e.name, f"seed{seed}"),
-            extra
-            + (
-                (f"model.checkpoint={os.path.join(bases[seed].run_dir, 'model')}",) if bases else ()
-            ),
-        )
+        Job(config, e, seed, os.path.join(base, "runs", e.name, f"seed{seed}"), sets(seed))
         for seed in range(preset.first_seed, preset.first_seed + seeds)
         for e in grid.entries(preset, tables)
     ]
@@ -272,8 +270,12 @@ def dry_run(preset: grid.Preset, jobs: list[Job]) -> int:
     if job.seed != preset.first_seed:
       continue
     try:
-      # A base model not trained yet has the architecture of the preset's config.
-      overrides = [o for o in job.overrides if not o.startswith("model.checkpoint=")]
+      # The seed's base model (not trained yet) has the architecture of the preset's config.
+      overrides = [
+          o
+          for o in job.overrides
+          if not (o.startswith("model.checkpoint=") and PER_SEED_BASE.search(o))
+      ]
       config = load_config(os.path.join(ROOT, job.config), overrides)
       key = (job.config, config.method.type)
       if key not in plans:

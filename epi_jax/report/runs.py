@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 

@@ -21,7 +21,6 @@ from flax import nnx
 import epi_jax
 import epi_jax.data as data
 from epi_jax.eval.continual import continual_summary, probe_forgetting
-from epi_jax.eval.evaluation import evaluate
 from epi_jax.eval.gradient_conflict import task_gradient_conflict
 from epi_jax.eval.heldout import heldout_batch, mean_loss
 from epi_jax.eval.heldout_nll import HeldoutNll
@@ -64,7 +63,8 @@ class RunAnalyses:
     mesh: where batches go (``put_batch``).
     writer: the run's metrics writer.
     record: the run's RunRecord; results are kept in ``record.analyses``.
-    judge: the run's judge, for probe tasks a judge scores.
+    evaluate: ``evaluate(model, examples)`` scores held-out examples with their tasks' metrics
+      (the loop's own evaluation; ``examples`` None: the stream tasks').
   """
 
   def __init__(
@@ -78,23 +78,22 @@ class RunAnalyses:
       mesh,
       writer: MetricsWriter,
       record,
-      judge=None,
+      evaluate: Callable,
   ):
     self.names = tuple(config.eval.analyses)
     self.config, self.stages, self.bounds = config, [list(s) for s in stages], list(bounds)
     self.group_names, self.mesh, self.writer = list(group_names), mesh, writer
     self.results = record.analyses
-    self.encoder, self.judge = task_data.encoder, judge
+    self.encoder, self.metrics = task_data.encoder, task_data.metrics
+    self.evaluate = evaluate
     # continual: the probe tasks' own metrics before training and after the last stage (the
     # skills of the base model no stage trains: what the whole stream cost them).
     scored = config.eval.metric_examples or config.data.n_eval
-    table = data.TASK_METRICS if config.data.source == "synthetic" else data.DATASET_METRICS
     self.probe_examples = (
         {t: examples[:scored] for t, examples in task_data.probes.items()}
         if "continual" in self.names
         else {}
     )
-    self.probe_metrics = {t: table[t] for t in self.probe_examples}
     self.chats = {t: [e.turns for e in examples] for t, examples in task_data.evaluation.items()}
     o, d = config.optim, config.data
     self.num_micro = num_micro_batches(o)
@@ -138,16 +137,17 @@ class RunAnalyses:
         else None
     )
 
-  def before_training(self, model, evaluate_row: Callable) -> None:
+  def before_training(self, model) -> None:
     """On the untrained (evaluated) model: with ``continual``, the scores (FWT's reference
-    row); with ``nll``, the per-example NLL (read from ``eval.nll_cache`` when there)."""
+    row) and the probe tasks'; with ``nll``, the per-example NLL (read from ``eval.nll_cache``
+    when there)."""
     if "continual" in self.names and "before" not in self.results:
       start = time.perf_counter()
-      self.results["before"] = evaluate_row(model)
+      self.results["before"] = self._score(model)
       self.results["before_time_s"] = time.perf_counter() - start
       self.writer.write("eval_before", 0, self.results["before"])
     if self.probe_examples and "probes_before" not in self.results:
-      self.results["probes_before"] = self._score_probes(model)
+      self.results["probes_before"] = self._score(model, self.probe_examples)
       self.writer.write("eval_probes", 0, self.results["probes_before"])
     if self.nll is not None and "before" not in self.nll.results:
       self.nll.before_training(
@@ -223,7 +223,7 @@ class RunAnalyses:
     is."""
     m = self.config.method
     if self.probe_examples and stage == len(self.stages) - 1:
-      self.results["probes_after"] = self._score_probes(model)
+      self.results["probes_after"] = self._score(model, self.probe_examples)
       self.writer.write("eval_probes", step, self.results["probes_after"])
     if self.nll is not None:
       start = time.perf_counter()
@@ -251,18 +251,9 @@ class RunAnalyses:
       )
       self._record("task_overlap", stage, step, result, start)
 
-  def _score_probes(self, model) -> dict[str, float | None]:
-    e = self.config.eval
-    results = evaluate(
-        model,
-        self.encoder,
-        self.probe_examples,
-        self.probe_metrics,
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        judge=self.judge,
-    )
-    return headline_row(results, self.probe_metrics)
+  def _score(self, model, examples=None) -> dict[str, float | None]:
+    """Each task's headline score of ``examples`` (None: the stream tasks')."""
+    return headline_row(self.evaluate(model, examples), self.metrics)
 
   def _record(self, name: str, stage: int, step: int, result: dict, start: float) -> None:
     result = {"after_stage": stage, "step": step, **result, "time_s": time.perf_counter() - start}

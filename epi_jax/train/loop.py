@@ -196,7 +196,7 @@ class _Session:
         mesh=self.run.mesh,
         writer=self.writer,
         record=self.record,
-        judge=judge,
+        evaluate=self._evaluate,
     )
     scored = config.eval.metric_examples or config.data.n_eval
     self.metric_examples = {
@@ -204,11 +204,13 @@ class _Session:
     }
     self.earlier_wall = self.record.wall_time  # wall time of the sessions before this one
 
-  def _evaluate(self, model) -> dict:
+  def _evaluate(self, model, examples=None) -> dict:
+    """Scores ``examples`` (None: the stream tasks' ``eval.metric_examples``) with their
+    tasks' metrics."""
     return evaluate(
         model,
         self.task_data.encoder,
-        self.metric_examples,
+        self.metric_examples if examples is None else examples,
         self.task_data.metrics,
         max_new_tokens=self.config.eval.max_new_tokens,
         batch_size=self.config.eval.batch_size,
@@ -220,10 +222,7 @@ class _Session:
     the method's session (``Method.begin_session``)."""
     if not self.step:  # the length of the run, for whoever follows metrics.jsonl (progress)
       self.writer.write("plan", 0, {"total_steps": self.bounds[-1], "stages": len(self.stages)})
-      self.analyses.before_training(
-          self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]),
-          lambda model: headline_row(self._evaluate(model), self.task_data.metrics),
-      )
+      self.analyses.before_training(self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]))
     self.progress = tqdm(
         total=self.bounds[-1],
         initial=self.step,

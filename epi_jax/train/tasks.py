@@ -71,7 +71,7 @@ def load_tasks(config: Config) -> TaskData:
   """
   d = config.data
   table = data.TASK_METRICS if d.source == "synthetic" else data.DATASET_METRICS
-  metrics = {t: table[t] for t in d.tasks}
+  metrics = {t: table[t] for t in [*d.tasks, *config.eval.probe_tasks]}
   for name in sorted(set(metrics.values())):
     if METRICS[name].requires is not None:
       METRICS[name].requires()
