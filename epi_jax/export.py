@@ -3,14 +3,17 @@
   python -m epi_jax.export RUN_DIR [--step N | --stage K] [--out DIR] [--gguf] [--gguf-type f16|f32]
 
 Without --step or --stage: the latest checkpoint. See docs/trainer.md, "Taking the model away".
+Exit codes: 0 written; 2 bad input (one ``error:`` line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from epi_jax.errors import input_errors_exit
 
 
+@input_errors_exit
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.export",
@@ -29,24 +32,18 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
 
-  from epi_jax.models import GGUFExportError
-  from epi_jax.train.export import ExportError, export_run
-  from epi_jax.train.loading import ConfigError
+  from epi_jax.train.export import export_run
 
-  try:
-    out = export_run(
-        args.run_dir,
-        out=args.out,
-        step=args.step,
-        stage=args.stage,
-        gguf_type=args.gguf_type if args.gguf else None,
-    )
-  except (ExportError, ConfigError, GGUFExportError) as error:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-    return 2
+  out = export_run(
+      args.run_dir,
+      out=args.out,
+      step=args.step,
+      stage=args.stage,
+      gguf_type=args.gguf_type if args.gguf else None,
+  )
   print(out)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

@@ -11,8 +11,8 @@ import pytest
 from epi_jax import demo
 from epi_jax.eval import code_scores
 from epi_jax.extras import MissingExtra, require
-from epi_jax.replicate import __main__ as replicate
-from epi_jax.report import __main__ as report
+from epi_jax.replicate import cli as replicate
+from epi_jax.report import cli as report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLOTS = "error: drawing the report's plots needs the report extra (no module matplotlib): "
@@ -59,7 +59,7 @@ import sys
 for name in ("datasets", "pyarrow", "codebleu", "tree_sitter", "tree_sitter_python", "matplotlib"):
   sys.modules[name] = None  # none of the extras is installed
 import epi_jax, epi_jax.data, epi_jax.demo, epi_jax.eval, epi_jax.export, epi_jax.models
-import epi_jax.replicate.__main__, epi_jax.report, epi_jax.train.loop
+import epi_jax.replicate.cli, epi_jax.report.cli, epi_jax.train.cli, epi_jax.train.loop
 print("imported")
 """
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from epi_jax.replicate import __main__ as runner
-from epi_jax.replicate import compare, grid, measure, paper
+from epi_jax.replicate import compare, grid, measure, paper, runner
+from epi_jax.replicate.cli import main
 from epi_jax.errors import InputError
 from epi_jax.report import FinishedRun
 
@@ -53,6 +53,29 @@ def test_each_seed_starts_from_its_own_base_model_named_by_its_config_hash():
       for job in runner.plan(grid.PRESETS["cpu_scratch"], 1, "/tmp/out")
       for o in job.overrides
   )
+
+
+def test_preset_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+  """The presets name configs/...: from a directory without it the package's copy is used (the
+  repository's file, not a duplicate), a local file of that name wins, a missing one is an
+  InputError naming it."""
+  from epi_jax.train.loading import find_config
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(tmp_path)
+  shipped = find_config("configs/replicate/cpu.yaml")
+  assert os.path.isabs(shipped) and shipped.endswith(
+      os.path.join("epi_jax", "configs", "replicate", "cpu.yaml")
+  )
+  assert os.path.samefile(shipped, os.path.join(repo, "configs", "replicate", "cpu.yaml"))
+  job = runner.plan(grid.PRESETS["cpu"], 1, str(tmp_path / "out"))[0]
+  assert runner.status(job) == "new"
+  assert job.command()[job.command().index("--config") + 1] == shipped
+  (tmp_path / "configs" / "replicate").mkdir(parents=True)
+  (tmp_path / "configs" / "replicate" / "cpu.yaml").write_text(TINY)
+  assert find_config("configs/replicate/cpu.yaml") == "configs/replicate/cpu.yaml"
+  with pytest.raises(InputError, match="configs/replicate/none.yaml: no such config file"):
+    find_config("configs/replicate/none.yaml")
 
 
 def test_claims_name_runs_of_the_full_grid():
@@ -182,7 +205,7 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
   )
   monkeypatch.setitem(grid.PRESETS, "tiny", tiny)
   out = tmp_path / "out"
-  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out), "--jobs", "2"]) == 0
+  assert main(["--preset", "tiny", "--seeds", "2", "--out", str(out), "--jobs", "2"]) == 0
   jobs = runner.plan(tiny, 2, str(out))
   assert {j.entry.name for j in jobs} == {"epi", "epi_beta0", "epi_beta0.9"}
   sha = {j.run_dir: _summary(j.run_dir)["params_sha256"] for j in jobs}
@@ -194,18 +217,18 @@ def test_runner_trains_skips_resumes_and_reports(tmp_path, monkeypatch, capsys):
     saved = (pathlib.Path(job.run_dir) / "config.yaml").read_text()
     assert f"checkpoint: {bases[job.seed].run_dir}/model" in saved
 
-  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
+  assert main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "6 runs: 6 finished, 0 to resume, 0 to start" in capsys.readouterr().out
   args = ["--preset", "tiny", "--seeds", "2", "--out", str(out), "--runs"]
-  assert runner.main([*args, "epi_beta0"]) == 0
+  assert main([*args, "epi_beta0"]) == 0
   assert "2 runs: 2 finished, 0 to resume, 0 to start" in capsys.readouterr().out
-  assert runner.main([*args, "epi,nope"]) == 2
+  assert main([*args, "epi,nope"]) == 2
   assert capsys.readouterr().err == "error: --runs: nope not in the tiny grid\n"
 
   victim = jobs[0]
   os.remove(os.path.join(victim.run_dir, "summary.json"))
   assert runner.status(victim) == "partial"
-  assert runner.main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
+  assert main(["--preset", "tiny", "--seeds", "2", "--out", str(out)]) == 0
   assert "1 to resume" in capsys.readouterr().out
   assert _summary(victim.run_dir)["params_sha256"] == sha[victim.run_dir]
 
@@ -253,7 +276,7 @@ def test_committed_smollm2_results_rebuild_the_report(tmp_path):
   skip = shutil.ignore_patterns("report", "checkpoints", "logs", "jax_cache", "tensorboard")
   shutil.copytree(RESULTS, out, ignore=skip)
   args = ["--preset", "smollm2", "--seeds", "3", "--out", str(out), "--report-only"]
-  assert runner.main(args) == 0
+  assert main(args) == 0
   report = (out / "report" / "report.md").read_text()
   assert "## Held-out NLL over the stages" in report
   finished = [d for d in (out / "runs").glob("*/seed*") if (d / "summary.json").exists()]

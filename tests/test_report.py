@@ -15,7 +15,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from epi_jax.report import RunError, aggregate, group_runs, load_run, write_report
-from epi_jax.report.__main__ import main
+from epi_jax.report.cli import main
 from epi_jax.report.plots import flip_rate_rows
 from epi_jax.train.config import (
     CheckpointSection,

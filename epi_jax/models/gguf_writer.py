@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from flax import nnx
 
+from epi_jax.errors import InputError
 from epi_jax.models.checkpoint import host_slices, layer_slots
 from epi_jax.models.config import SLIDING, ModelConfig
 from epi_jax.models.gguf import gguf_name, permute_rows
@@ -33,7 +34,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2
 """family -> ``general.architecture`` (llama.cpp converts Mistral models as llama)."""
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(InputError, ValueError):
   """A model or tokenizer that a GGUF file cannot hold as this module writes it."""
 
 

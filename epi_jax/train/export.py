@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import epi_jax.data as data
+from epi_jax.errors import InputError
 from epi_jax.models import (
     Decoder,
     ModelConfig,
@@ -39,7 +40,7 @@ MODEL_DIR = "model"
 """Where the loop writes the final model inside the run directory."""
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
   """A run directory, step or stage that cannot be exported; the message names it."""
 
 

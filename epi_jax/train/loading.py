@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import typing
 from collections.abc import Sequence
@@ -239,6 +240,18 @@ def _nll_problems(config: Config) -> list[str]:
   if repeated:
     problems.append(f"eval.probe_tasks: lists {', '.join(repeated)} more than once")
   return problems
+
+
+def find_config(path: str) -> str:
+  """``path`` where it names a file from the current directory, else the copy the package ships
+  (``epi_jax/configs``, the repository's ``configs/``: ``configs/replicate/cpu.yaml`` works
+  from any directory and from an installed package); InputError where neither exists."""
+  if os.path.isfile(path):
+    return path
+  shipped = importlib.resources.files("epi_jax").joinpath(path)
+  if not os.path.isabs(path) and shipped.is_file():
+    return str(shipped)
+  raise InputError(f"{path}: no such config file here or in the epi_jax package")
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
