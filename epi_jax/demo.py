@@ -1,76 +1,68 @@
-"""``python -m epi_jax.demo [--config FILE] [--out DIR]``: sequential SFT, EPI and static
-isolation on the same embedded task stream, side by side, with a verdict and a report.
+"""``python -m epi_jax.demo [--out DIR] [--jobs J] [--set KEY=VALUE ...]``: sequential SFT, EPI
+and static isolation side by side on the ``cpu`` preset's stream, from its pretrained base, with
+a verdict that states the interval it rests on, and a report.
 
-Each method is ``--set method.type=...`` on one config (``configs/demo.yaml``: the settings
-are chosen from the ``cpu`` replication sweep, see README), trained by its own trainer process
-into ``DIR/<method>``, two at a time (the machine's two cores).
+The demo is the replication runner's ``demo`` preset: the ``cpu`` grid's ``sequential``,
+``epi`` and ``static`` runs at seed 0 (the same training, bit for bit), after that seed's base
+model (trained once, kept under ``DIR/base``).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import os
-import sys
-
-import numpy as np
+import time
+from collections.abc import Mapping
 
 from epi_jax.errors import input_errors_exit
-from epi_jax.progress import ProgressBoard, run_trainer
 
-METHODS = ("multistage", "epi", "static")
-LABELS = {"multistage": "sequential SFT", "epi": "EPI", "static": "static isolation"}
-
-
-def _scores(summary: dict) -> dict[str, float]:
-  """Mean final accuracy, BWT and mean forgetting ratio of the earlier stages' tasks."""
-  continual = summary["analyses"]["continual"]
-  last = set(summary["stages"][-1])
-  fr = [v for t, v in summary["forgetting_ratio"].items() if v is not None and t not in last]
-  return {
-      "final": float(np.mean(list(summary["final_accuracy"].values()))),
-      "bwt": continual["bwt"],
-      "fr": float(np.mean(fr)) if fr else float("nan"),
-  }
+PRESET = "demo"
+LABELS = {"sequential": "sequential SFT", "epi": "EPI", "static": "static isolation"}
 
 
-def verdict(scores: dict[str, dict[str, float]]) -> str:
-  """One line on EPI against sequential SFT (and static isolation), from the numbers."""
-  epi, seq = scores["epi"], scores["multistage"]
-  kept = "forgot less than" if epi["bwt"] > seq["bwt"] else "did not forget less than"
-  line = (
-      f"EPI {kept} sequential SFT (BWT {epi['bwt']:+.3f} vs {seq['bwt']:+.3f}, mean final "
-      f"accuracy {epi['final']:.3f} vs {seq['final']:.3f})"
+def _pct(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.1f}%"
+
+
+def verdict(row: Mapping, scores: Mapping[str, Mapping[str, float | None]]) -> str:
+  """One line: EPI minus sequential SFT in held-out NLL forgetting, its 95% interval and what
+  the interval says (``epi_jax.report.nll_study.reading``), then the forgetting ratios."""
+  from epi_jax.report.nll_study import reading
+
+  epi, seq = scores["epi"], scores["sequential"]
+  return (
+      f"{reading({**row, 'reference': 'EPI'})}: held-out NLL forgetting, EPI minus sequential "
+      f"SFT, {row['mean']:+.4f} nats/token, 95% interval [{row['low']:+.4f}, {row['high']:+.4f}] "
+      f"over {row['examples']} examples and {row['seeds']} seed(s); stream FR "
+      f"{_pct(epi['forgetting_ratio_mean'])} vs {_pct(seq['forgetting_ratio_mean'])}, base-skill "
+      f"FR {_pct(epi['base_forgetting_ratio_mean'])} vs {_pct(seq['base_forgetting_ratio_mean'])}."
   )
-  if "static" in scores:
-    st = scores["static"]
-    better = "above" if epi["final"] > st["final"] else "not above"
-    line += (
-        f"; its final accuracy is {better} static isolation's ({st['final']:.3f}, "
-        f"BWT {st['bwt']:+.3f})"
-    )
-  return line + "."
 
 
-def _print_results(summaries: dict[str, dict]) -> str:
+def _print_results(runs: Mapping) -> str:
   """Prints each run's accuracy matrix and the methods' scores; returns the verdict line."""
   from epi_jax.eval.forgetting import format_table
+  from epi_jax.report import run_metrics
+  from epi_jax.report.nll_study import paired_rows
 
   print()
-  for method, s in summaries.items():
-    print(f"{LABELS[method]}  (wall time {s['wall_time_s']:.0f} s)")
-    print(
-        format_table(
-            [r["accuracy"] for r in s["accuracy_matrix"]], s["stages"], s["forgetting_ratio"]
-        )
-    )
+  scores = {}
+  for name, run in runs.items():
+    s = run.summary
+    print(f"{LABELS[name]}  (wall time {s['wall_time_s']:.0f} s)")
+    matrix = [r["accuracy"] for r in s["accuracy_matrix"]]
+    print(format_table(matrix, s["stages"], s["forgetting_ratio"]))
     print()
-  scores = {m: _scores(s) for m, s in summaries.items()}
-  print(f"{'method':<18}{'final acc':>10}{'BWT':>9}{'mean FR %':>11}")
-  for method, sc in scores.items():
-    print(f"{LABELS[method]:<18}{sc['final']:>10.3f}{sc['bwt']:>+9.3f}{sc['fr']:>11.1f}")
-  line = verdict(scores)
+    scores[name] = run_metrics(run)
+  print(f"{'method':<18}{'final acc':>10}{'mean FR':>10}{'base-skill FR':>15}")
+  for name, sc in scores.items():
+    print(
+        f"{LABELS[name]:<18}{sc['mean_final_accuracy']:>10.3f}"
+        f"{_pct(sc['forgetting_ratio_mean']):>10}{_pct(sc['base_forgetting_ratio_mean']):>15}"
+    )
+  rows = paired_rows({"epi": [runs["epi"]], "sequential": [runs["sequential"]]}, "epi")
+  (row,) = [r for r in rows if r["other"] == "sequential" and r["quantity"] == "forgetting"]
+  line = verdict(row, scores)
   print(f"\nverdict: {line}")
   return line
 
@@ -80,14 +72,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m epi_jax.demo", description=__doc__.split("\n")[0]
   )
-  parser.add_argument("--config", default="configs/demo.yaml")
-  parser.add_argument("--out", default="runs/demo")
-  parser.add_argument(
-      "--methods",
-      default=",".join(METHODS),
-      help=f"comma-separated subset of {','.join(METHODS)} (multistage and epi "
-      "are needed for the verdict; static is the third run)",
-  )
+  parser.add_argument("--out", default="runs/demo", help="where the runs and the report go")
   parser.add_argument("--jobs", type=int, default=2, help="trainer processes at once")
   parser.add_argument(
       "--set",
@@ -97,60 +82,30 @@ def main(argv: list[str] | None = None) -> int:
       help="override of every run's config, e.g. train.steps_per_stage=20",
   )
   args = parser.parse_args(argv)
-  methods = args.methods.split(",")
-  if not {"multistage", "epi"} <= set(methods) <= set(METHODS):
-    parser.error(f"--methods: need multistage and epi, among {', '.join(METHODS)}")
+  if args.jobs < 1:
+    parser.error("--jobs must be >= 1")
 
-  from epi_jax.report import require_plotting, write_report
-  from epi_jax.train.loading import ConfigError, load_config
+  from epi_jax.replicate import grid, runner
+  from epi_jax.report import load_run, require_plotting, write_report
 
   require_plotting()  # the demo ends with the report's plots
-  for method in methods:  # every config is checked before any training
-    config = load_config(args.config, [*args.set, f"method.type={method}"])
-    if "continual" not in config.eval.analyses:
-      raise ConfigError(f"{args.config}: eval.analyses must include continual (BWT)")
-
-  def run(method: str) -> int:
-    """One trainer process (the runs are independent: up to --jobs train at once)."""
-    out = os.path.join(args.out, method)
-    os.makedirs(out, exist_ok=True)
-    sets = [
-        x for o in [*args.set, f"method.type={method}", "log.progress=false"] for x in ("--set", o)
-    ]
-    log = os.path.join(args.out, f"{method}.log")
-    code = run_trainer(
-        [sys.executable, "-m", "epi_jax.train", "--config", args.config, "--run-dir", out, *sets],
-        run_dir=out,
-        log_path=log,
-        cache_dir=os.path.join(args.out, "jax_cache"),
-        board=board,
-        label=LABELS[method],
-        append=False,
-    )
-    board.message(f"{LABELS[method]}: {'done' if code == 0 else f'FAILED (see {log})'}")
-    return code
-
-  print(f"training {', '.join(LABELS[m] for m in methods)} ({args.jobs} at a time)", flush=True)
-  with ProgressBoard() as board, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    codes = list(pool.map(run, methods))
-  if any(codes):
+  preset = grid.PRESETS[PRESET]
+  jobs = runner.plan(preset, 1, args.out, tuple(args.set))  # every config checked here
+  start = time.perf_counter()
+  if runner.train_grid(preset, 1, jobs, args.out, args.jobs):
     return 1
-  summaries = {}
-  for method in methods:
-    with open(os.path.join(args.out, method, "summary.json")) as f:
-      summaries[method] = json.load(f)
-
-  line = _print_results(summaries)
+  runs = {job.entry.name: load_run(job.run_dir) for job in jobs}
+  line = _print_results({name: runs[name] for name in LABELS})
   report = write_report(
-      [os.path.join(args.out, m) for m in methods],
+      [job.run_dir for job in jobs],
       os.path.join(args.out, "report"),
-      labels={os.path.join(args.out, m): LABELS[m] for m in methods},
+      labels={job.run_dir: LABELS[job.entry.name] for job in jobs},
       title="EPI demo",
       extra_markdown=f"## Verdict\n\n{line}\n",
   )
-  print(f"report: {report}")
+  print(f"report: {report}\ndemo wall time {(time.perf_counter() - start) / 60:.1f} min")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

@@ -99,10 +99,20 @@ PRESETS = {
         run_sets=(("full", ("train.steps_per_stage=600",)),),
         base=CPU_BASE,
     ),
+    "demo": Preset(
+        # ``python -m epi_jax.demo``: the cpu grid's three main runs at one seed.
+        name="demo",
+        configs=(("configs/replicate/cpu.yaml", ("Table 1",)),),
+        **CPU_SWEEPS,
+        analyses=("nll",),
+        description="sequential SFT, EPI and static isolation on the cpu preset's stream",
+        runs=("sequential", "epi", "static"),
+        base=CPU_BASE,
+    ),
     "cpu_scratch": Preset(
-        # The cpu preset before its base model (the demo runs it; docs/replication.md has its
-        # grid): a randomly initialized tiny llama through the five embedded tasks, where every
-        # sequential method forgets 90-99.5%.
+        # The cpu preset before its base model (docs/replication.md has its grid): a randomly
+        # initialized tiny llama through the five embedded tasks, where every sequential method
+        # forgets 90-99.5%.
         name="cpu_scratch",
         configs=(("configs/replicate/cpu_scratch.yaml", ALL_TABLES),),
         **CPU_SWEEPS,
