@@ -52,10 +52,10 @@ bench-gpu: $(CUDA)
 clean:
 	rm -rf $(VENV) $(TUNIX_VENV) .pytest_cache
 
-# Sequential SFT, EPI and static isolation on the embedded stream, side by side (runs/demo);
-# ARGS=--methods=multistage,epi leaves static out.
+# Sequential SFT, EPI and static isolation on the cpu preset's stream from its pretrained base,
+# side by side (runs/demo; the base is trained once and kept in runs/demo/base).
 demo: $(REPORT_STAMP)
-	$(BIN)/python -m epi_jax.demo --config configs/demo.yaml --out runs/demo $(ARGS)
+	$(BIN)/python -m epi_jax.demo --out runs/demo $(ARGS)
 
 # The paper's grid at CPU scale on a pretrained tiny base, 5 seeds (runs/replicate/cpu/report/report.md); rerun to resume.
 replicate-cpu: $(REPORT_STAMP)
