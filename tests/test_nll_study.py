@@ -182,3 +182,15 @@ def test_task_intervals_are_per_task_means_over_seeds_and_examples(tmp_path):
   assert list(nll_study.task_intervals([r for r, _ in runs], "probe")) == ["alpaca"]
   full = _write_run(tmp_path, "full", 0, [STREAM])[0]
   assert nll_study.task_intervals([full], "forgetting") == {}
+  # random grouping: a task in the last stage at one seed is forgotten at the others only
+  shuffled = runs[:2] + [
+      _write_run(tmp_path, "random", 2, [["logiqa"], ["code_alpaca"], ["gsm8k"]])
+  ]
+  got = nll_study.task_intervals([r for r, _ in shuffled], "forgetting")
+  assert list(got) == ["gsm8k", "code_alpaca", "logiqa"]
+  want = np.mean([t["after_stage_2", "gsm8k"] - t["after_stage_0", "gsm8k"] for _, t in runs[:2]])
+  assert got["gsm8k"][0] == pytest.approx(want, rel=1e-12)
+  _, table = shuffled[2]
+  assert got["logiqa"][0] == pytest.approx(
+      np.mean(table["after_stage_2", "logiqa"] - table["after_stage_0", "logiqa"]), rel=1e-12
+  )

@@ -142,11 +142,14 @@ def _interval(values: np.ndarray) -> tuple[float, float, float]:
 
 def task_intervals(runs: Sequence[FinishedRun], quantity: str) -> dict[str, tuple[float, ...]]:
   """task -> (mean, low, high) of ``quantity`` over a group's runs (seeds) and examples: e.g.
-  how much sequential SFT forgot each task, with its interval (the calibration's check)."""
+  how much sequential SFT forgot each task, with its interval (the calibration's check). A task
+  counts the seeds that measured it (random grouping: its stage, so whether it is forgotten,
+  changes with the seed)."""
   by_seed = [per_task(s, quantity) for _, s in _by_seed(runs).values()]
   if not by_seed or any(b is None for b in by_seed):
     return {}
-  return {t: _interval(np.stack([b[t] for b in by_seed])) for t in by_seed[0]}
+  tasks = list(dict.fromkeys(t for b in by_seed for t in b))
+  return {t: _interval(np.stack([b[t] for b in by_seed if t in b])) for t in tasks}
 
 
 def _by_seed(
