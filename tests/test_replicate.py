@@ -245,7 +245,8 @@ def test_docs_block_is_rewritten_from_the_report(tmp_path):
   report.parent.mkdir(parents=True)
   report.write_text(
       "# EPI\n\n## Groups\n\n| a |\n| --- |\n| 1 |\n\n## Plots\n\nnot copied\n\n"
-      "## Held-out NLL over the stages\n\n![nll](plots/nll_over_stages.png)\n"
+      "## Held-out NLL over the stages\n\n![nll](plots/nll_over_stages.png)\n\n"
+      "## The paper beside ours\n\n### Table 1\n\n| b |\n"
   )
   docs = tmp_path / "docs" / "replication.md"
   docs.parent.mkdir()
@@ -258,6 +259,7 @@ def test_docs_block_is_rewritten_from_the_report(tmp_path):
   assert "old numbers" not in text and "not copied" not in text and text.endswith("end -->\nout\n")
   assert "![nll](../out/report/plots/nll_over_stages.png)" in text
   assert text.index("### Held-out NLL") < text.index("### Groups\n\n| a |")
+  assert "### The paper beside ours\n\n#### Table 1\n\n| b |" in text  # nesting kept
   runner.write_docs(str(report), "smollm2", str(docs))  # idempotent
   assert docs.read_text() == text
   with pytest.raises(InputError, match="needs one <!-- replicate:cpu begin --> line"):

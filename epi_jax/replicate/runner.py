@@ -216,10 +216,12 @@ def write_outputs(preset: grid.Preset, jobs: list[Job], out: str, elapsed: float
 
 
 DOCS_SECTIONS = (
+    "Learned: score right after each task's own stage (mean ± std)",
     "Held-out NLL over the stages",
     "Held-out NLL forgetting and general-ability change per group",
     "Paired differences of held-out NLL",
     "Groups",
+    "The paper beside ours",
 )
 """The report's sections that ``--docs`` writes into a document."""
 
@@ -240,12 +242,14 @@ def docs_block(docs: str, preset: str) -> tuple[str, str, str]:
 
 def write_docs(report: str, preset: str, docs: str) -> None:
   """Replaces the block between ``<!-- replicate:PRESET begin -->`` and ``<!-- replicate:PRESET
-  end -->`` in ``docs`` with the report's ``DOCS_SECTIONS`` (headings one level down, image
+  end -->`` in ``docs`` with the report's ``DOCS_SECTIONS`` (every heading one level down, image
   links made relative to ``docs``), so the numbers there come from the runs, not by hand."""
   text, begin, end = docs_block(docs, preset)
   with open(report) as f:
     sections = re.split(r"^## ", f.read(), flags=re.M)
-  chosen = {s.split("\n", 1)[0]: "### " + s for s in sections[1:]}
+  chosen = {
+      s.split("\n", 1)[0]: re.sub(r"^(#+) ", r"#\1 ", "## " + s, flags=re.M) for s in sections[1:]
+  }
   plots = os.path.relpath(os.path.dirname(report), os.path.dirname(os.path.abspath(docs)))
   block = "\n".join(chosen[h].rstrip() + "\n" for h in DOCS_SECTIONS if h in chosen)
   block = block.replace("](plots/", f"]({plots}/plots/")
