@@ -266,20 +266,32 @@ def test_docs_block_is_rewritten_from_the_report(tmp_path):
     runner.docs_block(str(docs), "cpu")
 
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "smollm2")
+REPO = os.path.dirname(os.path.dirname(__file__))
 
 
-@pytest.mark.skipif(not os.path.isdir(RESULTS), reason="no committed SmolLM2 results")
-def test_committed_smollm2_results_rebuild_the_report(tmp_path):
-  """--report-only on a copy of results/smollm2 (what a fresh clone has) writes the report with
-  the held-out NLL tables, from the committed JSON alone."""
-  out = tmp_path / "smollm2"
-  # what a clone has: not the checkpoints, logs or compilation cache a local grid leaves
-  skip = shutil.ignore_patterns("report", "checkpoints", "logs", "jax_cache", "tensorboard")
-  shutil.copytree(RESULTS, out, ignore=skip)
-  args = ["--preset", "smollm2", "--seeds", "3", "--out", str(out), "--report-only"]
-  assert main(args) == 0
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, seeds, runs", [("smollm2", 3, 18), ("cpu", 5, 120)])
+def test_committed_results_rebuild_the_report_and_the_docs(tmp_path, preset, seeds, runs):
+  """--report-only on a copy of results/PRESET (what a fresh clone has) writes the report with
+  the held-out NLL tables from the committed JSON alone, and rewrites docs/replication.md's
+  block of the preset to exactly what is committed."""
+  results = os.path.join(REPO, "results", preset)
+  if not os.path.isdir(results):
+    pytest.skip(f"no committed results/{preset}")
+  out = tmp_path / "results" / preset
+  # what a clone has: not the checkpoints, logs, models or compilation cache a local grid leaves
+  skip = shutil.ignore_patterns(
+      "report", "checkpoints", "logs", "jax_cache", "tensorboard", "model", "adapter"
+  )
+  shutil.copytree(results, out, ignore=skip)
+  docs = tmp_path / "docs" / "replication.md"
+  docs.parent.mkdir()
+  shutil.copy(os.path.join(REPO, "docs", "replication.md"), docs)
+  args = ["--preset", preset, "--seeds", str(seeds), "--out", str(out), "--report-only"]
+  assert main([*args, "--docs", str(docs)]) == 0
   report = (out / "report" / "report.md").read_text()
   assert "## Held-out NLL over the stages" in report
   finished = [d for d in (out / "runs").glob("*/seed*") if (d / "summary.json").exists()]
-  assert finished and f"{len(finished)} of 18 runs finished" in report
+  assert finished and f"{len(finished)} of {runs} runs finished" in report
+  committed, _, _ = runner.docs_block(os.path.join(REPO, "docs", "replication.md"), preset)
+  assert docs.read_text() == committed
