@@ -47,8 +47,7 @@ def test_report_without_matplotlib_is_one_line(monkeypatch, tmp_path, capsys):
 def test_demo_and_runner_refuse_before_training(monkeypatch, tmp_path, capsys):
   """Both end with the report's plots: without matplotlib they stop before the first run."""
   monkeypatch.setitem(sys.modules, "matplotlib", None)
-  config = str(ROOT / "configs" / "demo.yaml")
-  assert demo.main(["--config", config, "--out", str(tmp_path / "demo")]) == 2
+  assert demo.main(["--out", str(tmp_path / "demo")]) == 2
   assert replicate.main(["--preset", "cpu", "--seeds", "1", "--out", str(tmp_path / "grid")]) == 2
   assert capsys.readouterr().err == (PLOTS + INSTALL_REPORT) * 2
   assert os.listdir(tmp_path) == []
