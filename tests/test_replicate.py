@@ -8,11 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from epi_jax.replicate import compare, grid, measure, paper, runner
 from epi_jax.replicate.cli import main
 from epi_jax.errors import InputError
 from epi_jax.report import FinishedRun
+from epi_jax.train.loading import find_config, load_config, to_dict
 
 TINY = """
 model: {preset: tiny, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2}
@@ -48,6 +50,20 @@ def test_each_seed_starts_from_its_own_base_model_named_by_its_config_hash():
   for job in runner.plan(preset, 2, "/tmp/out"):
     assert f"model.checkpoint={bases[job.seed].run_dir}/model" in job.overrides
   assert runner.base_jobs(grid.PRESETS["cpu_scratch"], 2, "/tmp/out") == {}
+
+
+def test_a_base_without_its_model_folder_is_trained_again(tmp_path):
+  """Committed results keep a base's summary.json, not its model: a clone must retrain it."""
+  (base,) = runner.base_jobs(grid.PRESETS["cpu"], 1, str(tmp_path)).values()
+  os.makedirs(base.run_dir)
+  config = to_dict(load_config(find_config(base.config), base.overrides))
+  with open(os.path.join(base.run_dir, "config.yaml"), "w") as f:
+    yaml.safe_dump(config, f)
+  with open(os.path.join(base.run_dir, "summary.json"), "w") as f:
+    json.dump({"final_accuracy": {}}, f)
+  assert runner.status(base) == "new"
+  os.makedirs(os.path.join(base.run_dir, "model"))
+  assert runner.status(base) == "done"
   assert not any(
       o.startswith("model.checkpoint=")
       for job in runner.plan(grid.PRESETS["cpu_scratch"], 1, "/tmp/out")

@@ -174,9 +174,12 @@ def _train(job: Job, resume: bool, out: str, progress: Progress) -> None:
 
 
 def _finished(job: Job) -> bool:
-  """A summary.json with scores: a run stopped by divergence writes one without."""
+  """A summary.json with scores (a run stopped by divergence writes one without); a base model
+  also needs its model folder (a clone of committed results has the summary only)."""
   path = os.path.join(job.run_dir, "summary.json")
   if not os.path.exists(path):
+    return False
+  if job.entry.name == BASE.name and not os.path.isdir(os.path.join(job.run_dir, "model")):
     return False
   with open(path) as f:
     return "final_accuracy" in json.load(f)
