@@ -374,3 +374,17 @@ def test_unfinished_or_broken_runs_are_named(run_dirs, tmp_path, capsys):
   os.remove(broken / "metrics.jsonl")
   with pytest.raises(RunError, match=f"{broken / 'metrics.jsonl'}: missing"):
     load_run(str(broken))
+
+
+def test_a_key_a_run_predates_reads_as_its_default():
+  """Runs saved before a config field existed group with runs that have its default."""
+  import dataclasses
+
+  from epi_jax.report.runs import _comparable
+
+  new = dataclasses.asdict(_config("epi", 0))
+  old = dataclasses.asdict(_config("epi", 1))
+  del old["data"]["skip"]
+  assert _comparable(old) == _comparable(new)
+  new["data"]["skip"] = 5
+  assert _comparable(old) != _comparable(new)

@@ -156,8 +156,12 @@ PER_SEED_BASE = re.compile(r"(^|/)base/[0-9a-f]{16}/model$")
 
 
 def _comparable(config: dict) -> dict:
-  """The flat config without what a seed changes (SEED_KEYS, the seed's own base model)."""
-  flat = {k: v for k, v in _flat(config).items() if k not in SEED_KEYS}
+  """The flat config without what a seed changes (SEED_KEYS, the seed's own base model); a key
+  the run's config lacks (a field added since) reads as its default."""
+  from epi_jax.train.config import Config
+
+  full = _flat(dataclasses.asdict(Config())) | _flat(config)
+  flat = {k: v for k, v in full.items() if k not in SEED_KEYS}
   if PER_SEED_BASE.search(str(flat.get("model.checkpoint", ""))):
     flat["model.checkpoint"] = "the seed's base model"
   return flat
