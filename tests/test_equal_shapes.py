@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import epi_jax
-from epi_jax._src import selection
+from epi_jax._src import classes
 import reference_epi as ref
 
 
@@ -73,11 +73,13 @@ def traced_work(num_layers: int) -> tuple[int, int]:
 
 
 def test_refresh_work_does_not_grow_with_depth():
-  """Twice the blocks (equal shapes) trace no new distinct work and no more scatters."""
-  scatters3, distinct3 = traced_work(3)
-  scatters6, distinct6 = traced_work(6)
-  assert scatters6 == scatters3
-  assert distinct6 == distinct3, (distinct3, distinct6)
+  """Twice the blocks (equal shapes, classes that loop) trace no new distinct work and no more
+  scatters."""
+  assert classes.MAX_UNROLLED < 9
+  scatters9, distinct9 = traced_work(9)
+  scatters18, distinct18 = traced_work(18)
+  assert scatters18 == scatters9
+  assert distinct18 == distinct9, (distinct9, distinct18)
 
 
 def mixed_tree(rng, stacked: bool) -> dict:
@@ -109,9 +111,17 @@ def mixed_tree(rng, stacked: bool) -> dict:
 MODES = [(layer_of, budget) for layer_of in ("block", "leaf") for budget in ("global", "per_layer")]
 
 
+@pytest.fixture(params=["unrolled", "looped"])
+def unrolling(request, monkeypatch):
+  """Runs a test with the classes unrolled (few members) and with every class looped."""
+  if request.param == "looped":
+    monkeypatch.setattr(classes, "MAX_UNROLLED", 0)
+  return request.param
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("normalize", ["layer_minmax", "none"])
-def test_mixed_tree_masks_match_full_sort(normalize, stacked):
+def test_mixed_tree_masks_match_full_sort(normalize, stacked, unrolling):
   tree = mixed_tree(np.random.default_rng(1), stacked)
   p = 0.1
   masks = jax.jit(
@@ -128,13 +138,10 @@ def test_mixed_tree_masks_match_full_sort(normalize, stacked):
     got = jax.tree.leaves(mask)
     chex.assert_trees_all_equal(got, expected)
     assert sum(int(m.sum()) for m in got) > 0
-  # A stacked leaf sharing block/0..3 with the unstacked blocks: parts covered only in part.
-  parts = epi_jax.layer_groups(tree, "block").parts
-  assert any(loc is not None for loc in parts.local) == stacked
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-def test_mixed_tree_epi_matches_reference(stacked):
+def test_mixed_tree_epi_matches_reference(stacked, unrolling):
   """Masks and refresh statistics of EPI against the float64 reference, in every mode."""
   rng = np.random.default_rng(2)
   params = mixed_tree(rng, stacked)
@@ -192,10 +199,12 @@ def test_mixed_tree_epi_matches_reference(stacked):
     assert r.protected.sum() > 0 and r.refreshes == steps // interval
 
 
-def test_selection_is_planned_per_part():
-  """A global budget is one part; block groups of unstacked leaves are one part each."""
+def test_leaves_are_classed_by_shape_with_their_groups():
+  """Equal-shaped leaves share a class; each member carries its own group (a traced index)."""
   tree = decoder(3)
-  sel = selection.make_selector(tree, 0.1)
-  assert sel.budgets.segments == ((0,),)
-  assert all(loc is None for loc in sel.groups.parts.local)
-  assert len(sel.groups.parts.segments) == len(sel.groups.names)
+  groups = epi_jax.layer_groups(tree)
+  leaves = jax.tree.leaves(tree)
+  found = {leaves[c.members[0]].shape: c for c in classes.leaf_classes(leaves, groups.leaf_ids)}
+  assert sorted(found) == sorted({(16, 16), (16, 8), (16, 32), (16,), (40, 16)})
+  square = found[(16, 16)]
+  assert [groups.names[g] for g in square.rows] == [f"block/{b}" for b in (0, 0, 1, 1, 2, 2)]

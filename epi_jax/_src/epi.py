@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from epi_jax._src import bitmask, grouping, selection
+from epi_jax._src import bitmask, classes, grouping, selection
 from epi_jax._src.rounding import round_bfloat16_stochastic
 
 SENSITIVITY = ("grad_sq", "adam_nu")
@@ -190,21 +190,12 @@ def _jaccard(inter: jax.Array, union: jax.Array) -> jax.Array:
 
 
 def _refresh_stats(
-    groups: grouping.Groups,
-    new: list,
-    old: list,
-    first: list,
-    threshold: jax.Array,
-    stats: MaskStats,
-    count: jax.Array,
+    counts: jax.Array, threshold: jax.Array, stats: MaskStats, count: jax.Array
 ) -> MaskStats:
-  """The statistics of a refresh from ``old`` (m_{t-1}) to ``new`` (m_t), ``first`` packed."""
-  # One pass counts every statistic: bit 0 = new mask, 1 = previous, 2 = first.
-  code = lambda n, of: n.astype(jnp.int32) + 2 * of[0].astype(jnp.int32) + 4 * bitmask.unpack(of[1])
-  new = [None if ids is None else n for n, ids in zip(new, groups.leaf_ids)]
-  c = grouping.group_code_counts(new, list(zip(old, first)), code, groups, 8)
+  """The statistics of a refresh from per-group counts (G, 8) of the code new mask + 2 x
+  previous mask + 4 x first mask."""
   bit = lambda b: (np.arange(8) >> b) & 1
-  count_if = lambda sel: jnp.sum(c * sel, axis=1)
+  count_if = lambda sel: jnp.sum(counts * sel, axis=1)
   protected = count_if(bit(0))
   return MaskStats(
       refreshes=stats.refreshes + 1,
@@ -231,14 +222,33 @@ def refresh_mask(
     stats: MaskStats,
     count: jax.Array,
 ) -> tuple[list, list, MaskStats]:
-  """m_t from S_t: layer min-max (Eq. 7-8) and the global top-p (Eq. 9), packed."""
-  old = [bitmask.unpack(m) for m in mask]
-  new, threshold = selector(scores)
-  new = selection.fill_ineligible(new, old)
-  new_stats = _refresh_stats(selector.groups, new, old, first, threshold, stats, count)
+  """m_t from S_t: layer min-max (Eq. 7-8) and the global top-p (Eq. 9), packed.
+
+  One loop per class of equal-shaped leaves makes each leaf's mask and counts it against
+  the previous and the first mask for the statistics.
+  """
+  groups = selector.groups
+  scores = [None if ids is None else x for x, ids in zip(scores, groups.leaf_ids)]
+  leaf_classes, norm, tau = selector.plan(scores)
+
+  def body(leaf: tuple, rows: jax.Array, hist: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, old, fst = leaf
+    new = selector.member_mask(x, rows, norm, tau)
+    unpacked = lambda m: bitmask.unpack(m).astype(jnp.int32)
+    code = new.astype(jnp.int32) + 2 * unpacked(old) + 4 * unpacked(fst)
+    return classes.add_counts(hist, code, rows, 8, None), bitmask.pack(new)
+
+  hist = jnp.zeros((len(groups.names) * 8,), jnp.int32)
+  new = [jnp.zeros_like(m) for m in mask]  # ineligible leaves are never protected
+  inputs = list(zip(scores, mask, first))
+  for cls in leaf_classes:
+    hist, packed = classes.scan_members(cls, inputs, body, hist)
+    for leaf, m in zip(cls.members, packed):
+      new[leaf] = m
+  threshold = selection.threshold_values(tau)
+  new_stats = _refresh_stats(hist.reshape(-1, 8), threshold, stats, count)
   take = ~stats.has_first & new_stats.has_first
-  new = [bitmask.pack(n) for n in new]
-  first = [jnp.where(take, n, f) for n, f in zip(new, first)]
+  first = jax.lax.cond(take, lambda: new, lambda: list(first))
   return new, first, new_stats
 
 

@@ -7,7 +7,6 @@ per-layer budgets and the mask statistics all work group by group.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epi_jax._src.parts import LeafIds, Parts, make_parts
+from epi_jax._src.classes import LeafClass, LeafIds, scan_members
 
 LAYER_OF = ("block", "leaf")
 LayerOf = str | Callable[[tuple[Any, ...], Any], Hashable]
@@ -48,11 +47,6 @@ class Groups:
   @property
   def num_eligible(self) -> int:
     return sum(self.sizes)
-
-  @functools.cached_property
-  def parts(self) -> Parts:
-    """The groups arranged in parts (``epi_jax._src.parts``)."""
-    return make_parts(self.leaf_ids, len(self.names))
 
 
 def is_float(leaf: Any) -> bool:
@@ -158,34 +152,17 @@ def layer_groups(tree: Any, layer_of: LayerOf = "block") -> Groups:
   return Groups(tuple(names), tuple(sizes), tuple(leaf_ids))
 
 
-def _reduce(leaf: jax.Array, ids: int | tuple[int, ...], fn: Callable[..., jax.Array]) -> jax.Array:
-  if isinstance(ids, int):
-    return fn(leaf)
-  return fn(leaf.reshape(len(ids), -1), axis=1)
+def group_minmax(
+    classes: Sequence[LeafClass], leaves: Sequence[jax.Array | None], num_groups: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per-group minimum and maximum (Eq. 7) in float32, each of shape (num_groups,)."""
 
+  def body(x: jax.Array, rows: jax.Array, lo_hi: jax.Array) -> tuple[jax.Array, None]:
+    x = x.astype(jnp.float32).reshape(rows.size, -1)  # a stacked leaf: a group per slice
+    extremes = jnp.stack([jnp.min(x, axis=1), -jnp.max(x, axis=1)]).reshape((2,) + rows.shape)
+    return lo_hi.at[:, rows].min(extremes), None
 
-def group_minmax(leaves: Sequence[jax.Array], groups: Groups) -> tuple[list, list]:
-  """Per-group minimum and maximum (Eq. 7) in float32, per part of ``groups.parts``."""
-  leaves = [
-      None if ids is None else x.astype(jnp.float32) for x, ids in zip(leaves, groups.leaf_ids)
-  ]
-  units = lambda fn: [
-      None if x is None else _reduce(x, ids, fn) for x, ids in zip(leaves, groups.leaf_ids)
-  ]
-  return groups.parts.reduce(units(jnp.min), "min"), groups.parts.reduce(units(jnp.max), "max")
-
-
-def group_code_counts(
-    leaves: Sequence[jax.Array | None],
-    values: Sequence[Any],
-    code_fn: Callable[[jax.Array, Any], jax.Array],
-    groups: Groups,
-    num_codes: int,
-) -> jax.Array:
-  """Per-group histogram of small integer codes ``code_fn(leaf, value)``, int32 of shape
-  (G, num_codes); ``None`` leaves are skipped.
-
-  One pass per leaf counts any number of boolean combinations at once (e.g. code = new +
-  2 * old for locked/freed counts).
-  """
-  return groups.parts.histograms(leaves, values, code_fn, num_codes)
+  lo_hi = jnp.full((2, num_groups), jnp.inf, jnp.float32)
+  for cls in classes:
+    lo_hi, _ = scan_members(cls, leaves, body, lo_hi)
+  return lo_hi[0], -lo_hi[1]

@@ -3,7 +3,7 @@
 Non-negative floats order like their bit patterns read as unsigned integers, so a few
 histogram passes over digit ranges fix the threshold's bits from the top. It never
 sorts, never concatenates the leaves, and each pass is a scatter-add per leaf (in one loop
-over the leaves of each shape, ``Parts.histograms``), which also works on sharded arrays.
+over the leaves of each shape, ``classes.histograms``), which also works on sharded arrays.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epi_jax._src import classes as leaf_classes
 from epi_jax._src.grouping import INT32_MAX
-from epi_jax._src.parts import Parts
 
 # Below this many entries, histogram counts are exact in int32; above, they saturate at k.
 _EXACT_COUNT_LIMIT = INT32_MAX
@@ -27,31 +27,27 @@ _WIDTHS_MANY_BUDGETS = (10, 10, 11)
 
 
 def kth_largest_bits(
-    scores: Sequence[jax.Array | None],
-    budgets: Parts,
+    classes: Sequence[leaf_classes.LeafClass],
+    scores: Sequence[Any],
+    key_fn: Callable[[Any, jax.Array], jax.Array],
+    budget_of: Callable[[jax.Array], jax.Array],
     k: Sequence[int],
     num_entries: int,
-    key_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
-    params: Sequence[Any] | None = None,
 ) -> jax.Array:
   """Bit pattern of the k-th largest score per budget, uint32 of shape (B,).
 
   Args:
-    scores: per leaf, float32 scores >= 0, or ``None`` for a leaf that takes no part.
-    budgets: the budgets (segments) of each leaf, or of each of its slices along axis 0,
-      arranged in parts.
+    classes: the classes of the leaves that take part.
+    scores: per leaf, its scores (any pytree ``key_fn`` reads).
+    key_fn: ``key_fn(scores[leaf], rows)``, the uint32 bit patterns of a leaf's float32
+      scores >= 0, computed where they are counted (e.g. a normalization, fused).
+    budget_of: a leaf's budgets from its ``rows`` (same shape).
     k: number of entries to select per budget.
     num_entries: total number of scores; above 2**31 the counts saturate at k.
-    key_fn: ``key_fn(leaf, param)``, the uint32 bit patterns of a leaf's scores, computed
-      where they are counted (e.g. a normalization, fused); default: the leaf's own bits.
-    params: per leaf, the ``param`` of ``key_fn``.
 
   Returns:
     Per budget, the k-th largest score's float32 bit pattern (``NO_THRESHOLD`` where k=0).
   """
-  if key_fn is None:
-    key_fn = lambda x, _: jax.lax.bitcast_convert_type(x, jnp.uint32)
-  params = [None] * len(scores) if params is None else params
   k = np.asarray(k, np.uint32)
   widths = _WIDTHS_FEW_BUDGETS if len(k) <= 16 else _WIDTHS_MANY_BUDGETS
   # Counts cannot overflow int32 below 2**31 entries; above, add per leaf, saturating at k.
@@ -63,23 +59,23 @@ def kth_largest_bits(
     shift = 32 - done - width
     bins = 1 << width
 
-    def code(x: jax.Array, value: Any, shift=shift, bins=bins, width=width, done=done):
+    def code(
+        x: Any, rows: jax.Array, shift=shift, bins=bins, width=width, done=done, prefix=prefix
+    ):
       """The digit of each key, or bins where the key is outside the current bucket."""
-      param, p = value
-      key = key_fn(x, param)
+      key = key_fn(x, rows)
+      budgets = budget_of(rows)
       digit = (key >> shift) & (bins - 1)
-      if done == 1:
-        return digit
-      return jnp.where((key >> (shift + width)) == (p >> (shift + width)), digit, bins)
+      if done > 1:
+        p = leaf_classes.view(prefix, budgets, key.ndim)
+        digit = jnp.where((key >> (shift + width)) == (p >> (shift + width)), digit, bins)
+      return digit, budgets
 
-    prefix_parts = budgets.split(prefix)
-    values = [
-        None if x is None else (param, budgets.leaf_value(prefix_parts, i, x.ndim))
-        for i, (x, param) in enumerate(zip(scores, params))
-    ]
     # Saturating counts: at most k per digit; the outside slot counts nothing.
     cap = np.concatenate([np.repeat(k[:, None], bins, 1), np.zeros_like(k)[:, None]], 1)
-    hist = budgets.histograms(scores, values, code, bins + 1, cap.reshape(-1) if saturate else None)
+    hist = leaf_classes.histograms(
+        classes, scores, code, len(k), bins + 1, cap.reshape(-1) if saturate else None
+    )
     digit, above = _next_digit(hist[:, :bins], k, above, saturate)
     prefix = prefix | (digit << shift)
     done += width

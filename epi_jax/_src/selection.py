@@ -7,16 +7,16 @@ threshold is the k-th largest normalized score, found by ``radix.kth_largest_bit
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from epi_jax._src import radix
-from epi_jax._src.parts import Parts, make_parts
+from epi_jax._src.classes import LeafClass, leaf_classes, map_leaves, view
 from epi_jax._src.grouping import (
     INT32_MAX,
     Groups,
@@ -30,24 +30,24 @@ NORMALIZE = ("layer_minmax", "none")
 BUDGET = ("global", "per_layer")
 
 
-def normalization(leaves: Sequence[jax.Array | None], groups: Groups, normalize: str) -> list:
-  """Per leaf, the ``param`` of ``normalize_leaf``: its group's (min, max - min) views."""
+Norm = tuple[jax.Array, jax.Array] | None  # per group (min, max - min), or None: raw scores
+
+
+def normalization(
+    classes: Sequence[LeafClass], leaves: Sequence[jax.Array | None], groups: Groups, normalize: str
+) -> Norm:
+  """Per group, the minimum and the span of Eq. 8 (``None`` with ``normalize="none"``)."""
   if normalize == "none":
-    return [None] * len(leaves)
-  lo, hi = group_minmax(leaves, groups)
-  span = [h - low for low, h in zip(lo, hi)]
-  view = lambda v, i, x: groups.parts.leaf_value(v, i, jnp.ndim(x))
-  return [
-      None if ids is None else (view(lo, i, x), view(span, i, x))
-      for i, (x, ids) in enumerate(zip(leaves, groups.leaf_ids))
-  ]
+    return None
+  lo, hi = group_minmax(classes, leaves, len(groups.names))
+  return lo, hi - lo
 
 
-def normalize_leaf(leaf: jax.Array, param: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-  """Scores I >= 0 in float32 (Eq. 8) of one leaf, ``param`` from ``normalization``."""
+def normalize_leaf(leaf: jax.Array, rows: jax.Array, norm: Norm) -> jax.Array:
+  """Scores I >= 0 in float32 (Eq. 8) of one leaf whose groups are ``rows``."""
   leaf = leaf.astype(jnp.float32)
-  if param is not None:
-    lo, span = param
+  if norm is not None:
+    lo, span = (view(v, rows, leaf.ndim) for v in norm)
     leaf = jnp.where(span > 0, (leaf - lo) / jnp.where(span > 0, span, 1), 0)
   return jnp.where(leaf > 0, leaf, 0)
 
@@ -61,11 +61,14 @@ def normalized_scores(
   scores 0); ``"none"`` keeps the raw scores. Negative and NaN scores become 0, which
   is never protected.
   """
-  params = normalization(leaves, groups, normalize)
-  return [
-      None if ids is None else normalize_leaf(x, p)
-      for x, p, ids in zip(leaves, params, groups.leaf_ids)
-  ]
+  classes = leaf_classes(leaves, groups.leaf_ids)
+  norm = normalization(classes, leaves, groups, normalize)
+  return map_leaves(classes, leaves, lambda x, rows: normalize_leaf(x, rows, norm), len(leaves))
+
+
+def _key(x: jax.Array, rows: jax.Array, norm: Norm) -> jax.Array:
+  """The uint32 bit patterns of a leaf's normalized scores (they order like the scores)."""
+  return jax.lax.bitcast_convert_type(normalize_leaf(x, rows, norm), jnp.uint32)
 
 
 def num_protected(p: float, size: int) -> int:
@@ -90,46 +93,51 @@ class Selector:
   sel_of_group: tuple[int, ...]
   k: tuple[int, ...]
 
-  @functools.cached_property
-  def budgets(self) -> Parts:
-    """The selection budgets arranged in parts (a stacked leaf in one budget has one)."""
-    ids = []
-    for g in self.groups.leaf_ids:
-      if g is None or isinstance(g, int):
-        ids.append(None if g is None else self.sel_of_group[g])
-        continue
-      b = tuple(self.sel_of_group[i] for i in g)
-      ids.append(b[0] if len(set(b)) == 1 else b)
-    return make_parts(ids, len(self.k))
+  def budget_of(self, rows: jax.Array) -> jax.Array:
+    """The selection budgets of a leaf whose groups are ``rows``."""
+    return jnp.asarray(np.asarray(self.sel_of_group, np.int32))[rows]
+
+  def _kth(self, classes: Sequence[LeafClass], scores: Sequence[Any], key_fn: Any) -> jax.Array:
+    return radix.kth_largest_bits(
+        classes, scores, key_fn, self.budget_of, self.k, self.groups.num_eligible
+    )
 
   def thresholds(self, scores: Sequence[jax.Array | None]) -> jax.Array:
-    """Bit pattern of the k-th largest score per budget (uint32, 2**32-1 when k=0)."""
-    return radix.kth_largest_bits(scores, self.budgets, self.k, self.groups.num_eligible)
+    """Bit pattern of the k-th largest of already normalized ``scores`` per budget (uint32,
+    2**32-1 when k=0)."""
+    key = lambda x, _: jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return self._kth(leaf_classes(scores, self.groups.leaf_ids), scores, key)
 
-  def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
-    """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32).
+  def plan(self, scores: Sequence[jax.Array | None]) -> tuple[tuple[LeafClass, ...], Norm, Any]:
+    """The classes of the eligible leaves, the normalization and the thresholds (uint32 bit
+    patterns per budget) of raw ``scores``; ``member_mask`` then gives each leaf's mask.
 
     Each pass normalizes the raw scores where it reads them, so no normalized copy of the
     scores is kept between passes.
     """
+    classes = leaf_classes(scores, self.groups.leaf_ids)
+    norm = normalization(classes, scores, self.groups, self.normalize)
+    tau = self._kth(classes, scores, lambda x, rows: _key(x, rows, norm))
+    return classes, norm, tau
+
+  def member_mask(self, x: jax.Array, rows: jax.Array, norm: Norm, tau: jax.Array) -> jax.Array:
+    """The mask of one leaf whose groups are ``rows``: ``I >= threshold`` and ``I > 0``."""
+    key = _key(x, rows, norm)
+    return (key >= view(tau, self.budget_of(rows), key.ndim)) & (key > 0)
+
+  def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
+    """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32)."""
     scores = [None if ids is None else x for x, ids in zip(scores, self.groups.leaf_ids)]
-    params = normalization(scores, self.groups, self.normalize)
-    key_of = lambda x, p: jax.lax.bitcast_convert_type(normalize_leaf(x, p), jnp.uint32)
-    tau = radix.kth_largest_bits(
-        scores, self.budgets, self.k, self.groups.num_eligible, key_of, params
-    )
-    tau_parts = self.budgets.split(tau)
-    masks = []
-    for i, (x, p) in enumerate(zip(scores, params)):
-      if x is None:
-        masks.append(None)
-        continue
-      key = key_of(x, p)
-      masks.append((key >= self.budgets.leaf_value(tau_parts, i, x.ndim)) & (key > 0))
-    tau_f = jnp.where(
-        tau == radix.NO_THRESHOLD, jnp.inf, jax.lax.bitcast_convert_type(tau, jnp.float32)
-    )
-    return masks, tau_f
+    classes, norm, tau = self.plan(scores)
+    mask = lambda x, rows: self.member_mask(x, rows, norm, tau)
+    return map_leaves(classes, scores, mask, len(scores)), threshold_values(tau)
+
+
+def threshold_values(tau: jax.Array) -> jax.Array:
+  """Float32 thresholds from their bit patterns (inf where nothing is selected)."""
+  return jnp.where(
+      tau == radix.NO_THRESHOLD, jnp.inf, jax.lax.bitcast_convert_type(tau, jnp.float32)
+  )
 
 
 def check_selection_args(p: float, normalize: str, budget: str, layer_of: LayerOf) -> None:
