@@ -2,14 +2,15 @@
 
 Prompts (and option rows) are sorted by length and padded to the next power of two (at least
 ``MIN_BUCKET``); a call holds ``batch_size`` rows, or for a bucket's last, partial batch the next
-power of two above its count. An evaluation compiles one program per (length, rows) shape it
+power of two above its count. Scoring rows longer than ``SCORING_LENGTH`` go fewer to a call
+(``scoring_rows``), so that a long LogiQA context cannot multiply the attention scores' memory. An evaluation compiles one program per (length, rows) shape it
 meets, a handful, shared by all tasks and all stages (the held-out set does not change).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from epi_jax.models.generate import generate
 from epi_jax.models.loss import target_log_probs
 
 MIN_BUCKET = 16
+SCORING_LENGTH = 512
 
 
 def bucket(length: int) -> int:
@@ -33,14 +35,23 @@ def batch_rows(count: int, batch_size: int) -> int:
   return min(batch_size, 1 << max(count - 1, 0).bit_length())
 
 
-def _batches(lengths: Sequence[int], rows: int):
-  """(bucket length, indices) of at most ``rows`` rows each, shortest rows first."""
+def scoring_rows(length: int, batch_size: int) -> int:
+  """Rows of a scoring call at bucket ``length``: ``batch_size`` up to ``SCORING_LENGTH``
+  tokens, then fewer, so that rows x length**2 (the attention scores) stays within
+  ``batch_size`` x ``SCORING_LENGTH``**2; at least one."""
+  if length <= SCORING_LENGTH:
+    return batch_size
+  return max(1, batch_size * SCORING_LENGTH**2 // length**2)
+
+
+def _batches(lengths: Sequence[int], rows: Callable[[int], int]):
+  """(bucket length, indices) of at most ``rows(bucket length)`` rows each, shortest first."""
   order = sorted(range(len(lengths)), key=lambda i: lengths[i])
   start = 0
   while start < len(order):
     size = bucket(lengths[order[start]])
     end = start
-    while end < len(order) and end - start < rows and bucket(lengths[order[end]]) == size:
+    while end < len(order) and end - start < rows(size) and bucket(lengths[order[end]]) == size:
       end += 1
     yield size, order[start:end]
     start = end
@@ -72,7 +83,7 @@ def generate_texts(
   repeat its first prompt, which ends no later than that prompt does.
   """
   out = [""] * len(prompts)
-  for length, index in _batches([len(p) for p in prompts], batch_size):
+  for length, index in _batches([len(p) for p in prompts], lambda _: batch_size):
     rows = batch_rows(len(index), batch_size)
     ids = np.full((rows, length), encoder.pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -109,13 +120,15 @@ def row_loglikelihoods(
   """Per row (ids [T], scored [T] bool), sum over t >= 1 of log p(ids[t] | ids[:t]) where
   scored[t]; float64 [len(rows)] of float32 log-softmax values.
 
-  Rows are right padded to their length bucket, ``batch_rows`` of them per call: one compiled
-  program per (length, rows) shape, reused while the model's shapes stay.
+  Rows are right padded to their length bucket, ``batch_rows`` of them per call (at most
+  ``scoring_rows``): one compiled program per (length, rows) shape, reused while the model's
+  shapes stay.
   """
   graphdef, state = nnx.split(model)
   scores = np.zeros(len(rows))
-  for length, index in _batches([len(ids) for ids, _ in rows], batch_size):
-    batch = batch_rows(len(index), batch_size)
+  cap = lambda length: scoring_rows(length, batch_size)
+  for length, index in _batches([len(ids) for ids, _ in rows], cap):
+    batch = batch_rows(len(index), cap(length))
     ids = np.full((batch, length), pad_id, np.int32)
     mask = np.zeros((batch, length), np.int32)
     scored = np.zeros((batch, length), bool)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from epi_jax.eval.generation import SCORING_LENGTH
 from epi_jax.models import ModelConfig
 from epi_jax.models.loss import LOGIT_CHUNK_BYTES
 from epi_jax.models.sharding import MESH_AXES, logical_spec
@@ -72,17 +73,16 @@ def evaluation_bytes(config: Config, architecture: ModelConfig | None = None) ->
   """Estimates of the evaluation's largest buffers on one device: generation's KV cache for
   ``eval.batch_size`` prompts of up to ``data.seq_len`` tokens plus ``eval.max_new_tokens``
   (twice: the decode loop's carry is copied), and the scoring pass's logit chunk plus its
-  widest activation (one block's MLP: rows * seq_len * intermediate_size values)."""
+  widest activation (one block's MLP: rows * length * intermediate_size values) at the longest
+  length a call of ``eval.batch_size`` rows holds (``eval.generation.scoring_rows``)."""
   c, e = model_config(config.model, architecture), config.eval
   width = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
   slots = config.data.seq_len + e.max_new_tokens
   cache = 2 * c.num_layers * e.batch_size * slots * c.num_kv_heads * c.head_dim * width
+  tokens = e.batch_size * max(config.data.seq_len, SCORING_LENGTH)
   return {
       "generation": 2 * cache,
-      "scoring": (
-          logit_bytes(e.batch_size * config.data.seq_len, c.vocab_size)
-          + e.batch_size * config.data.seq_len * c.intermediate_size * width
-      ),
+      "scoring": logit_bytes(tokens, c.vocab_size) + tokens * c.intermediate_size * width,
   }
 
 

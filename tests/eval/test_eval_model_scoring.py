@@ -10,12 +10,14 @@ from flax import nnx
 
 import epi_jax.data as data
 from epi_jax.eval import METRICS, evaluate
+from epi_jax.eval import generation
 from epi_jax.eval.generation import (
     _batches,
     batch_rows,
     bucket,
     generate_texts,
     option_loglikelihoods,
+    scoring_rows,
 )
 from epi_jax.models import Decoder, ModelConfig
 from epi_jax.models.generate import _generate, generate
@@ -72,8 +74,13 @@ def lm_eval_split(tokenizer, context, continuation):
   return np.asarray(prompt), np.asarray(whole[len(prompt) :])
 
 
+@pytest.mark.parametrize("scoring_length", [generation.SCORING_LENGTH, 16])
 @pytest.mark.parametrize("encoder_kind", ["bytes", "chat_template"])
-def test_option_loglikelihoods_match_float64_reference(model, encoder_kind):
+def test_option_loglikelihoods_match_float64_reference(
+    model, encoder_kind, scoring_length, monkeypatch
+):
+  """Scored in full batches, and (scoring length 16) long rows one per call."""
+  monkeypatch.setattr(generation, "SCORING_LENGTH", scoring_length)
   if encoder_kind == "bytes":
     encoder = data.ByteTokenizer()
   else:
@@ -150,7 +157,8 @@ def test_evaluate_dispatches_by_metric_and_compiles_once_per_bucket(model):
       encoder.encode_prompt(e.prompt) for t in ("arithmetic", "dialogue") for e in examples[t]
   ]
   lengths = [len(p) for p in prompts]
-  shapes = {(length, batch_rows(len(index), 8)) for length, index in _batches(lengths, 8)}
+  batches = _batches(lengths, lambda _: 8)
+  shapes = {(length, batch_rows(len(index), 8)) for length, index in batches}
   assert compiled == len(shapes) and len(shapes) < len(prompts)
   other = Decoder(
       ModelConfig.tiny("llama", vocab_size=data.byte_tokenizer.VOCAB_SIZE), rngs=nnx.Rngs(1)
@@ -164,3 +172,19 @@ def test_evaluate_dispatches_by_metric_and_compiles_once_per_bucket(model):
     evaluate(
         model, encoder, examples, metrics | {"arithmetic": "bleu"}, max_new_tokens=4, batch_size=8
     )
+
+
+def test_long_scoring_rows_go_fewer_to_a_call():
+  """rows x length**2 stays within batch_size x SCORING_LENGTH**2 (at least one row)."""
+  n = generation.SCORING_LENGTH
+  assert [scoring_rows(length, 16) for length in (n // 2, n, 2 * n, 4 * n, 8 * n)] == [
+      16,
+      16,
+      4,
+      1,
+      1,
+  ]
+  lengths = [30, 31, 40, 70, 71, 72, 200]  # buckets 32, 64, 128, 256
+  cap = lambda length: {32: 3, 64: 2, 128: 2, 256: 1}[length]
+  got = [(length, sorted(index)) for length, index in _batches(lengths, cap)]
+  assert got == [(32, [0, 1]), (64, [2]), (128, [3, 4]), (128, [5]), (256, [6])]
