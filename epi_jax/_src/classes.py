@@ -5,8 +5,8 @@ hundreds of copies of the same few operations for a transformer (272 leaves in S
 the leaves that take part are sorted into *classes* of equal shape, dtype and segment layout,
 and each class runs its work in a ``lax.scan`` over its stacked members: the iteration reads
 the per-segment values it needs (a group's minimum, a budget's threshold) at the member's own
-rows, a traced index. Only one leaf's temporaries exist at a time, and the program has one
-copy of the work per class, whatever the depth.
+rows, a traced index. Besides the stacked inputs, only one leaf's temporaries exist at a
+time, and the program has one copy of the work per class, whatever the depth.
 
 A leaf's entries belong to one segment (a normalization group or a selection budget), or, for
 a stacked leaf, one per slice along axis 0.
@@ -71,11 +71,12 @@ def scan_members(
 
   Returns the final carry and the members' outputs (a list in member order). A class of at
   most ``MAX_UNROLLED`` members, or whose members share their rows (one program then), runs
-  unrolled. Otherwise the members' inputs are stacked (one copy; XLA merges the stacks of the same inputs across calls) and
-  the loop reads one slice per iteration. The outputs leave the loop as separate arrays: the
-  loop carries one per member and rotates them by one each iteration, appending the new one.
-  Slicing them out of a stacked array instead compiles a kernel per leaf (tens of ms each on
-  CPU); the rotation is one buffer copy per member and iteration, of one program.
+  unrolled. Otherwise the members' inputs are stacked (one copy, which XLA shares between
+  calls on the same inputs) and the loop reads one slice per iteration. The outputs leave the
+  loop as separate arrays: the loop carries one per member and rotates them by one each
+  iteration, appending the new one. Slicing them out of a stacked array instead compiles a
+  kernel per leaf (tens of ms each on CPU); the rotation is one buffer copy per member and
+  iteration, of one program.
   """
   n = len(cls.members)
   if n <= MAX_UNROLLED or (cls.rows == cls.rows[0]).all():
