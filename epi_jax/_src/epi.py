@@ -228,8 +228,7 @@ def refresh_mask(
   the previous and the first mask for the statistics.
   """
   groups = selector.groups
-  scores = [None if ids is None else x for x, ids in zip(scores, groups.leaf_ids)]
-  leaf_classes, norm, tau = selector.plan(scores)
+  leaf_classes, norm, tau = selector.plan(scores)  # the classes hold the eligible leaves
 
   def body(leaf: tuple, rows: jax.Array, hist: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, old, fst = leaf

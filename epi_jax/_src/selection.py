@@ -109,8 +109,9 @@ class Selector:
     return self._kth(leaf_classes(scores, self.groups.leaf_ids), scores, key)
 
   def plan(self, scores: Sequence[jax.Array | None]) -> tuple[tuple[LeafClass, ...], Norm, Any]:
-    """The classes of the eligible leaves, the normalization and the thresholds (uint32 bit
-    patterns per budget) of raw ``scores``; ``member_mask`` then gives each leaf's mask.
+    """The classes of the eligible leaves (the others are never read), the normalization and
+    the thresholds (uint32 bit patterns per budget) of raw ``scores``; ``member_mask`` then
+    gives each leaf's mask.
 
     Each pass normalizes the raw scores where it reads them, so no normalized copy of the
     scores is kept between passes.
@@ -127,7 +128,6 @@ class Selector:
 
   def __call__(self, scores: Sequence[jax.Array]) -> tuple[list[jax.Array | None], jax.Array]:
     """Masks (bool, ``None`` for ineligible leaves) and thresholds per budget (float32)."""
-    scores = [None if ids is None else x for x, ids in zip(scores, self.groups.leaf_ids)]
     classes, norm, tau = self.plan(scores)
     mask = lambda x, rows: self.member_mask(x, rows, norm, tau)
     return map_leaves(classes, scores, mask, len(scores)), threshold_values(tau)

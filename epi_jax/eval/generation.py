@@ -3,7 +3,8 @@
 Prompts (and option rows) are sorted by length and padded to the next power of two (at least
 ``MIN_BUCKET``); a call holds ``batch_size`` rows, or for a bucket's last, partial batch the next
 power of two above its count. Scoring rows longer than ``SCORING_LENGTH`` go fewer to a call
-(``scoring_rows``), so that a long LogiQA context cannot multiply the attention scores' memory. An evaluation compiles one program per (length, rows) shape it
+(``scoring_rows``), so that a long LogiQA context cannot multiply the attention scores'
+memory. An evaluation compiles one program per (length, rows) shape it
 meets, a handful, shared by all tasks and all stages (the held-out set does not change).
 """
 
