@@ -8,14 +8,18 @@ The step is the trainer's own: ``configs/smollm2/epi.yaml`` with a random-init S
 compilation cache off. AdamW and EPI compile round-robin, ``--repeats`` rounds; the table
 gives medians of the times and of each round's EPI / AdamW ratio, for wall time and for the
 process's CPU time (which a busy machine inflates far less), and the extra temporary memory of
-EPI's compiled step (``memory_analysis``).
+EPI's compiled step (``memory_analysis``). ``--split`` also compiles EPI with its refresh
+branch taken out (the mask kept as it is: the sensitivity EMA and the masked update remain),
+which splits EPI's extra time between the per-step work and the refresh.
 
     python benchmarks/compile_time.py [--repeats 3] [--batch 1] [--seq 128] [--layouts both]
+        [--split]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from epi_jax._src import epi as epi_impl
 from epi_jax.train.loading import load_config
 from epi_jax.train.methods import Run, make_method
 from epi_jax.train.model import abstract_model
@@ -33,6 +38,17 @@ from epi_jax.train.step import make_train_step
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2", "epi.yaml")
 METHODS = ("multistage", "epi")
+
+
+@contextlib.contextmanager
+def refresh_removed():
+  """EPI's update with ``evolve_mask`` keeping the previous mask: no refresh branch."""
+  real = epi_impl.evolve_mask
+  epi_impl.evolve_mask = lambda selector, scores, mask, first, stats, *_: (mask, first, stats)
+  try:
+    yield
+  finally:
+    epi_impl.evolve_mask = real
 
 
 class AbstractStep:
@@ -97,6 +113,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--layouts", choices=("both", "unscanned", "scanned"), default="both")
+  parser.add_argument("--split", action="store_true", help="also EPI without its refresh")
   args = parser.parse_args()
   jax.config.update("jax_enable_compilation_cache", False)
   layouts = {"both": (False, True), "unscanned": (False,), "scanned": (True,)}[args.layouts]
@@ -105,14 +122,23 @@ def main() -> None:
       f"float32, batch {args.batch} x {args.seq}; fresh lower + compile, round-robin, median of "
       f"{args.repeats}"
   )
+  split = " EPI without refresh CPU s (/ AdamW) |" if args.split else ""
   print(
       "| layers | AdamW lower + compile s | EPI lower + compile s | EPI / AdamW wall | "
-      "AdamW CPU s | EPI CPU s | EPI / AdamW CPU | EPI - AdamW temp MiB |"
+      f"AdamW CPU s | EPI CPU s | EPI / AdamW CPU | EPI - AdamW temp MiB |{split}"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|" + "---|" * bool(split))
+
+  def compile_round(steps: dict[str, AbstractStep]) -> dict[str, dict[str, float]]:
+    times = {m: step.compile() for m, step in steps.items()}
+    if args.split:
+      with refresh_removed():
+        times["no_refresh"] = steps["epi"].compile()
+    return times
+
   for scan in layouts:
     steps = {m: AbstractStep(m, scan, args.batch, args.seq) for m in METHODS}
-    rounds = [{m: step.compile() for m, step in steps.items()} for _ in range(args.repeats)]
+    rounds = [compile_round(steps) for _ in range(args.repeats)]
     med = lambda f: statistics.median(f(r) for r in rounds)
     a = lambda key: med(lambda r: r["multistage"][key])
     e = lambda key: med(lambda r: r["epi"][key])
@@ -121,7 +147,13 @@ def main() -> None:
         f"| {'scanned' if scan else 'unscanned'} | {a('lower'):.1f} + {a('compile'):.1f} | "
         f"{e('lower'):.1f} + {e('compile'):.1f} | {ratio('total'):.2f} | {a('cpu'):.1f} | "
         f"{e('cpu'):.1f} | {ratio('cpu'):.2f} | "
-        f"{(rounds[-1]['epi']['temp'] - rounds[-1]['multistage']['temp']) / 2**20:.0f} |",
+        f"{(rounds[-1]['epi']['temp'] - rounds[-1]['multistage']['temp']) / 2**20:.0f} |"
+        + (
+            f" {med(lambda r: r['no_refresh']['cpu']):.1f} "
+            f"({med(lambda r: r['no_refresh']['cpu'] / r['multistage']['cpu']):.2f}) |"
+            if args.split
+            else ""
+        ),
         flush=True,
     )
 
