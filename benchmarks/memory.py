@@ -9,9 +9,12 @@ evaluation's programs at the config's shapes:
 - generation: the eval batch's prompt prefill and decode loop (KV cache included);
 - scoring: one eval batch of row log-likelihoods (LogiQA options, held-out NLL);
 
-each beside ``memory_plan``'s prediction. With ``--run`` it then trains through ``train.py``
-in a child process with the given ``--set`` overrides (e.g. fewer steps) and reports its peak
-resident memory, training and evaluations included.
+each beside ``memory_plan``'s prediction. With ``--run`` it then trains through ``train.py``'s
+entry point in a child process with the given ``--set`` overrides (e.g. fewer steps) and reports
+its peak resident memory, training and evaluations included, and the peak of each phase of the
+run (set-up, each evaluation, the first train step with its compilation, the later steps,
+checkpoint saves): Linux's ``VmHWM``, reset at each phase's start through
+``/proc/self/clear_refs``. Train steps are waited for, so each one's memory lands in its phase.
 
     python benchmarks/memory.py [--config FILE] [--set KEY=VALUE ...] [--run]
 """
@@ -19,8 +22,10 @@ resident memory, training and evaluations included.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import time
@@ -118,15 +123,102 @@ def analyze(config) -> dict:
   return {"plan": plan, "measured": measured}
 
 
+def _status_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak() -> None:
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+class PhasePeaks:
+  """Peak resident memory per phase of a run, and the resident memory its last call left. A
+  phase's peak excludes the phases it calls; what runs outside every phase counts as
+  ``other``."""
+
+  def __init__(self):
+    self.peaks: dict[str, float] = {}
+    self.after: dict[str, float] = {}
+    self.stack = [["other", 0]]
+    self.calls: dict[str, int] = {}
+    _reset_peak()
+
+  def _fold(self) -> None:
+    self.stack[-1][1] = max(self.stack[-1][1], _status_kib("VmHWM"))
+    _reset_peak()
+
+  def _close(self) -> None:
+    self._fold()
+    name, kib = self.stack.pop()
+    self.peaks[name] = max(self.peaks.get(name, 0.0), kib / 2**20)
+    self.after[name] = _status_kib("VmRSS") / 2**20
+
+  def wrap(self, owner, attr: str, name: str, *, first: str = "", wait=None) -> None:
+    """Times ``owner.attr`` as phase ``name`` (its first call as ``first`` when given);
+    ``wait(args)`` returns what to block on before the phase ends."""
+    fn = getattr(owner, attr)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      self._fold()
+      self.calls[name] = self.calls.get(name, 0) + 1
+      self.stack.append([first if first and self.calls[name] == 1 else name, 0])
+      try:
+        out = fn(*args, **kwargs)
+        if wait is not None:
+          jax.block_until_ready(wait(args))
+        return out
+      finally:
+        self._close()
+
+    setattr(owner, attr, traced)
+
+  def report(self) -> dict[str, tuple[float, float]]:
+    """Per phase (peak GiB, GiB resident after its last call)."""
+    while self.stack:
+      self._close()
+    return {name: (peak, self.after[name]) for name, peak in self.peaks.items()}
+
+
+def traced_train(argv: list[str], out_path: str) -> None:
+  """``train.py argv`` with each phase's peak resident GiB written to ``out_path``."""
+  from epi_jax.train import analyses, cli, loop
+
+  peaks = PhasePeaks()
+  peaks.wrap(loop, "load_tasks", "data")
+  peaks.wrap(loop, "setup_run", "set-up: model, optimizer state")
+  session = loop._Session
+
+  def state(args):
+    return args[0].state
+
+  peaks.wrap(session, "_train_step", "train steps", first="first train step (compiles)", wait=state)
+  peaks.wrap(session, "_save", "checkpoint save")
+  peaks.wrap(session, "_evaluate", "evaluation: task metrics")
+  peaks.wrap(analyses.RunAnalyses, "before_training", "analyses before training")
+  peaks.wrap(analyses.RunAnalyses, "after_stage", "analyses after a stage")
+  peaks.wrap(session, "finish", "summary and export")
+  rc = cli.main(argv)
+  with open(out_path, "w") as f:
+    json.dump({"rc": rc, "peaks_gib": peaks.report()}, f)
+
+
 def peak_rss_of_run(config_path: str, overrides: list[str], run_dir: str) -> dict:
-  """Trains through train.py in a child process: its peak resident GiB and wall time."""
-  command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config_path]
+  """Trains through train.py's entry point in a child process: its peak resident GiB (the
+  largest phase's: resetting the peak also resets the child's rusage), each phase's peak and
+  resident GiB after it, and the wall time."""
+  argv = ["--config", config_path]
   for item in [*overrides, f"run_dir={run_dir}", "log.progress=false"]:
-    command += ["--set", item]
+    argv += ["--set", item]
+  out_path = run_dir + ".phases.json"
   start = time.perf_counter()
-  subprocess.run(command, check=True)
-  peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  return {"peak_rss_gib": peak_kib / 2**20, "wall_s": time.perf_counter() - start}
+  subprocess.run([sys.executable, __file__, "--trace-child", out_path, "--", *argv], check=True)
+  wall = time.perf_counter() - start
+  with open(out_path) as f:
+    phases = json.load(f)["peaks_gib"]
+  return {"peak_rss_gib": max(p for p, _ in phases.values()), "phases_gib": phases, "wall_s": wall}
 
 
 def main() -> None:
@@ -135,7 +227,12 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--run", action="store_true", help="also train through train.py")
   parser.add_argument("--run-dir", default="/tmp/epi_jax_memory_run")
+  parser.add_argument("--trace-child", metavar="OUT", help=argparse.SUPPRESS)
+  parser.add_argument("train_argv", nargs="*", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.trace_child:
+    traced_train(args.train_argv, args.trace_child)
+    return
   config = load_config(args.config, args.set)
   result = analyze(config)
   plan, got = result["plan"], result["measured"]
@@ -166,6 +263,10 @@ def main() -> None:
     print(
         f"train.py peak resident memory {out['peak_rss_gib']:.2f} GiB, wall {out['wall_s']:.0f} s"
     )
+    print("| phase of the run | peak resident GiB | resident after GiB |")
+    print("|---|---|---|")
+    for name, (peak, after) in out["phases_gib"].items():
+      print(f"| {name} | {peak:.2f} | {after:.2f} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
       help="check the config, print the parameter count and memory plan, exit",
   )
   args = parser.parse_args(argv)
+  from epi_jax.train.host_memory import configure_malloc
 
+  configure_malloc()  # before JAX's and the data loaders' threads start
   from epi_jax.train.loading import load_config
 
   config = load_config(args.config, args.set)

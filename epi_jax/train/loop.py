@@ -31,6 +31,7 @@ from epi_jax.train.config import Config
 from epi_jax.train.distributed import writes_files
 from epi_jax.train.divergence import Divergence, TrainingDiverged
 from epi_jax.train.export import MODEL_DIR, save_model
+from epi_jax.train.host_memory import release_free_memory
 from epi_jax.train.loading import ConfigError, resume_conflicts, to_dict
 from epi_jax.train.methods import make_method
 from epi_jax.train.optimizer import learning_rate
@@ -207,7 +208,7 @@ class _Session:
   def _evaluate(self, model, examples=None) -> dict:
     """Scores ``examples`` (None: the stream tasks' ``eval.metric_examples``) with their
     tasks' metrics."""
-    return evaluate(
+    results = evaluate(
         model,
         self.task_data.encoder,
         self.metric_examples if examples is None else examples,
@@ -216,6 +217,8 @@ class _Session:
         batch_size=self.config.eval.batch_size,
         judge=self.judge,
     )
+    release_free_memory()  # the KV caches and scoring buffers it freed
+    return results
 
   def _before_training(self) -> None:
     """The plan and the analyses of the untrained model (a fresh run), the progress bar and
@@ -223,6 +226,7 @@ class _Session:
     if not self.step:  # the length of the run, for whoever follows metrics.jsonl (progress)
       self.writer.write("plan", 0, {"total_steps": self.bounds[-1], "stages": len(self.stages)})
       self.analyses.before_training(self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]))
+      release_free_memory()
     self.progress = tqdm(
         total=self.bounds[-1],
         initial=self.step,
@@ -337,6 +341,7 @@ class _Session:
     record.data = {"stage": stage, **dataclasses.asdict(it.state)}
     record.wall_time = self.earlier_wall + time.perf_counter() - self.session_start
     self.ckpt.save(self.step, self.state, record, self.masks)
+    release_free_memory()  # what the checkpoint writer's threads freed
 
   def finish(self) -> dict:
     """summary.json, the method's and the model's exports, the closing table; the summary."""
