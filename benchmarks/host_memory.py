@@ -1,9 +1,9 @@
 """Does the trainer's malloc configuration (``epi_jax.train.host_memory``) slow the step?
 
 Child processes each build the SmolLM2-135M train step of ``configs/smollm2/epi.yaml`` (random
-weights, scanned, ``remat: dots``, EPI(AdamW) at H = 8 so the timed steps include a refresh
-where they would in a run, float32, 4 x 512 tokens) and time ``--steps`` steps after a compile
-and a warm-up step. The children alternate between glibc's defaults and
+weights, scanned, ``remat: dots``, EPI(AdamW) at H = 8, float32, 4 x 512 tokens) and time
+``--steps`` steps after a compile and a warm-up step (the 8th step refreshes the mask, so
+``--steps 7`` or more includes a refresh). The children alternate between glibc's defaults and
 ``configure_malloc()`` (called first, as the CLI does), ``--rounds`` of each; the table gives
 each setting's median step time over all its steps, their ratio and each child's peak resident
 memory.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 CHILD = """
-import json, re, sys
+import json, resource, sys
 from epi_jax.train.host_memory import configure_malloc
 if {configured}:
   configure_malloc()
@@ -33,7 +33,7 @@ tx = epi_jax.epi(optax.adamw(5e-5, weight_decay=0.01), p=0.01, beta=0.99, interv
 step = TrainStep(config, tx, random_batch(config, 4, 512))
 step()  # warm-up
 times = [step() for _ in range({steps})]
-peak = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 2**20
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 print(json.dumps({{"times": times, "peak_gib": peak}}))
 """
 
