@@ -1,50 +1,51 @@
 """benchmarks/memory.py's phase peaks: a phase's own peak resident memory, apart from the phases
-it calls and from what ran before it."""
+it calls and from what ran before it. Measured in a fresh process, so that no other test's
+garbage is freed mid-measurement and shifts the baseline."""
 
-import importlib.util
+import json
 import os
+import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIB = 2**20
 
 pytestmark = pytest.mark.skipif(
     not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's clear_refs"
 )
 
-
-@pytest.fixture(scope="module")
-def memory():
-  spec = importlib.util.spec_from_file_location(
-      "bench_memory", os.path.join(ROOT, "benchmarks", "memory.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
+PHASES = """
+import importlib.util, json, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("bench_memory", {path!r})
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
+MIB = 2**20
 
 class Job:
-
-  def allocate(self, mib: int) -> float:
+  def allocate(self, mib):
     x = np.ones(mib * MIB // 8)  # touched: resident
     return float(x[-1])
-
-  def outer(self) -> None:
+  def outer(self):
     self.allocate(384)
     self.allocate(64)
 
+peaks = memory.PhasePeaks()
+job = Job()
+peaks.wrap(job, "allocate", "later allocations", first="first allocation")
+peaks.wrap(job, "outer", "outer")
+job.outer()
+print(json.dumps({{name: peak for name, (peak, _) in peaks.report().items()}}))
+"""
 
-def test_each_phase_holds_its_own_peak(memory):
-  peaks = memory.PhasePeaks()
-  job = Job()
-  peaks.wrap(job, "allocate", "later allocations", first="first allocation")
-  peaks.wrap(job, "outer", "outer")
-  job.outer()
-  got = {name: peak for name, (peak, _) in peaks.report().items()}
+
+def test_each_phase_holds_its_own_peak():
+  script = PHASES.format(path=os.path.join(ROOT, "benchmarks", "memory.py"))
+  out = subprocess.run(
+      [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+  ).stdout
+  got = json.loads(out.splitlines()[-1])
   assert set(got) == {"first allocation", "later allocations", "outer", "other"}
   base = min(got.values())
   assert got["first allocation"] - base == pytest.approx(384 / 1024, abs=48 / 1024)
