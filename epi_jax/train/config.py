@@ -66,8 +66,13 @@ class DataSection:
   skip: int = bounded(0, ge=0)
   """hf: rows of each stream task's file left out before the training rows, e.g. to tune
   on rows a study neither trains on nor scores (probe tasks keep their first rows)."""
+  shuffle: bool = False
+  """hf: draw the training and held-out rows at random (by ``data.seed``) from the
+  ``n_train + n_eval`` rows after ``skip``, so each seed trains and scores its own subset;
+  false: the first ``n_train`` rows train, the next ``n_eval`` are held out."""
   seq_len: int = bounded(128, ge=8)
-  """Tokens per training row; longer examples are cut."""
+  """Tokens per training row; longer examples are cut, and those whose response would start
+  past it are left out (they would train nothing)."""
   pack: bool = False
   """Pack several whole examples into each row (attention and positions stay per example),
   planned best fit over ``pack_window`` examples at a time; false: one example per row, padded."""
@@ -151,7 +156,10 @@ class OptimSection:
   lr: float = bounded(1e-5, gt=0.0)
   """Peak learning rate of AdamW."""
   warmup_ratio: float = bounded(0.03, ge=0.0, lt=1.0)
-  """Fraction of all steps (all stages) spent in linear warm-up before the cosine decay."""
+  """Fraction of the schedule's steps spent in linear warm-up before the cosine decay."""
+  schedule: Literal["run", "stage"] = "run"
+  """Span of the warm-up + cosine schedule: run (once over all stages) or stage (restarted at
+  each stage, as when each task of a stream is fine-tuned in turn)."""
   end_lr_ratio: float = bounded(0.0, ge=0.0, le=1.0)
   """Final learning rate as a fraction of the peak."""
   weight_decay: float = bounded(0.0, ge=0.0)
@@ -284,7 +292,7 @@ class Config:
   method: MethodSection = dataclasses.field(default_factory=MethodSection)
   """Training method and its isolation options."""
   optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-  """AdamW and its cosine schedule over all stages."""
+  """AdamW and its warm-up + cosine schedule."""
   train: TrainSection = dataclasses.field(default_factory=TrainSection)
   """Training length and initialization."""
   checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)

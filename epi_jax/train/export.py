@@ -131,7 +131,7 @@ def restore_model(run_dir: str, config: Config, step: int) -> Decoder:
       config=config,
       task_data=None,  # a resuming method prepares nothing from the data
       stages=method.stages(),
-      total_steps=max(step, 1),
+      stage_steps=[max(step, 1)],
       mesh=build_mesh(MeshSection()),
       num_micro=1,
       resuming=True,

@@ -163,6 +163,8 @@ def _data_problems(config: Config) -> list[str]:
     problems.append("data.files: only data.source=hf reads files")
   if d.source == "synthetic" and d.skip:
     problems.append("data.skip: only data.source=hf skips rows")
+  if d.source == "synthetic" and d.shuffle:
+    problems.append("data.shuffle: only data.source=hf draws rows (synthetic: data.seed does)")
   stray = sorted(set(d.files) - set(known))
   if stray:
     problems.append(f"data.files: unknown task {', '.join(stray)}; known: {', '.join(known)}")

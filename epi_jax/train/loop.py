@@ -182,8 +182,9 @@ class _Session:
           start_step, abstract, with_masks=self.masks is not None
       )
     self.step = self.record.step
-    total = self.bounds[-1]
-    self.schedule = learning_rate(config, total, peak=self.method.peak_learning_rate())
+    self.schedule = learning_rate(
+        config, self.run.stage_steps, peak=self.method.peak_learning_rate()
+    )
     self.iterators = stage_iterators(config, self.stages, self.task_data)
     self.writer = MetricsWriter(
         run_dir, tensorboard=config.log.tensorboard, group_names=setup.group_names
@@ -224,7 +225,16 @@ class _Session:
     """The plan and the analyses of the untrained model (a fresh run), the progress bar and
     the method's session (``Method.begin_session``)."""
     if not self.step:  # the length of the run, for whoever follows metrics.jsonl (progress)
-      self.writer.write("plan", 0, {"total_steps": self.bounds[-1], "stages": len(self.stages)})
+      left_out = self.task_data.left_out
+      plan = {"total_steps": self.bounds[-1], "stages": len(self.stages)}
+      self.writer.write("plan", 0, plan | ({"left_out": left_out} if left_out else {}))
+      for task, n in left_out.items():
+        if writes_files():
+          print(
+              f"{task}: {n} training examples left out, their response starts past "
+              f"data.seq_len={self.config.data.seq_len}",
+              file=sys.stderr,
+          )
       self.analyses.before_training(self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]))
       release_free_memory()
     self.progress = tqdm(

@@ -97,7 +97,7 @@ def memory_plan(config: Config, architecture: ModelConfig | None = None) -> dict
   model = abstract_model(config.model, architecture)
   count, fraction = _device_fraction(nnx.state(model, nnx.Param), mesh)
   params32 = float32_params(model)
-  inner = inner_optimizer(config, total_steps=1000)
+  inner = inner_optimizer(config, 1000)
   per_device = lambda tree: tree_bytes(tree) * fraction / GIB
   plan = {
       "parameters": count,

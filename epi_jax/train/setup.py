@@ -68,7 +68,7 @@ def setup_run(
     method: Method | None = None,
     task_data: TaskData | None = None,
     resuming: bool = False,
-    total_steps: int | None = None,
+    stage_steps: list[int] | None = None,
 ) -> RunSetup:
   """The run ``config`` describes, ready for its first step.
 
@@ -76,7 +76,7 @@ def setup_run(
     config: the run's config.
     method, task_data: ``make_method(config)`` / ``load_tasks(config)`` when not given.
     resuming: whether a checkpoint's state replaces the fresh one right after (``Run``).
-    total_steps: the steps the method's schedule spans; None: every stage's (``bounds[-1]``).
+    stage_steps: the stage lengths of the method's schedule; None: the stages' own.
   """
   method = method or make_method(config)
   task_data = task_data or load_tasks(config)
@@ -89,7 +89,7 @@ def setup_run(
       config=config,
       task_data=task_data,
       stages=stages,
-      total_steps=bounds[-1] if total_steps is None else total_steps,
+      stage_steps=lengths if stage_steps is None else stage_steps,
       mesh=mesh,
       num_micro=num_micro,
       resuming=resuming,

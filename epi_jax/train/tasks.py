@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 import epi_jax.data as data
 from epi_jax.eval.metrics import METRICS
 from epi_jax.models import CheckpointError, load_tokenizer
@@ -21,6 +23,8 @@ class TaskData:
   metrics: dict[str, str]  # task -> its metric (a key of epi_jax.eval.METRICS)
   probes: dict[str, list[data.EvalExample]] = dataclasses.field(default_factory=dict)
   """probe task (``eval.probe_tasks``, never trained) -> its held-out examples."""
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+  """task -> training examples left out: their response would start past ``data.seq_len``."""
 
 
 def _encoder(config: Config) -> data.ChatEncoder:
@@ -32,7 +36,7 @@ def _encoder(config: Config) -> data.ChatEncoder:
 def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data.EvalExample]]:
   """(training chats, held-out examples) of ``task``; the held-out ones depend on the data
   config alone (synthetic: ``data.seed`` and ``n_eval``; hf: the rows after the first
-  ``skip + n_train``)."""
+  ``skip + n_train``, or with ``shuffle`` a draw by ``data.seed``)."""
   d = config.data
   if d.source == "synthetic":
     try:
@@ -46,8 +50,10 @@ def _splits(config: Config, task: str) -> tuple[list[list[data.Turn]], list[data
         f"{d.files.get(task, task)}: {len(examples)} records leave none to evaluate: the "
         f"held-out rows follow data.skip={d.skip} and data.n_train={d.n_train}"
     )
-  examples = examples[d.skip :]
-  return [e.turns for e in examples[: d.n_train]], examples[d.n_train : d.n_train + d.n_eval]
+  examples = examples[d.skip : d.skip + d.n_train + d.n_eval]
+  if d.shuffle:
+    examples = [examples[i] for i in np.random.default_rng(d.seed).permutation(len(examples))]
+  return [e.turns for e in examples[: d.n_train]], examples[d.n_train :]
 
 
 def probe_examples(config: Config, task: str) -> list[data.EvalExample]:
@@ -62,10 +68,12 @@ def probe_examples(config: Config, task: str) -> list[data.EvalExample]:
 
 def load_tasks(config: Config) -> TaskData:
   """Tokenized training examples and evaluation chats of every task in ``config.data.tasks``,
-  and the held-out examples of every probe task of ``config.eval.probe_tasks``.
+  and the held-out examples of every probe task of ``config.eval.probe_tasks``. Training
+  examples whose response would start past ``data.seq_len`` are left out (``left_out``).
 
   Raises:
-    DataError: a data file or hub dataset that cannot be used, or too few records.
+    DataError: a data file or hub dataset that cannot be used, too few records, or no
+      training example of a task with its response inside ``data.seq_len``.
     CheckpointError: data.source=hf and the checkpoint's tokenizer cannot encode chats.
     MissingExtra: a task's metric or the data source needs an extra that is not installed.
   """
@@ -77,12 +85,23 @@ def load_tasks(config: Config) -> TaskData:
       METRICS[name].requires()
   encoder = _encoder(config)
   splits = {t: _splits(config, t) for t in d.tasks}
+  train, left_out = {}, {}
+  for t, (chats, _) in splits.items():
+    encoded = data.encode_chats(chats, encoder)
+    train[t] = [e for e in encoded if e.loss_mask[: d.seq_len].any()]
+    left_out[t] = len(encoded) - len(train[t])
+    if not train[t]:
+      raise data.DataError(
+          f"data.seq_len={d.seq_len}: every training example of {t} has its response past "
+          f"token {d.seq_len}; raise data.seq_len"
+      )
   return TaskData(
       encoder=encoder,
-      train={t: data.encode_chats(tr, encoder) for t, (tr, _) in splits.items()},
+      train=train,
       evaluation={t: ev for t, (_, ev) in splits.items()},
       metrics=metrics,
       probes={t: probe_examples(config, t) for t in config.eval.probe_tasks},
+      left_out={t: n for t, n in left_out.items() if n},
   )
 
 

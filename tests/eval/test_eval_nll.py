@@ -179,6 +179,48 @@ def test_data_skip_moves_an_hf_task_past_rows_a_study_uses(tmp_path):
     load_config(tiny_config_file(tmp_path), ["data.skip=1"])
 
 
+def test_data_shuffle_draws_each_seeds_rows_from_the_same_pool(tmp_path):
+  """data.shuffle: each seed trains and holds out its own draw of the n_train + n_eval rows
+  after data.skip; a seed's draw is reproducible; no row outside the pool is used."""
+  rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(20)]
+  path = tmp_path / "alpaca.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  sets = ["data.source=hf", "data.tasks=[alpaca]", f"data.files={{alpaca: {path}}}"]
+  sets += ["data.n_train=6", "data.n_eval=4", "data.skip=3", "data.shuffle=true"]
+
+  def draw(seed):
+    config = load_config(tiny_config_file(tmp_path), [*sets, f"data.seed={seed}"])
+    train_chats, held_out = _splits(config, "alpaca")
+    return [c[-1]["content"] for c in train_chats], [e.reference for e in held_out]
+
+  draws = [draw(seed) for seed in range(3)]
+  for train_rows, held_rows in draws:
+    assert len(train_rows) == 6 and len(held_rows) == 4
+    assert sorted(map(int, train_rows + held_rows)) == list(range(3, 13))
+  assert draw(1) == draws[1]
+  assert len({tuple(t) for t, _ in draws}) == 3  # the training subset moves with the seed
+  with pytest.raises(ConfigError, match=r"data\.shuffle: only data\.source=hf draws rows"):
+    load_config(tiny_config_file(tmp_path), ["data.shuffle=true"])
+
+
+def test_examples_whose_response_starts_past_seq_len_are_left_out(tmp_path):
+  """They would train nothing (their loss mask is cut away): load_tasks leaves them out and
+  counts them; a task with none left is a DataError naming data.seq_len."""
+  encoder = data.ByteTokenizer()
+  chats, _ = data.task_splits("rewrite", seed=0, n_train=48, n_eval=4)
+  starts = [int(np.argmax(e.loss_mask)) for e in data.encode_chats(chats, encoder)]
+  sets = ["data.tasks=[rewrite]", "method.stages=[[rewrite]]", "data.seed=0"]
+  task_data = load_tasks(load_config(tiny_config_file(tmp_path), [*sets, "data.seq_len=30"]))
+  kept = [int(np.argmax(e.loss_mask)) for e in task_data.train["rewrite"]]
+  assert kept == [s for s in starts if s < 30] and task_data.left_out == {
+      "rewrite": sum(s >= 30 for s in starts)
+  }
+  assert 0 < task_data.left_out["rewrite"] < 48
+  assert load_tasks(load_config(tiny_config_file(tmp_path), sets)).left_out == {}
+  with pytest.raises(data.DataError, match=r"data\.seq_len=20: every training example of rewrite"):
+    load_tasks(load_config(tiny_config_file(tmp_path), [*sets, "data.seq_len=20"]))
+
+
 def test_bad_nll_options_are_named(tmp_path):
   path = tiny_config_file(tmp_path)
   cases = [

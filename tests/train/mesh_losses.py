@@ -15,7 +15,7 @@ from epi_jax.train.tasks import stage_iterators
 
 def losses(path: str, mesh_overrides: list[str], steps: int = 6) -> list[float]:
   config = load_config(path, mesh_overrides)
-  setup = setup_run(config, total_steps=steps)
+  setup = setup_run(config, stage_steps=[steps])
   run, state, step = setup.run, setup.state, setup.step_fn
   batches = stage_iterators(config, run.stages, run.task_data)[0]
   out = []

@@ -99,7 +99,7 @@ def _trainable(config, *, resuming):
       config=config,
       task_data=task_data,
       stages=method.stages(),
-      total_steps=9,
+      stage_steps=[9],
       mesh=mesh,
       num_micro=2,
       resuming=resuming,

@@ -37,7 +37,7 @@ def test_static_mask_from_probes_freezes_its_entries(tmp_path):
       config=config,
       task_data=task_data,
       stages=method.stages(),
-      total_steps=4,
+      stage_steps=[4],
       mesh=mesh,
       num_micro=2,
       resuming=False,

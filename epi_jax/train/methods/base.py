@@ -51,7 +51,7 @@ class Run:
   config: Config
   task_data: TaskData
   stages: list[list[str]]
-  total_steps: int
+  stage_steps: list[int]  # optimizer steps of each stage
   mesh: Mesh
   num_micro: int
   resuming: bool  # the trained state is restored from a checkpoint right after ``trainable``
@@ -96,7 +96,7 @@ class Method:
 
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     """What the step trains: every parameter of ``model`` with AdamW."""
-    return Trainable(model, inner_optimizer(self.config, run.total_steps))
+    return Trainable(model, inner_optimizer(self.config, run.stage_steps))
 
   def step_logs(self, module: nnx.Module, optimizer: nnx.Optimizer) -> dict:
     """Arrays the jitted step returns beside loss and tokens, computed after the update; what

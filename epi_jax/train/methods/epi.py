@@ -41,7 +41,7 @@ class EPI(Masked):
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     m = self.config.method
     tx = epi_jax.epi(
-        inner_optimizer(self.config, run.total_steps),
+        inner_optimizer(self.config, run.stage_steps),
         p=m.p,
         beta=m.beta,
         interval=m.interval,
@@ -85,7 +85,7 @@ class EPI(Masked):
     rows = {}
     for sensitivity, dtype in SENSITIVITY_OPTIONS:
       tx = epi_jax.epi(
-          inner_optimizer(self.config, total_steps=1000),
+          inner_optimizer(self.config, 1000),
           p=0.01,
           sensitivity=sensitivity,
           sensitivity_dtype=jnp.dtype(dtype),

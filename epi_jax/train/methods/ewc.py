@@ -174,7 +174,7 @@ class EWC(Method):
   def trainable(self, model: nnx.Module, run: Run) -> Trainable:
     tx = optax.chain(
         ewc.penalty_gradient(self.config.method.ewc.lam),
-        inner_optimizer(self.config, run.total_steps),
+        inner_optimizer(self.config, run.stage_steps),
     )
     return Trainable(model, tx)
 

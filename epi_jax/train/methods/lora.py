@@ -144,7 +144,7 @@ class LoRA(Method):
     config, seed = self.lora_config(), self.config.train.seed
     adapters = lora.init_adapters(model, config, key=jax.random.key(seed), mesh=run.mesh)
     module = LoraModel(model, adapters, config, seed=seed)
-    tx = inner_optimizer(self.config, run.total_steps, peak=self.peak_learning_rate())
+    tx = inner_optimizer(self.config, run.stage_steps, peak=self.peak_learning_rate())
     return Trainable(module, tx, wrt=LoraParam)
 
   def eval_model(self, module: LoraModel) -> Decoder:

@@ -74,5 +74,5 @@ class Static(Masked):
       mask = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), nnx.state(model, nnx.Param))
     else:
       mask = static_mask(self.config, model, run.task_data, mesh=run.mesh, num_micro=run.num_micro)
-    tx = epi_jax.static_isolation(inner_optimizer(self.config, run.total_steps), mask)
+    tx = epi_jax.static_isolation(inner_optimizer(self.config, run.stage_steps), mask)
     return Trainable(model, tx)
