@@ -14,14 +14,12 @@ the batch size, and a later run whose untrained model hashes the same reads it b
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 import epi_jax.data as data
+from epi_jax.eval.cache import cache_key, cached
 from epi_jax.eval.nll import nll_forgetting, nll_row, response_nlls
 
 CACHE_VERSION = 1
@@ -76,8 +74,9 @@ class HeldoutNll:
 
   def cache_key(self, params_digest: str, model_config: str) -> str:
     """The before-training cache key of a model with these parameters and config."""
-    parts = [CACHE_VERSION, params_digest, model_config, self.examples_digest(), self.batch_size]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return cache_key(
+        CACHE_VERSION, params_digest, model_config, self.examples_digest(), self.batch_size
+    )
 
   def measure(self, model, tasks: Sequence[str] | None = None) -> dict[str, list[list[float]]]:
     """task -> ``[nll_sum, tokens]`` per example of ``tasks`` (None: every stream and probe
@@ -100,24 +99,9 @@ class HeldoutNll:
       key: computes the cache key (``cache_key``); called only with a cache directory.
       writes: whether this process writes the cache file.
     """
-    start = time.perf_counter()
-    path = os.path.join(cache_dir, f"heldout_nll_{key()}.json") if cache_dir else None
-    hit = bool(path) and os.path.exists(path)
-    if hit:
-      with open(path) as f:
-        self.results["before"] = json.load(f)
-    else:
-      self.results["before"] = self.measure(model)
-      if path and writes:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-          json.dump(self.results["before"], f)
-        os.replace(path + ".tmp", path)
-    self.results["before_cache"] = {
-        "file": path,
-        "hit": hit,
-        "time_s": time.perf_counter() - start,
-    }
+    self.results["before"], self.results["before_cache"] = cached(
+        cache_dir, "heldout_nll", key, lambda: self.measure(model), writes=writes
+    )
 
   def after_stage(self, model, stages: Sequence[Sequence[str]]) -> dict[str, float | None]:
     """Scores the model after the next of ``stages`` on the stream tasks seen so far, and

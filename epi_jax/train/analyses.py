@@ -11,6 +11,9 @@ analysis touches the training state, the data order or any random stream of the 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +23,7 @@ from flax import nnx
 
 import epi_jax
 import epi_jax.data as data
+from epi_jax.eval.cache import cache_key, cached
 from epi_jax.eval.continual import continual_summary, probe_forgetting
 from epi_jax.eval.gradient_conflict import task_gradient_conflict
 from epi_jax.eval.heldout import heldout_batch, mean_loss
@@ -48,6 +52,8 @@ PERTURBATION_SIGMA_REL = 1.0
 parameter's size; much smaller steps fall below the float32 resolution of the loss."""
 PERTURBATION_MEMORY = 512 * 2**20
 """Bytes for the perturbations evaluated at once (parameter copies and logits, estimated)."""
+SCORES_CACHE_VERSION = 1
+"""Part of the key of cached before-training scores; raise it when the metrics change."""
 IMPORTANCE_BATCHES = 4
 """Training batches of each task in its importance EMA (task_overlap)."""
 
@@ -89,6 +95,7 @@ class RunAnalyses:
     # continual: the probe tasks' own metrics before training and after the last stage (the
     # skills of the base model no stage trains: what the whole stream cost them).
     scored = config.eval.metric_examples or config.data.n_eval
+    self.stream_examples = {t: examples[:scored] for t, examples in task_data.evaluation.items()}
     self.probe_examples = (
         {t: examples[:scored] for t, examples in task_data.probes.items()}
         if "continual" in self.names
@@ -139,23 +146,26 @@ class RunAnalyses:
 
   def before_training(self, model) -> None:
     """On the untrained (evaluated) model: with ``continual``, the scores (FWT's reference
-    row) and the probe tasks'; with ``nll``, the per-example NLL (read from ``eval.nll_cache``
-    when there)."""
+    row) and the probe tasks'; with ``nll``, the per-example NLL; each read from
+    ``eval.nll_cache`` when there."""
+    digest = functools.cache(lambda: params_sha256(nnx.state(model, nnx.Param)))
     if "continual" in self.names and "before" not in self.results:
-      start = time.perf_counter()
-      self.results["before"] = self._score(model)
-      self.results["before_time_s"] = time.perf_counter() - start
+      scores, info = cached(
+          self.config.eval.nll_cache,
+          "scores",
+          lambda: self._scores_key(digest(), repr(model.config)),
+          lambda: self._scores_before(model),
+          writes=writes_files(),
+      )
+      self.results.update(scores, before_time_s=info["time_s"], before_cache=info)
       self.writer.write("eval_before", 0, self.results["before"])
-    if self.probe_examples and "probes_before" not in self.results:
-      self.results["probes_before"] = self._score(model, self.probe_examples)
-      self.writer.write("eval_probes", 0, self.results["probes_before"])
+      if self.probe_examples:
+        self.writer.write("eval_probes", 0, self.results["probes_before"])
     if self.nll is not None and "before" not in self.nll.results:
       self.nll.before_training(
           model,
           cache_dir=self.config.eval.nll_cache,
-          key=lambda: self.nll.cache_key(
-              params_sha256(nnx.state(model, nnx.Param)), repr(model.config)
-          ),
+          key=lambda: self.nll.cache_key(digest(), repr(model.config)),
           writes=writes_files(),
       )
       self.writer.write("nll_before", 0, nll_row(self.nll.results["before"]))
@@ -251,6 +261,34 @@ class RunAnalyses:
       )
       self._record("task_overlap", stage, step, result, start)
 
+  def _scores_before(self, model) -> dict:
+    """continual's scores of the untrained model: the stream tasks' and the probes'."""
+    out = {"before": self._score(model, self.stream_examples)}
+    if self.probe_examples:
+      out["probes_before"] = self._score(model, self.probe_examples)
+    return out
+
+  def _scores_key(self, params_digest: str, model_config: str) -> str:
+    """The cache key of continual's before-training scores: the model, the examples as the
+    model reads them, their metrics and the generation settings."""
+    digest = hashlib.sha256()
+    for task, examples in (self.stream_examples | self.probe_examples).items():
+      digest.update(json.dumps([task, self.metrics[task]]).encode())
+      for e in examples:
+        digest.update(np.asarray(self.encoder.encode_prompt(e.prompt), np.int64).tobytes())
+        digest.update(json.dumps([e.turns[-1]["content"], list(e.choices), e.answer]).encode())
+    e = self.config.eval
+    return cache_key(
+        SCORES_CACHE_VERSION,
+        params_digest,
+        model_config,
+        digest.hexdigest(),
+        e.max_new_tokens,
+        e.batch_size,
+        e.judge.url,
+        e.judge.model,
+    )
+
   def _score(self, model, examples=None) -> dict[str, float | None]:
     """Each task's headline score of ``examples`` (None: the stream tasks')."""
     return headline_row(self.evaluate(model, examples), self.metrics)
@@ -273,6 +311,7 @@ class RunAnalyses:
       out["continual"] = {
           "before": before,
           "before_time_s": self.results.get("before_time_s"),
+          "before_cache": self.results.get("before_cache"),
           **continual_summary(before, record.matrix, self.stages),
       }
       if self.probe_examples:

@@ -266,9 +266,9 @@ class EvalSection:
   TASK_NAMES not in data.tasks; hf: a dataset of DATASET_NAMES (its file from data.files, else
   the hub), e.g. alpaca."""
   nll_cache: str = ""
-  """nll: directory of before-training evaluations, keyed by a hash of the untrained model
-  and the examples: runs of other methods of the seed read it instead of recomputing it;
-  empty: no cache."""
+  """Directory of before-training evaluations (the nll analysis's NLL, continual's scores),
+  keyed by a hash of the untrained model, the examples and the evaluation settings: runs of
+  other methods of the seed read them instead of recomputing them; empty: no cache."""
 
 
 @dataclasses.dataclass(frozen=True)

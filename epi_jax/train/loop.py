@@ -200,10 +200,6 @@ class _Session:
         record=self.record,
         evaluate=self._evaluate,
     )
-    scored = config.eval.metric_examples or config.data.n_eval
-    self.metric_examples = {
-        t: examples[:scored] for t, examples in self.task_data.evaluation.items()
-    }
     self.earlier_wall = self.record.wall_time  # wall time of the sessions before this one
 
   def _evaluate(self, model, examples=None) -> dict:
@@ -212,7 +208,7 @@ class _Session:
     results = evaluate(
         model,
         self.task_data.encoder,
-        self.metric_examples if examples is None else examples,
+        self.analyses.stream_examples if examples is None else examples,
         self.task_data.metrics,
         max_new_tokens=self.config.eval.max_new_tokens,
         batch_size=self.config.eval.batch_size,

@@ -146,3 +146,28 @@ def test_probe_tasks_are_scored_by_their_metric_before_and_after_the_stream(tmp_
   assert probes["after"] == score(from_pretrained(str(tmp_path / "run" / "model"))[0])
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   assert [r["step"] for r in records if r["kind"] == "eval_probes"] == [0, 6]
+
+
+def test_runs_of_two_methods_share_the_before_training_scores(tmp_path):
+  """continual's scores of the untrained model (the stream tasks' and the probes') come from
+  eval.nll_cache in a run of another method of the seed; other generation settings miss."""
+  cache = ["eval.analyses=[continual]", "eval.probe_tasks=[arithmetic]"]
+  cache.append(f"eval.nll_cache={tmp_path / 'cache'}")
+
+  def continual(name, *sets):
+    config = load_config(tiny_config_file(tmp_path), [*cache, *sets])
+    return train(config, run_dir=str(tmp_path / name))["analyses"]["continual"]
+
+  first = continual("a", "method.type=multistage")
+  second = continual("b", "method.type=epi")
+  third = continual("c", "method.type=epi", "eval.max_new_tokens=3")
+  assert [r["before_cache"]["hit"] for r in (first, second, third)] == [False, True, False]
+  assert first["before_cache"]["file"] == second["before_cache"]["file"]
+  assert third["before_cache"]["file"] != first["before_cache"]["file"]
+  assert second["before"] == first["before"] and second["probes"] == {
+      **second["probes"],
+      "before": first["probes"]["before"],
+  }
+  for run in ("a", "b"):  # the cached scores are logged as computed ones are
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+    assert [r["kind"] for r in records if r["step"] == 0][1:3] == ["eval_before", "eval_probes"]
