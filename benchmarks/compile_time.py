@@ -69,7 +69,7 @@ class AbstractStep:
         config=config,
         task_data=None,
         stages=self.method.stages(),
-        total_steps=100,
+        stage_steps=[100],
         mesh=build_mesh(config.mesh),
         num_micro=1,
         resuming=False,

@@ -80,7 +80,7 @@ def analyze(config) -> dict:
       config=config,
       task_data=None,
       stages=method.stages(),
-      total_steps=1000,
+      stage_steps=[1000],
       mesh=mesh,
       num_micro=num_micro_batches(config.optim),
       resuming=False,

@@ -60,7 +60,7 @@ def field(path: str) -> str:
 def measure(config_path: str, overrides: list[str], steps: int) -> dict:
   """The state's placement at init and after ``steps`` train steps, and the step's compiles."""
   config = load_config(config_path, overrides)
-  setup = setup_run(config, total_steps=steps)
+  setup = setup_run(config, stage_steps=[steps])
   run, state, step = setup.run, setup.state, setup.step_fn
   mesh = run.mesh
   init = leaves(state)
