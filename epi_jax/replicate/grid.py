@@ -197,10 +197,6 @@ def _tuning_entries(lora: dict, ewc: dict) -> list[Entry]:
       "data.skip": 192,
       "eval.analyses": "[nll]",
       "eval.max_new_tokens": 16,
-      # as the committed choices were made: before the study drew its rows per seed and
-      # restarted the schedule at each stage
-      "data.shuffle": "false",
-      "optim.schedule": "run",
   }
   return [
       Entry(f"lora_lr{_short(x)}", (TUNING,), _sets(two_stages | lora, method__lora__lr=x))
