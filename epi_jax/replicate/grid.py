@@ -136,7 +136,7 @@ PRESETS = {
         # lr is smollm2_tuning's choice (its choice of EWC's lambda is the default, 1e3).
         run_sets=(
             ("full", ("train.steps_per_stage=36",)),
-            ("lora", ("method.lora.lr=0.003",)),
+            ("lora", ("method.lora.lr=0.001",)),
         ),
     ),
     "smollm2_tuning": Preset(
