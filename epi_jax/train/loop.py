@@ -224,13 +224,12 @@ class _Session:
       left_out = self.task_data.left_out
       plan = {"total_steps": self.bounds[-1], "stages": len(self.stages)}
       self.writer.write("plan", 0, plan | ({"left_out": left_out} if left_out else {}))
-      for task, n in left_out.items():
-        if writes_files():
-          print(
-              f"{task}: {n} training examples left out, their response starts past "
-              f"data.seq_len={self.config.data.seq_len}",
-              file=sys.stderr,
-          )
+      for task, n in left_out.items() if writes_files() else ():
+        print(
+            f"{task}: {n} training examples left out, their response starts past "
+            f"data.seq_len={self.config.data.seq_len}",
+            file=sys.stderr,
+        )
       self.analyses.before_training(self.method.eval_model(nnx.merge(self.graphdef, self.state)[0]))
       release_free_memory()
     self.progress = tqdm(
